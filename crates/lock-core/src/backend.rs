@@ -1,0 +1,310 @@
+//! The backend trait: what a store must provide.
+//!
+//! # Implementing a backend
+//!
+//! A backend is a small object-safe trait. The client in this crate builds everything else
+//! on it: waiting policy, renewal, the lost-lock signal, cancellation, metrics.
+//!
+//! 1. [`LockBackend::try_acquire`]: one attempt. Store the request's [`LeaseId`], holder
+//!    metadata and a lease of `ttl`; issue a [`FencingToken`] strictly greater than every
+//!    earlier one for the key, in the same atomic step as the grant. Return
+//!    [`LockError::Contended`] when another lease holds the key.
+//! 2. [`LockBackend::acquire`]: a waiting acquire until a deadline. The default polls
+//!    `try_acquire` and sleeps in [`LockBackend::wait_for_change`]; override either when the
+//!    store can queue or notify (ZooKeeper watches, PostgreSQL's lock queue, Redis lists).
+//!    Must return [`LockError::Timeout`] at the deadline and leave nothing behind.
+//! 3. [`LockBackend::renew`]: extend only if the store still holds this lease id. Renewal
+//!    must never create a lease: a late renewal after release finds nothing and fails.
+//! 4. [`LockBackend::release`]: remove the lease (and any queue entry) of this lease id,
+//!    and nothing else. Idempotent: releasing twice, or a lease that expired, is
+//!    [`ReleaseOutcome::NotHeld`], not an error. The client also calls it to clean up after
+//!    a cancelled or timed-out acquire whose request may have reached the store.
+//! 5. [`LockBackend::inspect`]: the current holder, without acquiring.
+//! 6. [`LockBackend::capabilities`]: describe lease kind, fairness, waiting, token durability
+//!    and key rules truthfully; the conformance suite selects its cases from them.
+//!
+//! Measure lease deadlines on the monotonic clock from **before** the request was sent.
+//! Judge expiry on the store's clock where the store allows it. Never panic on a reply:
+//! return [`LockError::Protocol`] or [`LockError::Backend`].
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::{LockError, LossReason};
+use crate::key::{HolderMeta, LeaseId, LockKey};
+use crate::options::Backoff;
+use crate::token::FencingToken;
+
+/// What keeps a granted lock alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseKind {
+    /// A time-to-live kept alive by renewals (Redis, Mongo, PostgreSQL lease rows).
+    Ttl,
+    /// A session or connection: the lock lives while it does (ZooKeeper, PostgreSQL
+    /// advisory locks). No renewal; the backend reports session health instead.
+    Session,
+}
+
+/// How far a backend's fencing tokens can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenGuarantee {
+    /// Strictly increasing per key, also across a restart of the store.
+    Durable,
+    /// Strictly increasing per key while the store keeps its data; the backend documents
+    /// the extra assumption that keeps it monotone across a restart that lost data.
+    Monotonic,
+    /// Not guaranteed (the backend's docs say why).
+    None,
+}
+
+/// What a backend can do; the client and the conformance suite read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// What keeps the lease alive.
+    pub lease: LeaseKind,
+    /// Waiters are granted in arrival order.
+    pub fair: bool,
+    /// Waiters are woken by the store on release instead of polling.
+    pub notify_waits: bool,
+    /// Token guarantee.
+    pub tokens: TokenGuarantee,
+    /// The longest key this backend accepts, in bytes.
+    pub max_key_len: usize,
+}
+
+impl Capabilities {
+    /// Capabilities with the given lease kind, no fairness or notification, durable tokens
+    /// and the core key length limit; adjust with the setters.
+    pub const fn new(lease: LeaseKind) -> Self {
+        Self {
+            lease,
+            fair: false,
+            notify_waits: false,
+            tokens: TokenGuarantee::Durable,
+            max_key_len: crate::key::MAX_KEY_LEN,
+        }
+    }
+
+    /// Sets `fair`.
+    #[must_use]
+    pub const fn fair(mut self, v: bool) -> Self {
+        self.fair = v;
+        self
+    }
+
+    /// Sets `notify_waits`.
+    #[must_use]
+    pub const fn notify_waits(mut self, v: bool) -> Self {
+        self.notify_waits = v;
+        self
+    }
+
+    /// Sets `tokens`.
+    #[must_use]
+    pub const fn tokens(mut self, v: TokenGuarantee) -> Self {
+        self.tokens = v;
+        self
+    }
+
+    /// Sets `max_key_len`.
+    #[must_use]
+    pub const fn max_key_len(mut self, v: usize) -> Self {
+        self.max_key_len = v;
+        self
+    }
+}
+
+/// One acquisition request, made by the client before anything is sent.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AcquireRequest {
+    /// The key.
+    pub key: LockKey,
+    /// This acquisition's unique id.
+    pub lease_id: LeaseId,
+    /// The lease to ask for (ignored by session backends).
+    pub ttl: Duration,
+    /// Holder metadata to store beside the lease.
+    pub meta: HolderMeta,
+    /// Retry/poll pacing for backends that must poll.
+    pub backoff: Backoff,
+}
+
+impl AcquireRequest {
+    /// A request with a fresh lease id.
+    pub fn new(key: LockKey, ttl: Duration, meta: HolderMeta, backoff: Backoff) -> Self {
+        Self {
+            key,
+            lease_id: LeaseId::random(),
+            ttl,
+            meta,
+            backoff,
+        }
+    }
+
+    /// The lease this request would create.
+    pub fn lease(&self) -> LeaseRef {
+        LeaseRef {
+            key: self.key.clone(),
+            lease_id: self.lease_id.clone(),
+        }
+    }
+}
+
+/// Names one lease: the key and the acquisition's id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct LeaseRef {
+    /// The key.
+    pub key: LockKey,
+    /// The lease id.
+    pub lease_id: LeaseId,
+}
+
+impl LeaseRef {
+    /// Builds a lease reference.
+    pub fn new(key: LockKey, lease_id: LeaseId) -> Self {
+        Self { key, lease_id }
+    }
+}
+
+/// The health of a session that carries a lock (session backends).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionHealth {
+    /// Connected; the lock is held.
+    Alive,
+    /// Disconnected or unanswered; the store may or may not still hold the lock.
+    Suspended,
+    /// The session ended; the lock is gone.
+    Ended(LossReason),
+}
+
+/// A granted lock, as the backend reports it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Grant {
+    /// The fencing token issued with the grant.
+    pub token: FencingToken,
+    /// Monotonic deadline of the lease (before any drift margin), measured from before the
+    /// request was sent. `None` for session backends.
+    pub lease_deadline: Option<Instant>,
+    /// Session health updates, for session backends.
+    pub session: Option<watch::Receiver<SessionHealth>>,
+}
+
+impl Grant {
+    /// A TTL grant.
+    pub fn ttl(token: FencingToken, lease_deadline: Instant) -> Self {
+        Self {
+            token,
+            lease_deadline: Some(lease_deadline),
+            session: None,
+        }
+    }
+
+    /// A session grant.
+    pub fn session(token: FencingToken, session: watch::Receiver<SessionHealth>) -> Self {
+        Self {
+            token,
+            lease_deadline: None,
+            session: Some(session),
+        }
+    }
+}
+
+/// What release found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseOutcome {
+    /// The lease was held and is now removed.
+    Released,
+    /// The store did not hold this lease (already released, expired or taken over).
+    NotHeld,
+}
+
+/// The current holder of a key, as `inspect` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockInfo {
+    /// The holder's lease id.
+    pub lease_id: LeaseId,
+    /// The holder's token.
+    pub token: FencingToken,
+    /// The holder's metadata.
+    pub meta: HolderMeta,
+    /// Time left on the lease by the store's clock (`None` for session leases).
+    pub remaining: Option<Duration>,
+    /// Waiters queued behind the holder, where the store can tell.
+    pub waiters: Option<usize>,
+}
+
+/// A store that can hold locks. Object-safe: use it as `Arc<dyn LockBackend>`.
+#[async_trait]
+pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
+    /// A short static name ("redis", "zk", ...), used in errors and metrics.
+    fn name(&self) -> &'static str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// One attempt to acquire; [`LockError::Contended`] if another lease holds the key.
+    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError>;
+
+    /// Acquires, waiting until `deadline` (`None`: forever). The default polls
+    /// [`LockBackend::try_acquire`] and waits in [`LockBackend::wait_for_change`] between
+    /// attempts.
+    async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match self.try_acquire(req).await {
+                Err(LockError::Contended { .. }) => {}
+                other => return other,
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(LockError::Timeout {
+                    key: req.key.to_string(),
+                    waited: now - started,
+                });
+            }
+            let mut pause = req.backoff.delay(attempt);
+            if let Some(d) = deadline {
+                pause = pause.min(d - now);
+            }
+            attempt = attempt.saturating_add(1);
+            self.wait_for_change(&req.key, pause).await?;
+        }
+    }
+
+    /// Returns when the key may have become free, or after `max` at the latest. The default
+    /// just sleeps for `max`; backends with notifications return early on release.
+    async fn wait_for_change(&self, key: &LockKey, max: Duration) -> Result<(), LockError> {
+        let _ = key;
+        tokio::time::sleep(max).await;
+        Ok(())
+    }
+
+    /// Extends the lease to `ttl` from now if the store still holds `lease`; returns the new
+    /// monotonic deadline measured from before the request was sent. Fails with
+    /// [`LockError::NotHeld`] if the lease is gone. Must never create a lease.
+    async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError>;
+
+    /// Removes `lease` (held, or waiting in a queue). Idempotent.
+    async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError>;
+
+    /// The current holder of `key`, if any.
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError>;
+}

@@ -1,0 +1,260 @@
+//! The client: acquire with a wait policy, cancellation safety, `with_lock`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::time::{timeout, Instant};
+
+use crate::backend::{AcquireRequest, Grant, LockBackend, LockInfo};
+use crate::error::LockError;
+use crate::guard::{LockGuard, LockHandle, LockStatus};
+use crate::key::LockKey;
+use crate::options::{LockOptions, WaitPolicy};
+
+/// Acquires locks on any backend.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), lock_core::LockError> {
+/// use lock_core::{LockClient, memory::MemoryStore};
+/// let client = LockClient::new(MemoryStore::new().connect());
+/// let guard = client.acquire("inventory:item-1").await?;
+/// println!("holding with token {}", guard.token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LockClient {
+    backend: Arc<dyn LockBackend>,
+    defaults: LockOptions,
+}
+
+impl LockClient {
+    /// A client over `backend` with default options.
+    pub fn new(backend: impl LockBackend) -> Self {
+        Self::from_arc(Arc::new(backend))
+    }
+
+    /// A client over a shared backend.
+    pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
+        Self {
+            backend,
+            defaults: LockOptions::default(),
+        }
+    }
+
+    /// Replaces the default options used by [`LockClient::acquire`] and friends.
+    #[must_use]
+    pub fn with_options(mut self, defaults: LockOptions) -> Self {
+        self.defaults = defaults;
+        self
+    }
+
+    /// The default options.
+    pub fn options(&self) -> &LockOptions {
+        &self.defaults
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
+    /// Acquires `key` with the default options (waiting per their wait policy).
+    pub async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        self.acquire_with(key, &self.defaults).await
+    }
+
+    /// Acquires `key` without waiting: [`LockError::Contended`] if it is held.
+    pub async fn try_acquire(&self, key: &str) -> Result<LockGuard, LockError> {
+        let opts = self.defaults.clone().wait(WaitPolicy::NoWait);
+        self.acquire_with(key, &opts).await
+    }
+
+    /// Acquires `key` with explicit options.
+    ///
+    /// Cancellation-safe: dropping the returned future at any point leaves no lease and no
+    /// queue entry behind. The request runs in a task; if the caller has gone when it ends
+    /// (or while it waits), the task releases whatever the request may have created, by
+    /// the acquisition's lease id.
+    pub async fn acquire_with(
+        &self,
+        key: &str,
+        opts: &LockOptions,
+    ) -> Result<LockGuard, LockError> {
+        opts.validate()?;
+        let key = LockKey::new(key)?;
+        key.check_len(self.backend.capabilities().max_key_len)?;
+        let backend = self.backend.clone();
+        let name = backend.name();
+        let req = AcquireRequest::new(key, opts.lease, opts.meta.clone(), opts.backoff);
+        let lease = req.lease();
+        let started = Instant::now();
+        let span = tracing::debug_span!("lock.acquire", backend = name, key = %req.key, lease = %req.lease_id);
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(run_acquire(backend, req, opts.clone(), started, tx));
+        let res = match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(LockError::Protocol(
+                "the acquire task ended without an answer".into(),
+            )),
+        };
+        let _enter = span.enter();
+        let waited = started.elapsed().as_secs_f64();
+        metrics::histogram!("lock_wait_seconds", "backend" => name).record(waited);
+        let outcome = match &res {
+            Ok(_) => "granted",
+            Err(LockError::Contended { .. }) => "contended",
+            Err(LockError::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        metrics::counter!("lock_acquire_total", "backend" => name, "outcome" => outcome)
+            .increment(1);
+        match res {
+            Ok(grant) => {
+                tracing::debug!(token = %grant.token, waited, "granted");
+                Ok(LockGuard::start(
+                    self.backend.clone(),
+                    lease,
+                    grant,
+                    opts.clone(),
+                ))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "not granted");
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `work` under the lock on `key` (default options), then releases it.
+    ///
+    /// `work` gets a [`LockHandle`] with the token (pass it to every fenced write) and the
+    /// lost signal. Returns the closure's value, or [`LockError::Lost`] if the lock was lost
+    /// while the closure ran (its value is then discarded: the fence decided what was
+    /// written).
+    pub async fn with_lock<F, Fut, T>(&self, key: &str, work: F) -> Result<T, LockError>
+    where
+        F: FnOnce(LockHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.with_lock_opts(key, &self.defaults, work).await
+    }
+
+    /// [`LockClient::with_lock`] with explicit options.
+    pub async fn with_lock_opts<F, Fut, T>(
+        &self,
+        key: &str,
+        opts: &LockOptions,
+        work: F,
+    ) -> Result<T, LockError>
+    where
+        F: FnOnce(LockHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.acquire_with(key, opts).await?;
+        let handle = guard.handle();
+        let value = work(handle.clone()).await;
+        let status = handle.status();
+        let released = guard.release().await;
+        if let LockStatus::Lost(reason) = status {
+            return Err(LockError::Lost {
+                key: key.to_owned(),
+                reason,
+            });
+        }
+        match released {
+            Ok(crate::ReleaseOutcome::Released) => Ok(value),
+            Ok(_) => Err(LockError::Lost {
+                key: key.to_owned(),
+                reason: crate::LossReason::NotHeld,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Who holds `key`, without acquiring it.
+    pub async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, LockError> {
+        let key = LockKey::new(key)?;
+        key.check_len(self.backend.capabilities().max_key_len)?;
+        let op = self.defaults.op_timeout;
+        match timeout(op, self.backend.inspect(&key)).await {
+            Ok(r) => r,
+            Err(_) => Err(LockError::OperationTimeout {
+                backend: self.backend.name(),
+                op: "inspect",
+                after: op,
+            }),
+        }
+    }
+}
+
+/// The acquire request, run as its own task so that a caller that goes away cannot cut it
+/// in half: whatever it may have created is released by lease id.
+async fn run_acquire(
+    backend: Arc<dyn LockBackend>,
+    req: AcquireRequest,
+    opts: LockOptions,
+    started: Instant,
+    mut tx: oneshot::Sender<Result<Grant, LockError>>,
+) {
+    let name = backend.name();
+    let (deadline, limit) = match opts.wait {
+        WaitPolicy::NoWait => (None, Some(opts.op_timeout)),
+        WaitPolicy::Timeout(t) => (Some(started + t), Some(t + opts.op_timeout)),
+        WaitPolicy::Forever => (None, None),
+    };
+    let attempt = async {
+        let fut = async {
+            match opts.wait {
+                WaitPolicy::NoWait => backend.try_acquire(&req).await,
+                _ => backend.acquire(&req, deadline).await,
+            }
+        };
+        match limit {
+            Some(l) => timeout(l, fut)
+                .await
+                .unwrap_or(Err(LockError::OperationTimeout {
+                    backend: name,
+                    op: "acquire",
+                    after: l,
+                })),
+            None => fut.await,
+        }
+    };
+    let outcome = tokio::select! {
+        res = attempt => Some(res),
+        _ = tx.closed() => None,
+    };
+    let lease = req.lease();
+    let cleanup = async {
+        let r = timeout(opts.op_timeout, backend.release(&lease)).await;
+        if !matches!(r, Ok(Ok(_))) {
+            tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
+        }
+    };
+    match outcome {
+        // The caller went away while the request was in flight or waiting.
+        None => cleanup.await,
+        Some(Ok(grant)) => {
+            if tx.send(Ok(grant)).is_err() {
+                cleanup.await;
+            }
+        }
+        Some(Err(e)) => {
+            // Errors that leave the outcome unknown may have created a lease or a queue
+            // entry: remove it before answering, so the caller sees a clean slate.
+            let unknown = !matches!(
+                e,
+                LockError::Contended { .. }
+                    | LockError::InvalidKey { .. }
+                    | LockError::InvalidOptions(_)
+                    | LockError::InvalidConfig(_)
+            );
+            if unknown {
+                cleanup.await;
+            }
+            let _ = tx.send(Err(e));
+        }
+    }
+}

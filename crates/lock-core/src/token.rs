@@ -1,0 +1,149 @@
+//! Fencing tokens and the resource-side check.
+//!
+//! A lease cannot stop a paused client from acting late: it may wake after its lease ran
+//! out, still believing it holds the lock. What keeps the data safe is the **fence**: every
+//! grant carries a [`FencingToken`] that is strictly greater than every earlier grant's for
+//! the same key, and the resource refuses a write whose token is lower than the highest it
+//! has accepted.
+
+use std::fmt;
+use std::sync::Mutex;
+
+/// A fencing token.
+///
+/// Contract, kept by every backend: for one key, every grant's token is strictly greater
+/// than the token of every grant made before it, across release, expiry, deletion of the
+/// lock records and (for backends whose capabilities say tokens are durable) server restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// Wraps a raw value read from a store.
+    pub const fn new(v: u64) -> Self {
+        Self(v)
+    }
+
+    /// The raw value, for storing beside a resource.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why a fenced write was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("fenced write refused: token {offered} is lower than the highest accepted token {highest}")]
+pub struct FenceRejected {
+    /// The token the writer offered.
+    pub offered: FencingToken,
+    /// The highest token the resource had accepted.
+    pub highest: FencingToken,
+}
+
+/// A resource-side fence held in memory: accepts a token only if it is not lower than the
+/// highest token accepted so far. Equal tokens are accepted, so one holder may write many
+/// times under one grant.
+#[derive(Debug, Default)]
+pub struct FenceRegister {
+    highest: Mutex<Option<FencingToken>>,
+}
+
+impl FenceRegister {
+    /// An empty fence: the first token is accepted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Admits `token` if it is not lower than the highest admitted, and records it.
+    pub fn admit(&self, token: FencingToken) -> Result<(), FenceRejected> {
+        let mut highest = self.highest.lock().unwrap_or_else(|p| p.into_inner());
+        admit(&mut highest, token)
+    }
+
+    /// The highest token admitted so far.
+    pub fn highest(&self) -> Option<FencingToken> {
+        *self.highest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn admit(highest: &mut Option<FencingToken>, token: FencingToken) -> Result<(), FenceRejected> {
+    match *highest {
+        Some(h) if token < h => Err(FenceRejected {
+            offered: token,
+            highest: h,
+        }),
+        _ => {
+            *highest = Some(token);
+            Ok(())
+        }
+    }
+}
+
+/// A value guarded by a fence: reads are free, writes need a token that passes the fence.
+/// The check and the write happen atomically.
+#[derive(Debug, Default)]
+pub struct Fenced<T> {
+    inner: Mutex<(Option<FencingToken>, T)>,
+}
+
+impl<T: Clone> Fenced<T> {
+    /// A fenced value with no token accepted yet.
+    pub fn new(value: T) -> Self {
+        Self {
+            inner: Mutex::new((None, value)),
+        }
+    }
+
+    /// The current value.
+    pub fn read(&self) -> T {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Writes `value` if `token` passes the fence.
+    pub fn write(&self, token: FencingToken, value: T) -> Result<(), FenceRejected> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        admit(&mut g.0, token)?;
+        g.1 = value;
+        Ok(())
+    }
+
+    /// The highest token accepted so far.
+    pub fn highest(&self) -> Option<FencingToken> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_refuses_lower_tokens_and_says_why() {
+        let f = FenceRegister::new();
+        f.admit(FencingToken::new(5)).unwrap();
+        f.admit(FencingToken::new(5)).unwrap();
+        let e = f.admit(FencingToken::new(4)).unwrap_err();
+        assert_eq!(e.offered.get(), 4);
+        assert_eq!(e.highest.get(), 5);
+        assert!(e.to_string().contains("lower"));
+        f.admit(FencingToken::new(9)).unwrap();
+        assert_eq!(f.highest(), Some(FencingToken::new(9)));
+    }
+
+    #[test]
+    fn fenced_value_writes_only_with_fresh_tokens() {
+        let v = Fenced::new(0u64);
+        v.write(FencingToken::new(2), 1).unwrap();
+        assert!(v.write(FencingToken::new(1), 7).is_err());
+        assert_eq!(v.read(), 1);
+    }
+}
