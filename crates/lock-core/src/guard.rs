@@ -392,7 +392,9 @@ async fn keep_alive(sh: Arc<Shared>) {
         if !sh.opts.auto_renew || now < next {
             continue;
         }
-        let budget = sh.opts.op_timeout.min(safe - now);
+        // Bounded by the period too, so a renewal that hangs raises Uncertain well before
+        // the safe deadline instead of at it.
+        let budget = sh.opts.op_timeout.min(period).min(safe - now);
         let renewed = timeout(budget, sh.backend.renew(&sh.lease, sh.opts.lease)).await;
         match renewed {
             Ok(Ok(deadline)) => {
