@@ -1,1 +1,31 @@
+//! Server provisioning and the cross-backend integration run, shared by `cargo xtask`.
 
+pub mod redis_extra;
+pub mod servers;
+pub mod targets;
+
+use lock_conformance::{CaseResult, Outcome};
+use tokio::time::Instant;
+
+/// Runs one named check and turns its outcome into a printed [`CaseResult`].
+pub async fn check<F>(target: &str, case: &str, fut: F) -> CaseResult
+where
+    F: std::future::Future<Output = Result<String, String>>,
+{
+    let t = Instant::now();
+    let outcome = match tokio::time::timeout(std::time::Duration::from_secs(120), fut).await {
+        Ok(Ok(detail)) => Outcome::Passed { detail },
+        Ok(Err(reason)) => Outcome::Failed { reason },
+        Err(_) => Outcome::Failed {
+            reason: "did not finish within 120 s".into(),
+        },
+    };
+    let r = CaseResult {
+        target: target.to_owned(),
+        case: case.to_owned(),
+        outcome,
+        millis: t.elapsed().as_millis() as u64,
+    };
+    lock_conformance::print_result(&r);
+    r
+}

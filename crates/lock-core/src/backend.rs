@@ -246,6 +246,33 @@ pub struct LockInfo {
     pub waiters: Option<usize>,
 }
 
+impl LockInfo {
+    /// Holder information with no remaining time or waiter count.
+    pub fn new(lease_id: LeaseId, token: FencingToken, meta: HolderMeta) -> Self {
+        Self {
+            lease_id,
+            token,
+            meta,
+            remaining: None,
+            waiters: None,
+        }
+    }
+
+    /// Sets the remaining lease.
+    #[must_use]
+    pub fn remaining(mut self, remaining: Option<Duration>) -> Self {
+        self.remaining = remaining;
+        self
+    }
+
+    /// Sets the waiter count.
+    #[must_use]
+    pub fn waiters(mut self, waiters: Option<usize>) -> Self {
+        self.waiters = waiters;
+        self
+    }
+}
+
 /// A store that can hold locks. Object-safe: use it as `Arc<dyn LockBackend>`.
 #[async_trait]
 pub trait LockBackend: Send + Sync + fmt::Debug + 'static {

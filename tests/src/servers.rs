@@ -1,0 +1,518 @@
+//! Local server processes on free loopback ports in temporary directories: the one place
+//! that knows how to start a server. Every server is stopped by its pid when its handle is
+//! dropped (and on `stop`).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A result with a readable error.
+pub type Res<T> = Result<T, String>;
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> Res<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+/// A fresh temporary directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> Res<PathBuf> {
+    let n: u64 = rand::random();
+    let d = std::env::temp_dir().join(format!("lock-it-{tag}-{n:016x}"));
+    std::fs::create_dir_all(&d).map_err(|e| format!("mkdir {}: {e}", d.display()))?;
+    Ok(d)
+}
+
+/// Whether a program is on PATH (or is an existing path).
+pub fn have(program: &str) -> bool {
+    if Path::new(program).is_absolute() {
+        return Path::new(program).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> Res<()> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} not ready within {limit:?}"))
+}
+
+fn send_recv(addr: SocketAddr, msg: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok()?;
+    s.write_all(msg).ok()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if msg.starts_with(b"PING") && out.ends_with(b"\r\n") {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Sends a signal to a pid (SIGSTOP/SIGCONT/SIGKILL...).
+pub fn signal(pid: u32, sig: &str) -> Res<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(|e| format!("kill: {e}"))?;
+    st.success()
+        .then_some(())
+        .ok_or(format!("kill -{sig} {pid} failed"))
+}
+
+/// A child process stopped by its pid on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Res<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Self {
+            child: Some(child),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL after 5 s) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = signal(c.id(), "CONT");
+            let _ = signal(c.id(), "TERM");
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The process name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A local redis-server.
+#[derive(Debug)]
+pub struct Redis {
+    /// Its process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+    dir: PathBuf,
+    persist: bool,
+}
+
+impl Redis {
+    /// Starts redis-server on a free port, without persistence unless `persist`.
+    pub fn start(persist: bool) -> Res<Self> {
+        let port = free_port()?;
+        let dir = temp_dir("redis")?;
+        Self::start_on(port, dir, persist)
+    }
+
+    fn start_on(port: u16, dir: PathBuf, persist: bool) -> Res<Self> {
+        if !have("redis-server") {
+            return Err("redis-server is not installed (apt-get install redis-server)".into());
+        }
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "no",
+        ])
+        .args(["--dir", &dir.to_string_lossy()])
+        .args(["--daemonize", "no", "--logfile", ""]);
+        if persist {
+            cmd.args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ]);
+        } else {
+            cmd.args(["--appendonly", "no", "--save", ""]);
+        }
+        let proc = Proc::spawn("redis-server", &mut cmd)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_until("redis-server", Duration::from_secs(10), || {
+            send_recv(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
+        })?;
+        Ok(Self {
+            proc,
+            port,
+            dir,
+            persist,
+        })
+    }
+
+    /// The URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A closure that starts a replica of the server on `primary_port` (for spawn_blocking).
+    pub fn start_replica_helper(primary_port: u16) -> impl FnOnce() -> Res<Redis> {
+        move || {
+            let port = free_port()?;
+            let dir = temp_dir("redis-replica")?;
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--dir", &dir.to_string_lossy()])
+            .args(["--replicaof", "127.0.0.1", &primary_port.to_string()]);
+            let proc = Proc::spawn("redis-replica", &mut cmd)?;
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            wait_until("redis replica", Duration::from_secs(10), || {
+                send_recv(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
+            })?;
+            Ok(Redis {
+                proc,
+                port,
+                dir,
+                persist: false,
+            })
+        }
+    }
+
+    /// The address.
+    pub fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and directory.
+    pub fn restart(&mut self) -> Res<()> {
+        self.proc.kill9();
+        let fresh = Self::start_on(self.port, self.dir.clone(), self.persist)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// A smoke check: write, then read back.
+    pub fn smoke(&self) -> Res<()> {
+        let r =
+            send_recv(self.addr(), b"SET smoke ok\r\nGET smoke\r\nQUIT\r\n").unwrap_or_default();
+        r.contains("+OK\r\n$2\r\nok")
+            .then_some(())
+            .ok_or(format!("unexpected reply {r:?}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.proc.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pg_bin(name: &str) -> Option<PathBuf> {
+    for v in ["17", "16", "15", "14", "13"] {
+        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{name}"));
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    have(name).then(|| PathBuf::from(name))
+}
+
+/// Runs a command as the `postgres` user when we are root (initdb refuses root).
+fn as_pg_user(program: &Path) -> Command {
+    let root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A local PostgreSQL server (initdb in a temp dir, trust auth on loopback).
+#[derive(Debug)]
+pub struct Postgres {
+    /// Its process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Postgres {
+    /// initdb + start on a free port.
+    pub fn start() -> Res<Self> {
+        let initdb =
+            pg_bin("initdb").ok_or("PostgreSQL is not installed (apt-get install postgresql)")?;
+        let postgres = pg_bin("postgres").ok_or("postgres binary not found")?;
+        let port = free_port()?;
+        let dir = temp_dir("pg")?;
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let data = dir.join("data");
+        let out = as_pg_user(&initdb)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let mut cmd = as_pg_user(&postgres);
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=400",
+                "-c",
+                "shared_buffers=64MB",
+            ]);
+        let proc = Proc::spawn("postgres", &mut cmd)?;
+        let me = Self { proc, port, dir };
+        wait_until("postgres", Duration::from_secs(30), || {
+            me.psql("SELECT 1").is_ok()
+        })?;
+        Ok(me)
+    }
+
+    /// The URL.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs SQL through psql and returns its output.
+    pub fn psql(&self, sql: &str) -> Res<String> {
+        let out = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-tAq",
+                "-c",
+                sql,
+            ])
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// A smoke check: write, then read back.
+    pub fn smoke(&self) -> Res<()> {
+        let r = self.psql(
+            "CREATE TEMP TABLE smoke(v text); INSERT INTO smoke VALUES ('ok'); SELECT v FROM smoke",
+        )?;
+        (r == "ok")
+            .then_some(())
+            .ok_or(format!("unexpected reply {r:?}"))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGTERM is postgres' "smart" shutdown; SIGINT is fast shutdown.
+        if let Some(pid) = self.proc.pid() {
+            let _ = signal(pid, "INT");
+        }
+        self.proc.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A local ZooKeeper server or ensemble member set.
+#[derive(Debug)]
+pub struct ZooKeeper {
+    /// The member processes.
+    pub procs: Vec<Proc>,
+    /// Client ports, one per member.
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+fn zk_classpath() -> Option<String> {
+    let jar = Path::new("/usr/share/java/zookeeper.jar");
+    jar.exists()
+        .then(|| "/etc/zookeeper/conf:/usr/share/java/*".to_owned())
+}
+
+impl ZooKeeper {
+    /// Starts `members` servers (1: standalone; 3: an ensemble) on free ports.
+    pub fn start(members: usize) -> Res<Self> {
+        let cp = zk_classpath().ok_or("ZooKeeper is not installed (apt-get install zookeeper)")?;
+        if !have("java") {
+            return Err("java is not installed".into());
+        }
+        let dir = temp_dir("zk")?;
+        let mut ports = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..members {
+            ports.push(free_port()?);
+            peers.push((free_port()?, free_port()?));
+        }
+        let mut procs = Vec::new();
+        for i in 0..members {
+            let data = dir.join(format!("m{}", i + 1));
+            std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+            let mut cfg = format!(
+                "tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n4lw.commands.whitelist=*\nadmin.enableServer=false\n",
+                data.display(),
+                ports[i]
+            );
+            if members > 1 {
+                std::fs::write(data.join("myid"), format!("{}\n", i + 1))
+                    .map_err(|e| e.to_string())?;
+                for (j, (p1, p2)) in peers.iter().enumerate() {
+                    cfg.push_str(&format!("server.{}=127.0.0.1:{p1}:{p2}\n", j + 1));
+                }
+            }
+            let cfg_path = data.join("zoo.cfg");
+            std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new("java");
+            cmd.args(["-Xmx256m", "-Dzookeeper.log.dir"]).arg(&data);
+            cmd.arg("-cp").arg(&cp);
+            cmd.arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+                .arg(&cfg_path);
+            procs.push(Proc::spawn("zookeeper", &mut cmd)?);
+        }
+        let me = Self { procs, ports, dir };
+        for p in &me.ports {
+            let addr: SocketAddr = ([127, 0, 0, 1], *p).into();
+            wait_until("zookeeper", Duration::from_secs(60), || {
+                send_recv(addr, b"srvr").is_some_and(|r| {
+                    r.contains("Mode: standalone")
+                        || r.contains("Mode: leader")
+                        || r.contains("Mode: follower")
+                })
+            })?;
+        }
+        Ok(me)
+    }
+
+    /// The connect string.
+    pub fn connect_string(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A smoke check through the four-letter `srvr` and `mntr` commands, plus a write and a
+    /// read through zkCli when it is installed.
+    pub fn smoke(&self) -> Res<()> {
+        let cli = Path::new("/usr/share/zookeeper/bin/zkCli.sh");
+        if !cli.exists() {
+            return Err("zkCli.sh not found".into());
+        }
+        let node = format!("/smoke{:08x}", rand::random::<u32>());
+        let out = Command::new(cli)
+            .args(["-server", &self.connect_string()])
+            .args(["create", &node, "ok"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let created = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let out = Command::new(cli)
+            .args(["-server", &self.connect_string()])
+            .args(["get", &node])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let got = String::from_utf8_lossy(&out.stdout).to_string();
+        (got.lines().any(|l| l.trim() == "ok"))
+            .then_some(())
+            .ok_or(format!("create said {created:?}; get said {got:?}"))
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

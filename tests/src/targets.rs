@@ -1,0 +1,149 @@
+//! Conformance targets for each backend, built from server addresses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lock_conformance::proxy::Proxy;
+use lock_conformance::{Cut, Target};
+use lock_core::memory::MemoryStore;
+use lock_core::{LockBackend, LockError};
+use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
+
+/// Parses the `host:port` of a `scheme://[user@]host:port[/...]` URL.
+pub fn addr_of(url: &str) -> Result<SocketAddr, String> {
+    let rest = url.split("://").nth(1).ok_or(format!("not a URL: {url}"))?;
+    let hostport = rest.rsplit('@').next().unwrap_or(rest);
+    let hostport = hostport.split('/').next().unwrap_or(hostport);
+    let hostport = hostport.replace("localhost", "127.0.0.1");
+    hostport.parse().map_err(|e| format!("{url}: {e}"))
+}
+
+fn with_addr(url: &str, addr: SocketAddr) -> Result<String, String> {
+    let old = addr_of(url)?;
+    let (scheme, rest) = url.split_once("://").ok_or("not a URL")?;
+    let rest = rest.replace("localhost", "127.0.0.1");
+    Ok(format!(
+        "{scheme}://{}",
+        rest.replacen(&old.to_string(), &addr.to_string(), 1)
+    ))
+}
+
+/// Cuts several proxies at once.
+#[derive(Debug)]
+struct MultiCut(Vec<Proxy>);
+
+impl Cut for MultiCut {
+    fn set_cut(&self, cut: bool) {
+        for p in &self.0 {
+            p.set_cut(cut);
+        }
+    }
+}
+
+fn proxy_err(e: std::io::Error) -> LockError {
+    LockError::backend("proxy", false, e)
+}
+
+/// The in-memory backend.
+pub fn memory() -> Target {
+    let store = MemoryStore::new();
+    let s2 = store.clone();
+    Target::new(
+        "memory",
+        Arc::new(move || {
+            let b: Arc<dyn LockBackend> = Arc::new(store.connect());
+            Box::pin(async move { Ok(b) })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let conn = s2.connect();
+        let b: Arc<dyn LockBackend> = Arc::new(conn.clone());
+        let c: Arc<dyn Cut> = Arc::new(conn);
+        Box::pin(async move { Ok((b, c)) })
+    }))
+}
+
+/// A single Redis server.
+pub fn redis(name: &str, url: String, fair: bool) -> Result<Target, String> {
+    let addr = addr_of(&url)?;
+    let u1 = url.clone();
+    Ok(Target::new(
+        name,
+        Arc::new(move || {
+            let cfg = RedisConfig::new(u1.clone()).fair(fair);
+            Box::pin(async move {
+                let b: Arc<dyn LockBackend> = Arc::new(RedisBackend::connect_with(cfg).await?);
+                Ok(b)
+            })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            let proxy = Proxy::start(addr).await.map_err(proxy_err)?;
+            let via = with_addr(&url, proxy.addr()).map_err(LockError::InvalidConfig)?;
+            let cfg = RedisConfig::new(via)
+                .fair(fair)
+                .op_timeout(std::time::Duration::from_millis(500));
+            let b: Arc<dyn LockBackend> = Arc::new(RedisBackend::connect_with(cfg).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(vec![proxy]));
+            Ok((b, c))
+        })
+    })))
+}
+
+/// Redlock over independent Redis servers.
+pub fn redlock(urls: Vec<String>) -> Result<Target, String> {
+    let addrs = urls
+        .iter()
+        .map(|u| addr_of(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let u1 = urls.clone();
+    Ok(Target::new(
+        "redlock",
+        Arc::new(move || {
+            let urls = u1.clone();
+            Box::pin(async move {
+                let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+                let b: Arc<dyn LockBackend> = Arc::new(RedlockBackend::connect(&refs).await?);
+                Ok(b)
+            })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let (urls, addrs) = (urls.clone(), addrs.clone());
+        Box::pin(async move {
+            let mut proxies = Vec::new();
+            let mut cfgs = Vec::new();
+            for (u, a) in urls.iter().zip(addrs) {
+                let p = Proxy::start(a).await.map_err(proxy_err)?;
+                let via = with_addr(u, p.addr()).map_err(LockError::InvalidConfig)?;
+                cfgs.push(RedisConfig::new(via).op_timeout(std::time::Duration::from_millis(500)));
+                proxies.push(p);
+            }
+            let b: Arc<dyn LockBackend> = Arc::new(RedlockBackend::connect_with(cfgs).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(proxies));
+            Ok((b, c))
+        })
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_rewritten_to_the_proxy() {
+        let a = addr_of("redis://127.0.0.1:6379/0").unwrap();
+        assert_eq!(a.port(), 6379);
+        let p: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(
+            with_addr("redis://127.0.0.1:6379/0", p).unwrap(),
+            "redis://127.0.0.1:7000/0"
+        );
+        assert_eq!(
+            with_addr("postgres://postgres@localhost:5432/db", p).unwrap(),
+            "postgres://postgres@127.0.0.1:7000/db"
+        );
+    }
+}
