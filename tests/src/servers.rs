@@ -452,7 +452,8 @@ impl ZooKeeper {
             let cfg_path = data.join("zoo.cfg");
             std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
             let mut cmd = Command::new("java");
-            cmd.args(["-Xmx256m", "-Dzookeeper.log.dir"]).arg(&data);
+            cmd.arg("-Xmx256m")
+                .arg(format!("-Dzookeeper.log.dir={}", data.display()));
             cmd.arg("-cp").arg(&cp);
             cmd.arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
                 .arg(&cfg_path);

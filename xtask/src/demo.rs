@@ -1,5 +1,224 @@
-//! `cargo xtask demo`: the seed's inventory scenario on every backend that can be
-//! provisioned.
+//! `cargo xtask demo`: the seed's inventory scenario, end to end, on every backend that can
+//! be provisioned here (the in-memory backend always).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_conformance::Target;
+use lock_core::{Fenced, LockClient, LockError, LockOptions, WaitPolicy};
+use lock_tests::servers::Redis;
+use lock_tests::targets;
+use tokio::time::{sleep, Instant};
+
+const UNITS: u32 = 100;
+const WORKERS: usize = 8;
+
+#[derive(Clone, Debug, Default)]
+struct Inventory {
+    stock: u32,
+    sold: Vec<u32>,
+}
+
+struct Row {
+    backend: String,
+    sold: usize,
+    unique: bool,
+    min_stock: u32,
+    late_write: String,
+    recovery: String,
+    ok: bool,
+}
+
+fn opts() -> LockOptions {
+    LockOptions::default()
+        .lease(Duration::from_secs(5))
+        .wait(WaitPolicy::Timeout(Duration::from_secs(30)))
+        .label("inventory demo")
+}
+
 pub(crate) async fn run() -> bool {
-    true
+    let mut rows = Vec::new();
+    println!("Inventory demo: {UNITS} units, {WORKERS} concurrent buyers, one unit each, under the lock.\n");
+    rows.push(scenario(targets::memory()).await);
+    match tokio::task::spawn_blocking(|| Redis::start(false)).await {
+        Ok(Ok(server)) => {
+            match targets::redis("redis", server.url(), true) {
+                Ok(t) => rows.push(scenario(t).await),
+                Err(e) => println!("redis: {e}"),
+            }
+            drop(server);
+        }
+        Ok(Err(e)) => println!("redis: not provisioned ({e}); skipping it"),
+        Err(e) => println!("redis: {e}"),
+    }
+    println!("\n| backend | units sold | each unit once | lowest stock | paused holder's late write | killed holder's lock free after |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.backend, r.sold, r.unique, r.min_stock, r.late_write, r.recovery
+        );
+    }
+    let ok = rows.iter().all(|r| r.ok);
+    println!(
+        "\ndemo: {}",
+        if ok {
+            "every invariant held"
+        } else {
+            "SOMETHING WENT WRONG"
+        }
+    );
+    ok
+}
+
+async fn client(t: &Target) -> Result<LockClient, LockError> {
+    Ok(LockClient::from_arc((t.connect)().await?).with_options(opts()))
+}
+
+async fn scenario(t: Target) -> Row {
+    let name = t.name.clone();
+    println!("=== {name}");
+    match try_scenario(t).await {
+        Ok(row) => row,
+        Err(e) => {
+            println!("{name}: failed: {e}");
+            Row {
+                backend: name,
+                sold: 0,
+                unique: false,
+                min_stock: 0,
+                late_write: "-".into(),
+                recovery: "-".into(),
+                ok: false,
+            }
+        }
+    }
+}
+
+async fn try_scenario(t: Target) -> Result<Row, LockError> {
+    let key = format!("{}inventory:item-1", t.prefix);
+    let inventory = Arc::new(Fenced::new(Inventory {
+        stock: UNITS,
+        sold: Vec::new(),
+    }));
+    let min_stock = Arc::new(Mutex::new(UNITS));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..WORKERS {
+        let c = client(&t).await?;
+        let (key, inventory, min_stock) = (key.clone(), inventory.clone(), min_stock.clone());
+        workers.push(tokio::spawn(async move {
+            let mut bought = 0;
+            loop {
+                let g = c.acquire(&key).await?;
+                let mut inv = inventory.read();
+                if inv.stock == 0 {
+                    g.release().await?;
+                    return Ok::<_, LockError>(bought);
+                }
+                inv.stock -= 1;
+                inv.sold.push(UNITS - inv.stock);
+                let left = inv.stock;
+                if inventory.write(g.token(), inv).is_ok() {
+                    bought += 1;
+                    let mut m = min_stock.lock().unwrap_or_else(|p| p.into_inner());
+                    *m = (*m).min(left);
+                    if left % 25 == 0 {
+                        println!(
+                            "  worker {w} sold a unit under token {}; {left} left",
+                            g.token()
+                        );
+                    }
+                }
+                g.release().await?;
+            }
+        }));
+    }
+    let mut per_worker = Vec::new();
+    for w in workers {
+        per_worker.push(w.await.map_err(|e| LockError::Protocol(e.to_string()))??);
+    }
+    let inv = inventory.read();
+    let mut sold = inv.sold.clone();
+    sold.sort_unstable();
+    sold.dedup();
+    let unique = sold.len() == inv.sold.len() && sold.len() == UNITS as usize;
+    println!(
+        "  sold out in {:.0} ms; units per worker {per_worker:?}; stock {}",
+        started.elapsed().as_secs_f64() * 1e3,
+        inv.stock
+    );
+
+    // A worker pauses past its lease (it stops renewing, as a SIGSTOPped process would),
+    // another takes the lock, then the paused one wakes and tries its stale write.
+    let restock = Arc::new(Fenced::new(0u32));
+    let lease = Duration::from_millis(400);
+    let paused = client(&t).await?;
+    let p_opts = opts().lease(lease).auto_renew(false);
+    let gp = paused.acquire_with(&key, &p_opts).await?;
+    let stale_read = restock.read();
+    println!(
+        "  worker P holds token {} and pauses for {:?} (lease {:?})",
+        gp.token(),
+        lease * 3,
+        lease
+    );
+    sleep(lease * 3).await;
+    let other = client(&t).await?;
+    let gq = other.acquire(&key).await?;
+    restock
+        .write(gq.token(), stale_read + 10)
+        .map_err(|e| LockError::Protocol(e.to_string()))?;
+    println!(
+        "  worker Q took the lock with token {} and restocked to 10",
+        gq.token()
+    );
+    gq.release().await?;
+    let late = restock.write(gp.token(), stale_read + 5);
+    let late_write = match &late {
+        Err(e) => {
+            println!(
+                "  worker P woke and wrote with token {}: refused ({e})",
+                gp.token()
+            );
+            format!("refused (token {} < {})", e.offered, e.highest)
+        }
+        Ok(()) => "ACCEPTED (bug)".into(),
+    };
+    println!("  P's guard status after waking: {:?}", gp.status());
+    drop(gp);
+
+    // A holder is killed mid-work: its connection dies and it never releases.
+    let recovery = match t.cuttable.as_ref() {
+        Some(cuttable) => {
+            let (b, cut) = cuttable().await?;
+            let dying = LockClient::from_arc(b).with_options(opts().lease(Duration::from_secs(1)));
+            let g = dying.acquire(&key).await?;
+            println!("  worker K holds token {} and is killed", g.token());
+            cut.set_cut(true);
+            let killed_at = Instant::now();
+            drop(g);
+            drop(dying);
+            let g2 = client(&t).await?.acquire(&key).await?;
+            let freed = killed_at.elapsed();
+            println!(
+                "  the lock expired and worker R got it after {:.0} ms with token {}",
+                freed.as_secs_f64() * 1e3,
+                g2.token()
+            );
+            g2.release().await?;
+            format!("{:.0} ms (lease 1000 ms)", freed.as_secs_f64() * 1e3)
+        }
+        None => "-".into(),
+    };
+    let min_stock = *min_stock.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(Row {
+        backend: t.name.clone(),
+        sold: inv.sold.len(),
+        unique,
+        min_stock,
+        ok: unique && inv.stock == 0 && late.is_err(),
+        late_write,
+        recovery,
+    })
 }

@@ -303,7 +303,7 @@ async fn zk(via: Via) -> Line {
         };
         match tokio::task::spawn_blocking(move || ZooKeeper::start(members)).await {
             Ok(Ok(zk)) => {
-                provider = format!("local zookeeper (1 and 3 members)");
+                provider = "local zookeeper (1 and 3 members)".to_owned();
                 let case = format!("{name}_server_smoke_write_read");
                 results.push(
                     check("zk", &case, async {
