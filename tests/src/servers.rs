@@ -434,13 +434,13 @@ impl ZooKeeper {
             peers.push((free_port()?, free_port()?));
         }
         let mut procs = Vec::new();
-        for i in 0..members {
+        for (i, port) in ports.iter().enumerate() {
             let data = dir.join(format!("m{}", i + 1));
             std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
             let mut cfg = format!(
                 "tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n4lw.commands.whitelist=*\nadmin.enableServer=false\n",
                 data.display(),
-                ports[i]
+                port
             );
             if members > 1 {
                 std::fs::write(data.join("myid"), format!("{}\n", i + 1))
