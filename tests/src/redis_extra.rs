@@ -58,6 +58,18 @@ pub async fn run() -> Vec<CaseResult> {
             redlock_restart_empty(),
         )
         .await,
+        check(
+            "redis-extra",
+            "fenced_set_refuses_stale_token",
+            fenced_set(),
+        )
+        .await,
+        check(
+            "redlock",
+            "paused_node_does_not_extend_validity",
+            redlock_paused_node(),
+        )
+        .await,
     ]
 }
 
@@ -308,5 +320,114 @@ async fn redlock_restart_empty() -> Result<String, String> {
     }
     Ok(format!(
         "tokens {seen:?} with a node restarted empty after each grant"
+    ))
+}
+
+async fn fenced_set() -> Result<String, String> {
+    let server = tokio::task::spawn_blocking(|| Redis::start(false))
+        .await
+        .map_err(|e| e.to_string())??;
+    let b = RedisBackend::connect(&server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = LockClient::new(b.clone())
+        .with_options(opts().lease(Duration::from_millis(300)).auto_renew(false));
+    let old = c.acquire("stock").await.map_err(|e| e.to_string())?;
+    b.fenced_set("stock:value", old.token(), "10")
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    sleep(Duration::from_millis(400)).await; // old's lease ends
+    let new = c.acquire("stock").await.map_err(|e| e.to_string())?;
+    b.fenced_set("stock:value", new.token(), "9")
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let refused = b
+        .fenced_set("stock:value", old.token(), "stale")
+        .await
+        .map_err(|e| e.to_string())?;
+    let rejected = refused
+        .err()
+        .ok_or("the stale token's write was accepted")?;
+    if rejected.highest != new.token() {
+        return Err(format!(
+            "refusal names highest {} instead of {}",
+            rejected.highest,
+            new.token()
+        ));
+    }
+    let mut conn = b.connection();
+    let v: String = lock_redis::redis::cmd("GET")
+        .arg("stock:value")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if v != "9" {
+        return Err(format!("value is {v:?} after the stale write"));
+    }
+    new.release().await.map_err(|e| e.to_string())?;
+    Ok(format!("stale token refused: {rejected}"))
+}
+
+async fn redlock_paused_node() -> Result<String, String> {
+    let nodes = tokio::task::spawn_blocking(|| {
+        (0..5)
+            .map(|_| Redis::start(false))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let cfgs = nodes
+        .iter()
+        .map(|n| RedisConfig::new(n.url()).op_timeout(Duration::from_millis(800)))
+        .collect();
+    let backend = RedlockBackend::connect_with(cfgs)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pid = nodes[0].proc.pid().ok_or("no pid")?;
+    crate::servers::signal(pid, "STOP")?;
+    let lease = Duration::from_secs(3);
+    let c = LockClient::new(backend).with_options(opts().lease(lease).wait(WaitPolicy::NoWait));
+    let before = Instant::now();
+    let res = c.acquire("paused").await;
+    let took = before.elapsed();
+    crate::servers::signal(pid, "CONT")?;
+    let g = res.map_err(|e| format!("4 of 5 nodes answer, yet: {e}"))?;
+    let safe = g.safe_until().ok_or("no safe_until")?;
+    // The validity is measured from before the first request went out, so waiting on the
+    // paused node ate into it rather than extending it.
+    if safe > before + lease {
+        return Err(format!(
+            "safe_until is {:?} past the bound",
+            safe - (before + lease)
+        ));
+    }
+    g.release().await.map_err(|e| e.to_string())?;
+    let short = LockClient::new(
+        RedlockBackend::connect_with(
+            nodes
+                .iter()
+                .map(|n| RedisConfig::new(n.url()).op_timeout(Duration::from_millis(800)))
+                .collect(),
+        )
+        .await
+        .map_err(|e| e.to_string())?,
+    )
+    .with_options(
+        opts()
+            .lease(Duration::from_millis(500))
+            .wait(WaitPolicy::NoWait),
+    );
+    crate::servers::signal(pid, "STOP")?;
+    let res = short.acquire("paused-short").await;
+    crate::servers::signal(pid, "CONT")?;
+    if res.is_ok() {
+        return Err("granted a 500 ms lease after waiting 800 ms on a paused node".into());
+    }
+    Ok(format!(
+        "acquire took {:.0} ms with a paused node; lease safe for {:.0} ms of 3000; a 500 ms lease was refused",
+        took.as_secs_f64() * 1e3,
+        safe.saturating_duration_since(before).as_secs_f64() * 1e3
     ))
 }

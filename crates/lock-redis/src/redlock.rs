@@ -163,10 +163,14 @@ impl LockBackend for RedlockBackend {
         let sent = Instant::now();
         let results = self.on_all(|n| n.attempt(req, false)).await;
         let mut tokens = Vec::new();
+        let mut granted = Vec::new();
         let mut errors = Vec::new();
-        for r in results {
+        for (node, r) in self.nodes.iter().zip(results) {
             match r {
-                Ok(a) if a.granted => tokens.push(a.token),
+                Ok(a) if a.granted => {
+                    tokens.push(a.token);
+                    granted.push(node);
+                }
                 Ok(_) => {}
                 Err(e) => errors.push(e),
             }
@@ -175,8 +179,16 @@ impl LockBackend for RedlockBackend {
         let ok = tokens.len() >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until;
         if ok {
             let top = tokens.iter().copied().max().unwrap_or(0);
-            let floors = self.on_all(|n| n.raise_floor(&req.key, top)).await;
-            let raised = floors.iter().filter(|r| r.is_ok()).count();
+            // The floor goes to the granting nodes only (a majority): a node that did not
+            // answer the first round would only make the second wait for its timeout.
+            let t = self.op_timeout;
+            let floors = join_all(
+                granted
+                    .iter()
+                    .map(|n| async move { timeout(t, n.raise_floor(&req.key, top)).await }),
+            )
+            .await;
+            let raised = floors.iter().filter(|r| matches!(r, Ok(Ok(())))).count();
             if raised >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until {
                 return Ok(Grant::ttl(FencingToken::new(top), valid_until));
             }
