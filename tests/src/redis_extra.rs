@@ -235,13 +235,7 @@ async fn replica_ack() -> Result<String, String> {
 }
 
 async fn redlock_nodes_down() -> Result<String, String> {
-    let mut nodes = tokio::task::spawn_blocking(|| {
-        (0..5)
-            .map(|_| Redis::start(false))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let mut nodes = start_nodes(5).await?;
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
     let backend = RedlockBackend::connect(&refs)
@@ -283,13 +277,7 @@ async fn redlock_nodes_down() -> Result<String, String> {
 }
 
 async fn redlock_restart_empty() -> Result<String, String> {
-    let mut nodes = tokio::task::spawn_blocking(|| {
-        (0..3)
-            .map(|_| Redis::start(false))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let mut nodes = start_nodes(3).await?;
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
     let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
     let c = LockClient::new(
@@ -371,13 +359,7 @@ async fn fenced_set() -> Result<String, String> {
 }
 
 async fn redlock_paused_node() -> Result<String, String> {
-    let nodes = tokio::task::spawn_blocking(|| {
-        (0..5)
-            .map(|_| Redis::start(false))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let nodes = start_nodes(5).await?;
     let cfgs = nodes
         .iter()
         .map(|n| RedisConfig::new(n.url()).op_timeout(Duration::from_millis(800)))
@@ -430,4 +412,14 @@ async fn redlock_paused_node() -> Result<String, String> {
         took.as_secs_f64() * 1e3,
         safe.saturating_duration_since(before).as_secs_f64() * 1e3
     ))
+}
+
+async fn start_nodes(n: usize) -> Result<Vec<Redis>, String> {
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|_| Redis::start(false))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }

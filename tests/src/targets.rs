@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use lock_conformance::proxy::Proxy;
 use lock_conformance::{Cut, Target};
-use lock_core::memory::MemoryStore;
 use lock_core::{LockBackend, LockError};
 use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
 
@@ -46,21 +45,7 @@ fn proxy_err(e: std::io::Error) -> LockError {
 
 /// The in-memory backend.
 pub fn memory() -> Target {
-    let store = MemoryStore::new();
-    let s2 = store.clone();
-    Target::new(
-        "memory",
-        Arc::new(move || {
-            let b: Arc<dyn LockBackend> = Arc::new(store.connect());
-            Box::pin(async move { Ok(b) })
-        }),
-    )
-    .cuttable(Arc::new(move || {
-        let conn = s2.connect();
-        let b: Arc<dyn LockBackend> = Arc::new(conn.clone());
-        let c: Arc<dyn Cut> = Arc::new(conn);
-        Box::pin(async move { Ok((b, c)) })
-    }))
+    lock_conformance::memory_target()
 }
 
 /// A single Redis server.

@@ -126,6 +126,25 @@ impl Target {
     }
 }
 
+/// The in-memory backend as a target (cut = the simulated disconnect).
+pub fn memory_target() -> Target {
+    let store = lock_core::memory::MemoryStore::new();
+    let s2 = store.clone();
+    Target::new(
+        "memory",
+        Arc::new(move || {
+            let b: Arc<dyn LockBackend> = Arc::new(store.connect());
+            Box::pin(async move { Ok(b) })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let conn = s2.connect();
+        let b: Arc<dyn LockBackend> = Arc::new(conn.clone());
+        let c: Arc<dyn Cut> = Arc::new(conn);
+        Box::pin(async move { Ok((b, c)) })
+    }))
+}
+
 /// The outcome of one case.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(tag = "outcome", rename_all = "lowercase")]

@@ -1,33 +1,11 @@
 //! The whole conformance suite against the in-memory backend, and the checker's negative
 //! control.
 
-use std::sync::Arc;
-
-use lock_conformance::{run_suite, scenario, Cut, Target};
-use lock_core::memory::MemoryStore;
-use lock_core::LockBackend;
-
-fn memory_target(store: MemoryStore) -> Target {
-    let s1 = store.clone();
-    let s2 = store;
-    Target::new(
-        "memory",
-        Arc::new(move || {
-            let b: Arc<dyn LockBackend> = Arc::new(s1.connect());
-            Box::pin(async move { Ok(b) })
-        }),
-    )
-    .cuttable(Arc::new(move || {
-        let conn = s2.connect();
-        let b: Arc<dyn LockBackend> = Arc::new(conn.clone());
-        let c: Arc<dyn Cut> = Arc::new(conn);
-        Box::pin(async move { Ok((b, c)) })
-    }))
-}
+use lock_conformance::{memory_target, run_suite, scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_passes_on_memory() {
-    let report = run_suite(memory_target(MemoryStore::new()), None).await;
+    let report = run_suite(memory_target(), None).await;
     let (passed, failed, skipped) = report.counts();
     println!("memory: {passed} passed, {failed} failed, {skipped} skipped");
     assert!(report.failures().is_empty(), "{:#?}", report.failures());
