@@ -214,7 +214,7 @@ async fn replica_ack() -> Result<String, String> {
     }
     // Now with a replica attached.
     let port = server.port;
-    let replica = tokio::task::spawn_blocking(Redis::start_replica_helper(port))
+    let replica = tokio::task::spawn_blocking(move || Redis::start_replica(port))
         .await
         .map_err(|e| e.to_string())??;
     let t = Instant::now();

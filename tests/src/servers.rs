@@ -151,6 +151,7 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     persist: bool,
+    replica_of: Option<u16>,
 }
 
 impl Redis {
@@ -158,10 +159,10 @@ impl Redis {
     pub fn start(persist: bool) -> Res<Self> {
         let port = free_port()?;
         let dir = temp_dir("redis")?;
-        Self::start_on(port, dir, persist)
+        Self::start_on(port, dir, persist, None)
     }
 
-    fn start_on(port: u16, dir: PathBuf, persist: bool) -> Res<Self> {
+    fn start_on(port: u16, dir: PathBuf, persist: bool, replica_of: Option<u16>) -> Res<Self> {
         if !have("redis-server") {
             return Err("redis-server is not installed (apt-get install redis-server)".into());
         }
@@ -188,6 +189,9 @@ impl Redis {
         } else {
             cmd.args(["--appendonly", "no", "--save", ""]);
         }
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
         let proc = Proc::spawn("redis-server", &mut cmd)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_until("redis-server", Duration::from_secs(10), || {
@@ -198,6 +202,7 @@ impl Redis {
             port,
             dir,
             persist,
+            replica_of,
         })
     }
 
@@ -206,36 +211,14 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A closure that starts a replica of the server on `primary_port` (for spawn_blocking).
-    pub fn start_replica_helper(primary_port: u16) -> impl FnOnce() -> Res<Redis> {
-        move || {
-            let port = free_port()?;
-            let dir = temp_dir("redis-replica")?;
-            let mut cmd = Command::new("redis-server");
-            cmd.args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir", &dir.to_string_lossy()])
-            .args(["--replicaof", "127.0.0.1", &primary_port.to_string()]);
-            let proc = Proc::spawn("redis-replica", &mut cmd)?;
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            wait_until("redis replica", Duration::from_secs(10), || {
-                send_recv(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
-            })?;
-            Ok(Redis {
-                proc,
-                port,
-                dir,
-                persist: false,
-            })
-        }
+    /// Starts a replica of the server on `primary_port`, on a free port.
+    pub fn start_replica(primary_port: u16) -> Res<Self> {
+        Self::start_on(
+            free_port()?,
+            temp_dir("redis-replica")?,
+            false,
+            Some(primary_port),
+        )
     }
 
     /// The address.
@@ -246,7 +229,7 @@ impl Redis {
     /// Kills the server (SIGKILL) and starts it again on the same port and directory.
     pub fn restart(&mut self) -> Res<()> {
         self.proc.kill9();
-        let fresh = Self::start_on(self.port, self.dir.clone(), self.persist)?;
+        let fresh = Self::start_on(self.port, self.dir.clone(), self.persist, self.replica_of)?;
         *self = fresh;
         Ok(())
     }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -113,6 +112,3 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
-
-/// A shared handle to cut one client's proxy.
-pub type SharedProxy = Arc<Proxy>;

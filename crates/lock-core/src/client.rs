@@ -243,10 +243,12 @@ async fn run_acquire(
         }
         Some(Err(e)) => {
             // Errors that leave the outcome unknown may have created a lease or a queue
-            // entry: remove it before answering, so the caller sees a clean slate.
+            // entry: remove it before answering, so the caller sees a clean slate. A
+            // `Timeout` is definite: the backend contract has it leave nothing behind.
             let unknown = !matches!(
                 e,
                 LockError::Contended { .. }
+                    | LockError::Timeout { .. }
                     | LockError::InvalidKey { .. }
                     | LockError::InvalidOptions(_)
                     | LockError::InvalidConfig(_)

@@ -20,6 +20,8 @@ pub(crate) const NAME: &str = "redis";
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A waiter not seen for this long is presumed dead and leaves the queue.
 const WAITER_TTL: Duration = Duration::from_secs(3);
+/// Idle blocking connections kept for reuse; more concurrent waiters open their own.
+const MAX_IDLE_BLOCKERS: usize = 16;
 
 pub(crate) fn map_err(e: RedisError) -> LockError {
     let retryable = e.is_io_error()
@@ -35,9 +37,6 @@ pub(crate) fn map_err(e: RedisError) -> LockError {
                     | redis::ServerErrorKind::MasterDown
             )
         );
-    if e.is_timeout() {
-        return LockError::backend(NAME, true, e);
-    }
     LockError::backend(NAME, retryable, e)
 }
 
@@ -299,11 +298,14 @@ impl LockBackend for RedisBackend {
             let a = self.attempt(req, true).await?;
             if a.granted {
                 if let Some(b) = blocker.take() {
-                    self.inner
+                    let mut idle = self
+                        .inner
                         .blockers
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(b);
+                        .unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < MAX_IDLE_BLOCKERS {
+                        idle.push(b);
+                    }
                 }
                 self.acknowledge(req).await?;
                 return Ok(self.grant(&a, sent, req.ttl));
