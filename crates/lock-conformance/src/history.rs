@@ -329,6 +329,9 @@ mod tests {
         write(&h, "a", 1, true);
         grant(&h, "b", 2);
         write(&h, "b", 2, true);
+        // a's late write comes strictly after b's grant (microsecond stamps), so both
+        // beliefs overlap.
+        std::thread::sleep(std::time::Duration::from_millis(2));
         write(&h, "a", 1, false);
         let r = h.check(&HashMap::from([("k".to_owned(), 2)]));
         assert!(r.ok(), "{:?}", r.violations);
@@ -340,6 +343,9 @@ mod tests {
     fn each_invariant_is_caught() {
         let h = History::new();
         grant(&h, "a", 5);
+        // Events are stamped in microseconds: make "a's grant completed before b's acquire
+        // was invoked" strictly true, or a tie leaves the real-time order undecided.
+        std::thread::sleep(std::time::Duration::from_millis(2));
         grant(&h, "b", 5); // twice, and not increasing in real time
         write(&h, "b", 5, true);
         write(&h, "a", 4, true); // backwards, and never granted to a
