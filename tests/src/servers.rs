@@ -293,7 +293,7 @@ impl Postgres {
     pub fn start() -> Res<Self> {
         let initdb =
             pg_bin("initdb").ok_or("PostgreSQL is not installed (apt-get install postgresql)")?;
-        let postgres = pg_bin("postgres").ok_or("postgres binary not found")?;
+        pg_bin("postgres").ok_or("postgres binary not found")?;
         let port = free_port()?;
         let dir = temp_dir("pg")?;
         let _ = Command::new("chown")
@@ -313,11 +313,19 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let proc = Self::launch(&dir, port)?;
+        let me = Self { proc, port, dir };
+        me.wait_ready()?;
+        Ok(me)
+    }
+
+    fn launch(dir: &Path, port: u16) -> Res<Proc> {
+        let postgres = pg_bin("postgres").ok_or("postgres binary not found")?;
         let mut cmd = as_pg_user(&postgres);
         cmd.arg("-D")
-            .arg(&data)
+            .arg(dir.join("data"))
             .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-            .arg(&dir)
+            .arg(dir)
             .args([
                 "-c",
                 "fsync=off",
@@ -326,12 +334,37 @@ impl Postgres {
                 "-c",
                 "shared_buffers=64MB",
             ]);
-        let proc = Proc::spawn("postgres", &mut cmd)?;
-        let me = Self { proc, port, dir };
+        Proc::spawn("postgres", &mut cmd)
+    }
+
+    fn wait_ready(&self) -> Res<()> {
         wait_until("postgres", Duration::from_secs(30), || {
-            me.psql("SELECT 1").is_ok()
-        })?;
-        Ok(me)
+            self.psql("SELECT 1").is_ok()
+        })
+    }
+
+    /// Fast shutdown: SIGINT to the postmaster itself (its pid from `postmaster.pid`; the
+    /// process we started may be `runuser`, which would turn SIGINT into SIGTERM, a "smart"
+    /// shutdown that waits for every client), then reap what we started.
+    fn shutdown_fast(&mut self) {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+        if let Some(pid) = postmaster {
+            let _ = signal(pid, "INT");
+            let _ = wait_until("postgres shutdown", Duration::from_secs(20), || {
+                !pidfile.exists()
+            });
+        }
+        self.proc.stop();
+    }
+
+    /// Fast shutdown (every session ends), then start again on the same port and data.
+    pub fn restart(&mut self) -> Res<()> {
+        self.shutdown_fast();
+        self.proc = Self::launch(&self.dir, self.port)?;
+        self.wait_ready()
     }
 
     /// The URL.
@@ -377,11 +410,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // SIGTERM is postgres' "smart" shutdown; SIGINT is fast shutdown.
-        if let Some(pid) = self.proc.pid() {
-            let _ = signal(pid, "INT");
-        }
-        self.proc.stop();
+        self.shutdown_fast();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

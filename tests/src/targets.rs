@@ -6,7 +6,9 @@ use std::sync::Arc;
 use lock_conformance::proxy::Proxy;
 use lock_conformance::{Cut, Target};
 use lock_core::{LockBackend, LockError};
+use lock_pg::{PgConfig, PgLocks};
 use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
+use std::time::Duration;
 
 /// Parses the `host:port` of a `scheme://[user@]host:port[/...]` URL.
 pub fn addr_of(url: &str) -> Result<SocketAddr, String> {
@@ -111,6 +113,76 @@ pub fn redlock(urls: Vec<String>) -> Result<Target, String> {
             Ok((b, c))
         })
     })))
+}
+
+/// The PostgreSQL lock modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PgMode {
+    /// Session advisory locks.
+    Advisory,
+    /// Transaction-scoped advisory locks.
+    Xact,
+    /// Lease rows.
+    Lease,
+}
+
+impl PgMode {
+    /// All modes.
+    pub const ALL: [PgMode; 3] = [PgMode::Advisory, PgMode::Xact, PgMode::Lease];
+
+    /// The target name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PgMode::Advisory => "pg-advisory",
+            PgMode::Xact => "pg-xact",
+            PgMode::Lease => "pg-lease",
+        }
+    }
+
+    /// The backend of this mode.
+    pub fn backend(self, locks: &PgLocks) -> Arc<dyn LockBackend> {
+        match self {
+            PgMode::Advisory => Arc::new(locks.advisory()),
+            PgMode::Xact => Arc::new(locks.transactional()),
+            PgMode::Lease => Arc::new(locks.lease_rows()),
+        }
+    }
+}
+
+/// Test settings for PostgreSQL: a small pool, a quick probe.
+pub fn pg_config(url: &str) -> PgConfig {
+    PgConfig::new(url)
+        .pool_size(8)
+        .op_timeout(Duration::from_secs(2))
+        .session(Duration::from_millis(400), Duration::from_secs(2))
+}
+
+/// One PostgreSQL mode.
+pub fn pg(mode: PgMode, url: String) -> Result<Target, String> {
+    let addr = addr_of(&url)?;
+    let u1 = url.clone();
+    let mut t = Target::new(
+        mode.name(),
+        Arc::new(move || {
+            let cfg = pg_config(&u1);
+            Box::pin(async move { Ok(mode.backend(&PgLocks::connect_with(cfg).await?)) })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            let proxy = Proxy::start(addr).await.map_err(proxy_err)?;
+            let via = with_addr(&url, proxy.addr()).map_err(LockError::InvalidConfig)?;
+            let cfg = pg_config(&via).op_timeout(Duration::from_millis(800));
+            let b = mode.backend(&PgLocks::connect_with(cfg).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(vec![proxy]));
+            Ok((b, c))
+        })
+    }));
+    if mode != PgMode::Lease {
+        t = t.session_timeout(Duration::from_secs(3));
+    }
+    Ok(t)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
-use lock_tests::{check, redis_extra, targets};
+use lock_tests::{check, pg_extra, redis_extra, targets};
 
 const BACKENDS: [&str; 6] = ["memory", "redis", "redlock", "zk", "pg", "mongo"];
 
@@ -243,38 +243,35 @@ async fn pg(via: Via) -> Line {
     if via == Via::Containers {
         return skipped("pg", "containers", &no_containers("LOCK_PG_URL"), &names);
     }
-    if let (Via::Auto | Via::Env, Some(u)) = (via, env("LOCK_PG_URL")) {
-        return skipped(
-            "pg",
-            "env LOCK_PG_URL",
-            &format!("{NOT_LANDED} (not run against {u})"),
-            &names,
-        );
-    }
-    if via == Via::Env {
-        return skipped("pg", "env", "LOCK_PG_URL is not set", &names);
-    }
-    let server = match tokio::task::spawn_blocking(Postgres::start).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return skipped(
-                "pg",
-                "local",
-                &format!("no PostgreSQL server: {e}; or set LOCK_PG_URL"),
-                &names,
-            )
-        }
-        Err(e) => return failed("pg", "local", e.to_string()),
+    let (url, provider, server) = match (via, env("LOCK_PG_URL")) {
+        (Via::Auto | Via::Env, Some(u)) => (u, "env LOCK_PG_URL".to_owned(), None),
+        (Via::Env, None) => return skipped("pg", "env", "LOCK_PG_URL is not set", &names),
+        _ => match tokio::task::spawn_blocking(Postgres::start).await {
+            Ok(Ok(s)) => (s.url(), format!("local postgres :{}", s.port), Some(s)),
+            Ok(Err(e)) => {
+                return skipped(
+                    "pg",
+                    "local",
+                    &format!("no PostgreSQL server: {e}; or set LOCK_PG_URL"),
+                    &names,
+                )
+            }
+            Err(e) => return failed("pg", "local", e.to_string()),
+        },
     };
-    let provider = format!("local postgres :{}", server.port);
-    let smoke = check("pg", "server_smoke_write_read", async {
-        server.smoke().map(|_| String::new())
-    })
-    .await;
-    let mut line = skipped("pg", &provider, NOT_LANDED, &names);
-    line.results.insert(0, smoke);
-    drop(server);
-    line
+    let mut results = Vec::new();
+    for mode in targets::PgMode::ALL {
+        match targets::pg(mode, url.clone()) {
+            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Err(e) => return failed("pg", &provider, e),
+        }
+    }
+    results.extend(pg_extra::run(&url, server).await);
+    Line {
+        backend: "pg".into(),
+        provider,
+        results,
+    }
 }
 
 async fn zk(via: Via) -> Line {

@@ -738,16 +738,18 @@ async fn inspect_shows_holder(c: Ctx) -> Result<String, String> {
         info.token,
         g.token()
     );
-    ensure!(
-        info.meta.label.as_deref() == Some("inspect-me"),
-        "label {:?}",
-        info.meta.label
-    );
-    ensure!(
-        info.meta.pid == Some(std::process::id()),
-        "pid {:?}",
-        info.meta.pid
-    );
+    if c.caps.holder_meta {
+        ensure!(
+            info.meta.label.as_deref() == Some("inspect-me"),
+            "label {:?}",
+            info.meta.label
+        );
+        ensure!(
+            info.meta.pid == Some(std::process::id()),
+            "pid {:?}",
+            info.meta.pid
+        );
+    }
     if !c.is_session() {
         let left = info.remaining.ok_or("no remaining time on a TTL lease")?;
         ensure!(

@@ -77,6 +77,11 @@ pub struct Capabilities {
     pub tokens: TokenGuarantee,
     /// The longest key this backend accepts, in bytes.
     pub max_key_len: usize,
+    /// `inspect` reports the holder's metadata (host, pid, label). Off where the store
+    /// cannot show it to other sessions while the lock is held (PostgreSQL
+    /// transaction-scoped locks: the holder's row is uncommitted); lease id and token are
+    /// always reported.
+    pub holder_meta: bool,
 }
 
 impl Capabilities {
@@ -89,6 +94,7 @@ impl Capabilities {
             notify_waits: false,
             tokens: TokenGuarantee::Durable,
             max_key_len: crate::key::MAX_KEY_LEN,
+            holder_meta: true,
         }
     }
 
@@ -110,6 +116,13 @@ impl Capabilities {
     #[must_use]
     pub const fn tokens(mut self, v: TokenGuarantee) -> Self {
         self.tokens = v;
+        self
+    }
+
+    /// Sets `holder_meta`.
+    #[must_use]
+    pub const fn holder_meta(mut self, v: bool) -> Self {
+        self.holder_meta = v;
         self
     }
 

@@ -1,0 +1,211 @@
+//! Settings for the PostgreSQL backends.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use lock_core::LockError;
+
+/// Settings for [`PgLocks`](crate::PgLocks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgConfig {
+    /// Connection URL or key-value string, as `tokio-postgres` parses it
+    /// (`postgres://user:pass@host:port/db`).
+    pub url: String,
+    /// Schema that holds the lock tables and functions. Default `distlock`. A plain SQL
+    /// identifier: lowercase letters, digits and `_`, starting with a letter or `_`, at most
+    /// 40 bytes (it is also the prefix of the notification channel).
+    pub schema: String,
+    /// Most connections this client opens. Session and transaction locks hold one per held
+    /// lock and one per key being waited on; lease-row locks borrow one per statement.
+    /// Default 16.
+    pub pool_size: usize,
+    /// Bound on connecting and on each statement. Default 5 s.
+    pub op_timeout: Duration,
+    /// Session and transaction modes: how often a held lock's connection is probed.
+    /// Default 1 s.
+    pub probe_every: Duration,
+    /// Session and transaction modes: how long a held lock's connection may go unanswered
+    /// before the lock is reported lost (it is `Uncertain` from the first failed probe).
+    /// Default 5 s.
+    pub session_timeout: Duration,
+    /// Lease mode: the longest a waiter sleeps between attempts when no release
+    /// notification arrives (a lost notification, or a holder that died). Default 1 s.
+    pub poll_max: Duration,
+    /// Create the schema on first use (default). When off, call
+    /// [`PgLocks::migrate`](crate::PgLocks::migrate) yourself (for example from a
+    /// deployment step with more privileges).
+    pub auto_migrate: bool,
+}
+
+impl PgConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "distlock".into(),
+            pool_size: 16,
+            op_timeout: Duration::from_secs(5),
+            probe_every: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(5),
+            poll_max: Duration::from_secs(1),
+            auto_migrate: true,
+        }
+    }
+
+    /// Sets the schema name.
+    #[must_use]
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets the pool size.
+    #[must_use]
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// Sets the operation timeout.
+    #[must_use]
+    pub fn op_timeout(mut self, t: Duration) -> Self {
+        self.op_timeout = t;
+        self
+    }
+
+    /// Sets the probe interval and the session timeout of session and transaction locks.
+    #[must_use]
+    pub fn session(mut self, probe_every: Duration, session_timeout: Duration) -> Self {
+        self.probe_every = probe_every;
+        self.session_timeout = session_timeout;
+        self
+    }
+
+    /// Sets the lease-mode polling bound.
+    #[must_use]
+    pub fn poll_max(mut self, t: Duration) -> Self {
+        self.poll_max = t;
+        self
+    }
+
+    /// Turns schema creation on first use on or off.
+    #[must_use]
+    pub fn auto_migrate(mut self, on: bool) -> Self {
+        self.auto_migrate = on;
+        self
+    }
+
+    /// Checks the settings and parses the URL, before anything is sent.
+    pub fn validate(&self) -> Result<tokio_postgres::Config, LockError> {
+        validate_ident("schema", &self.schema, 40)?;
+        if self.pool_size < 2 {
+            return Err(LockError::InvalidConfig(
+                "pool_size must be at least 2 (one held lock and one waiter)".into(),
+            ));
+        }
+        for (name, v) in [
+            ("op_timeout", self.op_timeout),
+            ("probe_every", self.probe_every),
+            ("session_timeout", self.session_timeout),
+            ("poll_max", self.poll_max),
+        ] {
+            if v.is_zero() {
+                return Err(LockError::InvalidConfig(format!(
+                    "{name} must be greater than zero"
+                )));
+            }
+        }
+        if self.session_timeout <= self.probe_every {
+            return Err(LockError::InvalidConfig(
+                "session_timeout must be longer than probe_every".into(),
+            ));
+        }
+        let shown: String = self.url.chars().take(60).collect();
+        let mut pg = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|e| LockError::InvalidConfig(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
+        if pg.get_hosts().is_empty() {
+            return Err(LockError::InvalidConfig(format!(
+                "PostgreSQL URL {shown:?} names no host"
+            )));
+        }
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(self.op_timeout);
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name("lock-pg");
+        }
+        Ok(pg)
+    }
+}
+
+/// Checks that `v` is a plain lowercase SQL identifier of at most `max` bytes, so it can be
+/// placed in SQL text without quoting.
+pub(crate) fn validate_ident(what: &str, v: &str, max: usize) -> Result<(), LockError> {
+    let mut chars = v.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || v.len() > max {
+        let shown: String = v.chars().take(60).collect();
+        return Err(LockError::InvalidConfig(format!(
+            "{what} {shown:?} is not a plain SQL identifier (lowercase letters, digits and _, \
+             starting with a letter or _, at most {max} bytes)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(PgConfig::new("postgres://u@h/db").validate().is_ok());
+        for bad in [
+            "",
+            "Lock",
+            "1abc",
+            "a-b",
+            "a;drop table x",
+            "a b",
+            &"a".repeat(41),
+        ] {
+            let e = PgConfig::new("postgres://u@h/db")
+                .schema(bad)
+                .validate()
+                .unwrap_err();
+            assert!(matches!(e, LockError::InvalidConfig(_)), "{bad}: {e}");
+        }
+        assert!(validate_ident("table", "inventory_2", 63).is_ok());
+    }
+
+    #[test]
+    fn urls_are_validated() {
+        for bad in [
+            "postgres://",
+            "http://x",
+            "postgres://h:notaport/db",
+            "host=h port=x",
+        ] {
+            let e = PgConfig::new(bad).validate().unwrap_err();
+            assert!(matches!(e, LockError::InvalidConfig(_)), "{bad}: {e}");
+        }
+        let pg = PgConfig::new("host=127.0.0.1 user=me").validate().unwrap();
+        assert_eq!(pg.get_application_name(), Some("lock-pg"));
+    }
+
+    #[test]
+    fn timings_are_validated() {
+        let c = PgConfig::new("postgres://u@h/db");
+        assert!(c.clone().op_timeout(Duration::ZERO).validate().is_err());
+        assert!(c
+            .clone()
+            .session(Duration::from_secs(2), Duration::from_secs(1))
+            .validate()
+            .is_err());
+        assert!(c.pool_size(1).validate().is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! Lease-row locks: a table of leases whose expiry is judged on the server's clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lock_core::{
+    AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef,
+    LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome,
+};
+use tokio::time::Instant;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::shared::Shared;
+use crate::sql::map_err;
+
+/// A lock backend on lease rows, made by [`PgLocks::lease_rows`](crate::PgLocks::lease_rows).
+///
+/// Every operation is one statement on a pooled connection, so no connection is held while
+/// a lock is held: it works behind transaction-pooling proxies (PgBouncer in transaction
+/// mode). Acquire takes a free or expired row and issues the token in one transaction;
+/// expiry is judged by `clock_timestamp()` on the server. Renewal extends the row; release
+/// deletes it and sends a notification that wakes this key's waiters (one per process;
+/// within a process waiters take turns), with polling bounded by the holder's remaining
+/// lease and `poll_max` as the fallback for a holder that died or a lost notification.
+#[derive(Clone, Debug)]
+pub struct PgLeaseBackend {
+    shared: Arc<Shared>,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn token_of(t: i64) -> Result<FencingToken, LockError> {
+    u64::try_from(t)
+        .map(FencingToken::new)
+        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
+}
+
+enum Attempt {
+    Granted(Grant),
+    Held(Option<Duration>),
+}
+
+impl PgLeaseBackend {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, LockError>>,
+    ) -> Result<T, LockError> {
+        let t = self.shared.cfg.op_timeout;
+        tokio::time::timeout(t, f)
+            .await
+            .unwrap_or(Err(LockError::OperationTimeout {
+                backend: "pg-lease",
+                op,
+                after: t,
+            }))
+    }
+
+    /// One prepared statement on a pooled connection, bounded by the operation timeout.
+    async fn query(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, LockError> {
+        self.bounded(op, async {
+            let conn = self.shared.conn(None).await?;
+            let stmt = conn.prepare_cached(sql).await.map_err(map_err)?;
+            conn.query(&stmt, params).await.map_err(map_err)
+        })
+        .await
+    }
+
+    async fn attempt(&self, req: &AcquireRequest) -> Result<Attempt, LockError> {
+        self.shared.ready().await?;
+        let sent = Instant::now();
+        let rows = self
+            .query(
+                "acquire",
+                &self.shared.sql.lease_acquire,
+                &[
+                    &req.key.as_str(),
+                    &req.lease_id.as_str(),
+                    &req.meta.encode(),
+                    &ms(req.ttl),
+                ],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| LockError::Protocol("acquire returned no row".into()))?;
+        let token: Option<i64> = row.try_get(0).map_err(map_err)?;
+        let remaining: Option<i64> = row.try_get(1).map_err(map_err)?;
+        match token {
+            Some(t) => Ok(Attempt::Granted(Grant::ttl(token_of(t)?, sent + req.ttl))),
+            None => {
+                Ok(Attempt::Held(remaining.map(|r| {
+                    Duration::from_millis(u64::try_from(r).unwrap_or(0))
+                })))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for PgLeaseBackend {
+    fn name(&self) -> &'static str {
+        "pg-lease"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(LeaseKind::Ttl).notify_waits(true)
+    }
+
+    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        match self.attempt(req).await? {
+            Attempt::Granted(g) => Ok(g),
+            Attempt::Held(_) => Err(LockError::Contended {
+                key: req.key.to_string(),
+            }),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let _turn = self.shared.turn(&req.key, started, deadline).await?;
+        let released = self.shared.released(&req.key).await;
+        loop {
+            // Armed before the attempt, so a release between the attempt and the wait is
+            // not missed.
+            let notified = released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let left = match self.attempt(req).await? {
+                Attempt::Granted(g) => return Ok(g),
+                Attempt::Held(left) => left,
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(LockError::Timeout {
+                    key: req.key.to_string(),
+                    waited: now - started,
+                });
+            }
+            let mut pause = self.shared.cfg.poll_max;
+            if let Some(l) = left {
+                pause = pause.min(l + Duration::from_millis(1));
+            }
+            if let Some(d) = deadline {
+                pause = pause.min(d - now);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        let sent = Instant::now();
+        let n = self
+            .query(
+                "renew",
+                &self.shared.sql.lease_renew,
+                &[&lease.key.as_str(), &lease.lease_id.as_str(), &ms(ttl)],
+            )
+            .await?
+            .len();
+        if n == 1 {
+            Ok(sent + ttl)
+        } else {
+            Err(LockError::NotHeld {
+                key: lease.key.to_string(),
+            })
+        }
+    }
+
+    async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
+        let rows = self
+            .query(
+                "release",
+                &self.shared.sql.lease_release,
+                &[&lease.key.as_str(), &lease.lease_id.as_str()],
+            )
+            .await?;
+        let live = match rows.first() {
+            Some(r) => r.try_get::<_, bool>(0).map_err(map_err)?,
+            None => false,
+        };
+        Ok(if live {
+            ReleaseOutcome::Released
+        } else {
+            ReleaseOutcome::NotHeld
+        })
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        self.shared.ready().await?;
+        let rows = self
+            .query("inspect", &self.shared.sql.lease_inspect, &[&key.as_str()])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let lease: String = row.try_get(0).map_err(map_err)?;
+        let token: i64 = row.try_get(1).map_err(map_err)?;
+        let meta: String = row.try_get(2).map_err(map_err)?;
+        let left: i64 = row.try_get(3).map_err(map_err)?;
+        Ok(Some(
+            LockInfo::new(
+                LeaseId::parse(&lease)?,
+                token_of(token)?,
+                HolderMeta::decode(&meta),
+            )
+            .remaining(Some(Duration::from_millis(
+                u64::try_from(left).unwrap_or(0),
+            ))),
+        ))
+    }
+}

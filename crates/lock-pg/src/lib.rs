@@ -1,0 +1,161 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod config;
+mod fence;
+mod lease;
+mod session;
+mod shared;
+mod sql;
+
+use std::sync::Arc;
+
+use lock_core::{HolderMeta, LeaseId, LockKey};
+
+pub use config::PgConfig;
+pub use fence::{fenced_update, FencedTable, FencedWrite};
+pub use lease::PgLeaseBackend;
+pub use session::PgSessionBackend;
+pub use sql::advisory_id;
+
+/// The core types, so one dependency is enough.
+pub use lock_core::{
+    self, FenceRejected, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
+    LockStatus, WaitPolicy,
+};
+/// The client libraries this backend is built on.
+pub use {deadpool_postgres, tokio_postgres};
+
+use crate::session::Scope;
+use crate::shared::Shared;
+use crate::sql::{is_lock_timeout, map_err};
+
+/// A PostgreSQL lock client: a connection pool and the lock schema. Cheap to clone; make
+/// one per process and take the backends you need from it.
+#[derive(Clone, Debug)]
+pub struct PgLocks {
+    shared: Arc<Shared>,
+}
+
+impl PgLocks {
+    /// Connects to `url` with default settings (schema `distlock`, created on first use).
+    pub async fn connect(url: &str) -> Result<Self, LockError> {
+        Self::connect_with(PgConfig::new(url)).await
+    }
+
+    /// Connects with explicit settings. Checks the settings, opens one connection (so a
+    /// bad address or password is reported here) and creates the schema if `auto_migrate`.
+    pub async fn connect_with(cfg: PgConfig) -> Result<Self, LockError> {
+        let shared = Arc::new(Shared::new(cfg)?);
+        drop(shared.conn(None).await?);
+        shared.ready().await?;
+        Ok(Self { shared })
+    }
+
+    /// Creates or updates the lock schema (tables `fence` and `lease`, two functions).
+    /// Idempotent and safe to run from many clients at once.
+    pub async fn migrate(&self) -> Result<(), LockError> {
+        self.shared.migrate().await
+    }
+
+    /// Session-level advisory locks (`pg_advisory_lock`): each held lock keeps one
+    /// connection for its lifetime; the connection is the lease.
+    pub fn advisory(&self) -> PgSessionBackend {
+        PgSessionBackend::new(self.shared.clone(), Scope::Session)
+    }
+
+    /// Transaction-scoped advisory locks in a transaction the backend opens; release
+    /// commits it. To lock inside your own transaction, use
+    /// [`PgLocks::lock_in_transaction`].
+    pub fn transactional(&self) -> PgSessionBackend {
+        PgSessionBackend::new(self.shared.clone(), Scope::Transaction)
+    }
+
+    /// Lease-row locks: no connection is held; renewals extend the row.
+    pub fn lease_rows(&self) -> PgLeaseBackend {
+        PgLeaseBackend::new(self.shared.clone())
+    }
+
+    /// The connection pool, for your own statements.
+    pub fn pool(&self) -> &deadpool_postgres::Pool {
+        &self.shared.pool
+    }
+
+    /// Takes the lock on `key` inside the caller's transaction (`pg_advisory_xact_lock`);
+    /// it is released when the transaction commits or rolls back. Returns the fencing
+    /// token, issued in the same statement.
+    ///
+    /// The token's counter update is part of the transaction: if the transaction rolls
+    /// back, so does the token, and a later holder may receive the same number. That is
+    /// sound for writes inside the transaction (they rolled back too); to fence writes
+    /// outside the database, use [`PgLocks::advisory`] or [`PgLocks::lease_rows`].
+    ///
+    /// `WaitPolicy::NoWait` gives [`LockError::Contended`] if the key is taken;
+    /// `Timeout(t)` waits in the server's queue for at most `t` (then
+    /// [`LockError::Timeout`], and the transaction is aborted: roll it back).
+    ///
+    /// ```no_run
+    /// # async fn f(locks: lock_pg::PgLocks) -> Result<(), lock_core::LockError> {
+    /// use lock_core::WaitPolicy;
+    /// use lock_pg::{fenced_update, FencedTable};
+    /// let mut conn = locks.pool().get().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
+    /// let tx = conn.transaction().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
+    /// let token = locks.lock_in_transaction(&tx, "inventory:item-1", WaitPolicy::Timeout(std::time::Duration::from_secs(5))).await?;
+    /// let inventory = FencedTable::new("inventory", "fence_token")?;
+    /// fenced_update(&*tx, &inventory, "stock = stock - 1", "item = $1 AND stock > 0", &[&"item-1"], token).await?;
+    /// tx.commit().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock_in_transaction(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        key: &str,
+        wait: WaitPolicy,
+    ) -> Result<FencingToken, LockError> {
+        let key = LockKey::new(key)?;
+        self.shared.ready().await?;
+        let id = advisory_id(&self.shared.cfg.schema, key.as_str());
+        let wait_ms: Option<i64> = match wait {
+            WaitPolicy::NoWait => None,
+            WaitPolicy::Forever => Some(0),
+            WaitPolicy::Timeout(t) => Some(i64::try_from(t.as_millis()).unwrap_or(i64::MAX).max(1)),
+            _ => None,
+        };
+        let lease = LeaseId::random();
+        let meta = HolderMeta::this_process().encode();
+        let started = tokio::time::Instant::now();
+        let no_idle_limit: Option<i64> = None;
+        let res = tx
+            .query_one(
+                &self.shared.sql.session_acquire,
+                &[
+                    &key.as_str(),
+                    &id,
+                    &lease.as_str(),
+                    &meta,
+                    &wait_ms,
+                    &true,
+                    &no_idle_limit,
+                ],
+            )
+            .await;
+        match res {
+            Ok(row) => match row.try_get::<_, Option<i64>>(0).map_err(map_err)? {
+                Some(t) => u64::try_from(t)
+                    .map(FencingToken::new)
+                    .map_err(|_| LockError::Protocol(format!("negative fencing token {t}"))),
+                None => Err(LockError::Contended {
+                    key: key.to_string(),
+                }),
+            },
+            Err(e) if is_lock_timeout(&e) => Err(LockError::Timeout {
+                key: key.to_string(),
+                waited: started.elapsed(),
+            }),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+}

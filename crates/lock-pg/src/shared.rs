@@ -1,0 +1,224 @@
+//! What the three modes share: the pool, the schema, per-key local queues and the
+//! notification listener.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures::StreamExt;
+use lock_core::{LockError, LockKey};
+use tokio::sync::{Notify, OnceCell, OwnedMutexGuard};
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::config::PgConfig;
+use crate::sql::{self, map_err, Sql, NAME};
+
+/// Weakly held per-key objects: alive while someone uses them.
+#[derive(Debug)]
+pub(crate) struct Registry<T>(Mutex<HashMap<String, Weak<T>>>);
+
+impl<T: Default> Registry<T> {
+    pub(crate) fn new() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Arc<T> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = map.get(key).and_then(Weak::upgrade) {
+            return v;
+        }
+        if map.len() >= 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let v = Arc::new(T::default());
+        map.insert(key.to_owned(), Arc::downgrade(&v));
+        v
+    }
+
+    fn for_each(&self, key: &str, f: impl FnOnce(&T)) {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = map.get(key).and_then(Weak::upgrade) {
+            f(&v);
+        }
+    }
+}
+
+/// The shared state of one [`PgLocks`](crate::PgLocks).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) cfg: PgConfig,
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) pool: Pool,
+    pub(crate) sql: Sql,
+    migrated: OnceCell<()>,
+    /// Per-key FIFO turn within this process: only the head waiter of a key waits on the
+    /// server (one connection per key waited on, no herd within the process).
+    queues: Registry<tokio::sync::Mutex<()>>,
+    /// Release notifications (lease mode), per key.
+    notifies: Arc<Registry<Notify>>,
+    listener: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: PgConfig) -> Result<Self, LockError> {
+        let pg = cfg.validate()?;
+        let mgr = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(cfg.op_timeout))
+            .recycle_timeout(Some(cfg.op_timeout))
+            .build()
+            .map_err(|e| LockError::InvalidConfig(format!("connection pool: {e}")))?;
+        Ok(Self {
+            sql: Sql::new(&cfg.schema),
+            cfg,
+            pg,
+            pool,
+            migrated: OnceCell::new(),
+            queues: Registry::new(),
+            notifies: Arc::new(Registry::new()),
+            listener: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The server-side idle limit of a holder's session: the client's session timeout plus
+    /// a quarter (at least 500 ms), so the client reports loss before the server frees.
+    pub(crate) fn server_idle_ms(&self) -> i64 {
+        let t = self.cfg.session_timeout;
+        let margin = (t / 4).max(Duration::from_millis(500));
+        i64::try_from((t + margin).as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// A pooled connection, waiting at most until `until` (or the operation timeout).
+    pub(crate) async fn conn(&self, until: Option<Instant>) -> Result<Object, LockError> {
+        let wait = match until {
+            Some(u) => u.saturating_duration_since(Instant::now()),
+            None => self.cfg.op_timeout,
+        };
+        let timeouts = deadpool_postgres::Timeouts {
+            wait: Some(wait.max(Duration::from_millis(1))),
+            create: Some(self.cfg.op_timeout),
+            recycle: Some(self.cfg.op_timeout),
+        };
+        self.pool.timeout_get(&timeouts).await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => map_err(e),
+            deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                LockError::backend(
+                    NAME,
+                    true,
+                    format!(
+                        "all {} pooled connections are in use (held locks and waiters each \
+                         hold one; raise PgConfig::pool_size)",
+                        self.cfg.pool_size
+                    ),
+                )
+            }
+            other => LockError::backend(NAME, true, other.to_string()),
+        })
+    }
+
+    /// Creates the schema once per client when `auto_migrate` is on.
+    pub(crate) async fn ready(&self) -> Result<(), LockError> {
+        if !self.cfg.auto_migrate {
+            return Ok(());
+        }
+        self.migrated
+            .get_or_try_init(|| async { self.migrate().await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates or updates the schema; serialized across clients by a transaction-scoped
+    /// advisory lock so that concurrent first uses do not race.
+    pub(crate) async fn migrate(&self) -> Result<(), LockError> {
+        let mut conn = self.conn(None).await?;
+        let op = self.cfg.op_timeout * 4;
+        let id = sql::advisory_id(&self.cfg.schema, "\0migrate");
+        let work = async {
+            let tx = conn.transaction().await.map_err(map_err)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
+                .await
+                .map_err(map_err)?;
+            tx.batch_execute(&self.sql.schema_ddl)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)
+        };
+        match tokio::time::timeout(op, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                drop(Object::take(conn));
+                Err(LockError::OperationTimeout {
+                    backend: NAME,
+                    op: "migrate",
+                    after: op,
+                })
+            }
+        }
+    }
+
+    /// Waits for this process's turn on `key` (FIFO), until `deadline`.
+    pub(crate) async fn turn(
+        &self,
+        key: &LockKey,
+        started: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<OwnedMutexGuard<()>, LockError> {
+        let q = self.queues.get(key.as_str());
+        match deadline {
+            None => Ok(q.lock_owned().await),
+            Some(d) => tokio::time::timeout_at(d, q.lock_owned())
+                .await
+                .map_err(|_| LockError::Timeout {
+                    key: key.to_string(),
+                    waited: started.elapsed(),
+                }),
+        }
+    }
+
+    /// The release notification for `key`; starts the listener if it is not running.
+    /// Without a listener, waiters still poll (bounded by `poll_max`).
+    pub(crate) async fn released(&self, key: &LockKey) -> Arc<Notify> {
+        let n = self.notifies.get(key.as_str());
+        let mut l = self.listener.lock().await;
+        if l.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            match tokio::time::timeout(self.cfg.op_timeout, self.listen()).await {
+                Ok(Ok(c)) => *l = Some(c),
+                Ok(Err(e)) => tracing::debug!(error = %e, "release listener unavailable; polling"),
+                Err(_) => tracing::debug!("release listener timed out; polling"),
+            }
+        }
+        n
+    }
+
+    async fn listen(&self) -> Result<tokio_postgres::Client, LockError> {
+        let (client, mut conn) = self.pg.connect(NoTls).await.map_err(map_err)?;
+        let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        // The task only holds a weak reference: it ends with the client or the connection.
+        let registry = Arc::downgrade(&self.notifies);
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                if let AsyncMessage::Notification(n) = m {
+                    match registry.upgrade() {
+                        Some(reg) => reg.for_each(n.payload(), Notify::notify_waiters),
+                        None => break,
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", self.sql.channel))
+            .await
+            .map_err(map_err)?;
+        Ok(client)
+    }
+}

@@ -1,0 +1,294 @@
+//! The schema, the statements, the key-to-advisory-id mapping and the error mapping.
+
+use lock_core::LockError;
+use tokio_postgres::error::SqlState;
+
+/// Backend name used in errors.
+pub(crate) const NAME: &str = "pg";
+
+/// Maps a key to the 64-bit advisory-lock id space: FNV-1a over `schema \0 key`, then the
+/// SplitMix64 finalizer (to spread FNV's weak low bits). Stable across versions, platforms
+/// and processes: every client computes the same id for the same key.
+///
+/// Two keys can share an id (probability about n²/2⁶⁵ for n keys in use at once). Then
+/// they contend as if they were one key (false contention), which costs waiting but never
+/// a double grant: PostgreSQL grants one id to one session at a time, and a lock is only
+/// reported held after PostgreSQL granted its id.
+pub fn advisory_id(schema: &str, key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in schema.bytes().chain([0u8]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    i64::from_ne_bytes(h.to_ne_bytes())
+}
+
+/// How `pg_locks` shows a bigint advisory id: (classid, objid) = (high, low) 32 bits.
+pub(crate) fn lock_parts(id: i64) -> (i64, i64) {
+    let u = u64::from_ne_bytes(id.to_ne_bytes());
+    (i64::from((u >> 32) as u32), i64::from(u as u32))
+}
+
+/// The statements, with the (validated) schema name filled in.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) schema_ddl: String,
+    pub(crate) session_acquire: String,
+    pub(crate) session_unlock: &'static str,
+    pub(crate) session_release: String,
+    pub(crate) session_inspect: String,
+    pub(crate) lease_acquire: String,
+    pub(crate) lease_renew: String,
+    pub(crate) lease_release: String,
+    pub(crate) lease_inspect: String,
+    pub(crate) channel: String,
+}
+
+impl Sql {
+    pub(crate) fn new(s: &str) -> Self {
+        let schema_ddl = format!(
+            r#"
+CREATE SCHEMA IF NOT EXISTS {s};
+-- One row per key, never deleted: the fencing counter. Session locks also record their
+-- holder here (in the same statement that issues the token).
+CREATE TABLE IF NOT EXISTS {s}.fence (
+    key        text PRIMARY KEY,
+    token      bigint NOT NULL,
+    lease_id   text,
+    meta       text,
+    holder_pid integer
+);
+-- Source of token values: never rolled back, so a holder whose transaction rolled back
+-- (transaction-scoped locks, a terminated holder) cannot have its token issued again.
+CREATE SEQUENCE IF NOT EXISTS {s}.token_seq;
+-- Lease-row locks: one row per held key; expiry is judged on the server's clock.
+CREATE TABLE IF NOT EXISTS {s}.lease (
+    key        text PRIMARY KEY,
+    lease_id   text NOT NULL,
+    token      bigint NOT NULL,
+    meta       text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+
+-- Session (p_xact = false) and transaction-scoped (p_xact = true) advisory locks.
+-- p_wait_ms: NULL = try once; 0 = wait without limit; n = wait at most n ms (lock_timeout).
+-- p_idle_ms: the server ends the holder's session (or transaction) after this long without
+-- a message from the client (PostgreSQL 14+), so a dead or partitioned holder cannot keep
+-- the lock; the client probes well inside it and reports loss before it runs out.
+-- Returns the new token, or NULL when a try found the lock taken.
+DROP FUNCTION IF EXISTS {s}.session_acquire(text, bigint, text, text, bigint, boolean);
+CREATE OR REPLACE FUNCTION {s}.session_acquire(
+    p_key text, p_id bigint, p_lease text, p_meta text, p_wait_ms bigint, p_xact boolean,
+    p_idle_ms bigint)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_old text := current_setting('lock_timeout');
+    v_token bigint;
+BEGIN
+    IF p_wait_ms IS NULL THEN
+        IF p_xact THEN
+            IF NOT pg_try_advisory_xact_lock(p_id) THEN RETURN NULL; END IF;
+        ELSE
+            IF NOT pg_try_advisory_lock(p_id) THEN RETURN NULL; END IF;
+        END IF;
+    ELSE
+        PERFORM set_config('lock_timeout', p_wait_ms::text, true);
+        IF p_xact THEN
+            PERFORM pg_advisory_xact_lock(p_id);
+        ELSE
+            PERFORM pg_advisory_lock(p_id);
+        END IF;
+        PERFORM set_config('lock_timeout', v_old, true);
+    END IF;
+    INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid)
+    VALUES (p_key, nextval('{s}.token_seq'), p_lease, p_meta, pg_backend_pid())
+    ON CONFLICT (key) DO UPDATE
+        SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id,
+            meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid
+    RETURNING f.token INTO v_token;
+    IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
+        IF p_xact THEN
+            PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms::text, true);
+        ELSE
+            PERFORM set_config('idle_session_timeout', p_idle_ms::text, false);
+        END IF;
+    END IF;
+    IF p_xact THEN
+        -- The fence row stays invisible to others until commit; the session's
+        -- application_name is visible at once (pg_stat_activity) and reverts at commit.
+        PERFORM set_config('application_name', 'lk ' || p_lease || ' ' || v_token, true);
+    END IF;
+    RETURN v_token;
+END
+$fn$;
+
+-- Lease rows: take a free or expired lease, issue the token, all in one transaction.
+-- Returns (token, NULL) when granted, (NULL, holder's remaining ms) when not.
+CREATE OR REPLACE FUNCTION {s}.lease_acquire(
+    p_key text, p_lease text, p_meta text, p_ttl_ms bigint,
+    OUT o_token bigint, OUT o_remaining_ms bigint)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at)
+    VALUES (p_key, p_lease, 0, p_meta, clock_timestamp() + p_ttl_ms * interval '1 millisecond')
+    ON CONFLICT (key) DO UPDATE
+        SET lease_id = EXCLUDED.lease_id, token = 0, meta = EXCLUDED.meta,
+            expires_at = EXCLUDED.expires_at
+        WHERE l.expires_at <= clock_timestamp();
+    IF NOT FOUND THEN
+        SELECT greatest(0, ceil(extract(epoch FROM l.expires_at - clock_timestamp()) * 1000))::bigint
+          INTO o_remaining_ms FROM {s}.lease l WHERE l.key = p_key;
+        RETURN;
+    END IF;
+    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
+    ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token)
+    RETURNING f.token INTO o_token;
+    UPDATE {s}.lease SET token = o_token WHERE key = p_key;
+END
+$fn$;
+
+-- Gives back a session lock and the session's idle timeout (the connection returns to
+-- the pool). True if the lock was held.
+CREATE OR REPLACE FUNCTION {s}.session_release(p_id bigint)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_held boolean := pg_advisory_unlock(p_id);
+BEGIN
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        PERFORM set_config('idle_session_timeout', '0', false);
+    END IF;
+    RETURN v_held;
+END
+$fn$;
+"#
+        );
+        Self {
+            schema_ddl,
+            session_acquire: format!("SELECT {s}.session_acquire($1, $2, $3, $4, $5, $6, $7)"),
+            session_unlock: "SELECT pg_advisory_unlock($1)",
+            session_release: format!("SELECT {s}.session_release($1)"),
+            session_inspect: format!(
+                "SELECT f.lease_id, f.token, f.meta, a.application_name, \
+                    (SELECT count(*) FROM pg_locks w WHERE w.locktype = 'advisory' \
+                       AND w.database = l.database AND w.classid::bigint = $2 \
+                       AND w.objid::bigint = $3 AND w.objsubid = 1 AND NOT w.granted) \
+                 FROM pg_locks l \
+                 LEFT JOIN {s}.fence f ON f.key = $1 AND f.holder_pid = l.pid \
+                 LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                   AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            lease_acquire: format!("SELECT o_token, o_remaining_ms FROM {s}.lease_acquire($1, $2, $3, $4)"),
+            lease_renew: format!(
+                "UPDATE {s}.lease SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() RETURNING 1"
+            ),
+            lease_release: format!(
+                "WITH d AS (DELETE FROM {s}.lease WHERE key = $1 AND lease_id = $2 \
+                            RETURNING expires_at > clock_timestamp() AS live) \
+                 SELECT d.live, pg_notify('{s}_released', $1)::text FROM d"
+            ),
+            lease_inspect: format!(
+                "SELECT lease_id, token, meta, \
+                    greatest(0, ceil(extract(epoch FROM expires_at - clock_timestamp()) * 1000))::bigint \
+                 FROM {s}.lease WHERE key = $1 AND expires_at > clock_timestamp()"
+            ),
+            channel: format!("{s}_released"),
+        }
+    }
+}
+
+/// Maps a driver error to the core error.
+pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            return LockError::InvalidConfig(format!(
+                "permission denied: {} (grant the role USAGE and CREATE on the lock schema, or \
+                 run PgLocks::migrate as a role that may)",
+                db.message()
+            ));
+        }
+        if [
+            SqlState::INVALID_SCHEMA_NAME,
+            SqlState::UNDEFINED_TABLE,
+            SqlState::UNDEFINED_FUNCTION,
+        ]
+        .contains(code)
+        {
+            return LockError::InvalidConfig(format!(
+                "lock schema is missing or out of date: {} (call PgLocks::migrate or enable \
+                 auto_migrate)",
+                db.message()
+            ));
+        }
+        if [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            SqlState::INVALID_CATALOG_NAME,
+        ]
+        .contains(code)
+        {
+            return LockError::InvalidConfig(format!("cannot connect: {}", db.message()));
+        }
+        let retryable = [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ]
+        .contains(code);
+        return LockError::backend(NAME, retryable, e);
+    }
+    // Not a server error: I/O, a closed connection, a timeout while connecting.
+    LockError::backend(NAME, true, e)
+}
+
+/// Whether the error is `lock_timeout` running out (SQLSTATE 55P03).
+pub(crate) fn is_lock_timeout(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advisory_ids_are_stable_and_spread() {
+        // Pinned: changing the mapping would let old and new clients lock different ids.
+        assert_eq!(advisory_id("distlock", "a"), advisory_id("distlock", "a"));
+        assert_ne!(advisory_id("distlock", "a"), advisory_id("distlock", "b"));
+        assert_ne!(advisory_id("distlock", "a"), advisory_id("other", "a"));
+        assert_eq!(advisory_id("distlock", "inventory:1"), PINNED);
+        let ids: std::collections::HashSet<i64> = (0..10_000)
+            .map(|i| advisory_id("s", &i.to_string()))
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+    }
+    // Computed independently (Python, same FNV-1a + SplitMix64 steps).
+    const PINNED: i64 = -6_475_857_679_545_948_956;
+
+    #[test]
+    fn lock_parts_match_pg_locks() {
+        assert_eq!(lock_parts(1), (0, 1));
+        assert_eq!(lock_parts(-1), (0xffff_ffff, 0xffff_ffff));
+        assert_eq!(lock_parts(1 << 32), (1, 0));
+    }
+
+    #[test]
+    fn statements_name_the_schema_only() {
+        let s = Sql::new("myschema");
+        assert!(s.schema_ddl.contains("myschema.fence"));
+        assert!(s.lease_release.contains("'myschema_released'"));
+        assert!(!s.lease_acquire.contains("distlock"));
+    }
+}

@@ -1,0 +1,569 @@
+//! PostgreSQL checks that need control of the server or many clients: backend
+//! termination, restart, the lock_timeout race, 200 waiters, fenced inventory writes, the
+//! schema and its errors.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_conformance::{CaseResult, Outcome};
+use lock_core::{LockClient, LockError, LockOptions, LockStatus, WaitPolicy};
+use lock_pg::{advisory_id, fenced_update, FencedTable, FencedWrite, PgConfig, PgLocks};
+use tokio::time::{sleep, Instant};
+use tokio_postgres::NoTls;
+
+use crate::check;
+use crate::servers::Postgres;
+use crate::targets::{pg_config, PgMode};
+
+type Res<T> = Result<T, String>;
+
+fn e2s(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn opts() -> LockOptions {
+    LockOptions::default()
+        .lease(Duration::from_secs(2))
+        .wait(WaitPolicy::Timeout(Duration::from_secs(20)))
+        .op_timeout(Duration::from_secs(3))
+}
+
+async fn client(url: &str, mode: PgMode) -> Res<(PgLocks, LockClient)> {
+    let locks = PgLocks::connect_with(pg_config(url)).await.map_err(e2s)?;
+    let c = LockClient::from_arc(mode.backend(&locks)).with_options(opts());
+    Ok((locks, c))
+}
+
+/// A plain admin connection.
+async fn admin(url: &str) -> Res<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.map_err(e2s)?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// How `pg_locks` shows `key`'s advisory id: (classid, objid).
+fn lock_parts(key: &str) -> (i64, i64) {
+    let u = u64::from_ne_bytes(advisory_id("distlock", key).to_ne_bytes());
+    (i64::from((u >> 32) as u32), i64::from(u as u32))
+}
+
+/// Advisory locks granted on `key`'s id (any mode), and waiters.
+async fn advisory_state(url: &str, key: &str) -> Res<(i64, i64)> {
+    let (hi, lo) = lock_parts(key);
+    let row = admin(url)
+        .await?
+        .query_one(
+            "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted) \
+             FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+             AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&hi, &lo],
+        )
+        .await
+        .map_err(e2s)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Runs every PostgreSQL-specific check. `server` is the local server when this run
+/// started one (restart checks need it).
+pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
+    let mut out = Vec::new();
+    for mode in [PgMode::Advisory, PgMode::Xact] {
+        out.push(
+            check(
+                mode.name(),
+                "terminated_backend_turns_guard_lost_and_frees_key",
+                terminate(url, mode),
+            )
+            .await,
+        );
+        out.push(
+            check(
+                mode.name(),
+                "lock_timeout_race_never_leaves_a_lock_held",
+                timeout_race(url, mode),
+            )
+            .await,
+        );
+    }
+    for mode in PgMode::ALL {
+        out.push(
+            check(
+                mode.name(),
+                "200_waiters_on_one_key_leave_the_pool_to_other_keys",
+                many_waiters(url, mode),
+            )
+            .await,
+        );
+    }
+    out.push(
+        check(
+            "pg",
+            "fenced_inventory_refuses_late_holder",
+            fenced_inventory(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg",
+            "lock_in_transaction_sells_each_unit_once",
+            in_transaction(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg",
+            "concurrent_first_use_creates_schema_once",
+            concurrent_migrate(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg",
+            "bad_config_and_permissions_get_clear_errors",
+            bad_config(url),
+        )
+        .await,
+    );
+    match server {
+        Some(mut s) => {
+            let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
+                restart(url, &mut s).await
+            })
+            .await;
+            out.push(r);
+            drop(s);
+        }
+        None => {
+            let r = CaseResult {
+                target: "pg".into(),
+                case: "restart_while_held_reports_loss_tokens_grow".into(),
+                outcome: Outcome::Skipped {
+                    reason: "needs a server this run started (LOCK_PG_URL given)".into(),
+                },
+                millis: 0,
+            };
+            lock_conformance::print_result(&r);
+            out.push(r);
+        }
+    }
+    out
+}
+
+async fn terminate(url: &str, mode: PgMode) -> Res<String> {
+    let (_l1, a) = client(url, mode).await?;
+    let (_l2, b) = client(url, mode).await?;
+    let key = format!("terminate-{}", rand::random::<u32>());
+    let g = a.acquire(&key).await.map_err(e2s)?;
+    let before = g.token();
+    let (held, _) = advisory_state(url, &key).await?;
+    if held != 1 {
+        return Err(format!(
+            "{held} advisory locks granted on the key, expected 1"
+        ));
+    }
+    let (hi, lo) = lock_parts(&key);
+    let t = Instant::now();
+    let killed: i64 = admin(url)
+        .await?
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&hi, &lo],
+        )
+        .await
+        .map_err(e2s)?
+        .get(0);
+    if killed != 1 {
+        return Err(format!("terminated {killed} backends"));
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(10), g.lost())
+        .await
+        .map_err(|_| "the guard did not report loss within 10 s")?;
+    let lost_after = t.elapsed();
+    let g2 = b
+        .acquire(&key)
+        .await
+        .map_err(|e| format!("acquire after: {e}"))?;
+    let after = g2.token();
+    g2.release().await.map_err(e2s)?;
+    if after <= before {
+        return Err(format!("token {before} -> {after}"));
+    }
+    Ok(format!(
+        "Lost {} ms after pg_terminate_backend ({reason:?}); token {before} -> {after}",
+        lost_after.as_millis()
+    ))
+}
+
+async fn timeout_race(url: &str, mode: PgMode) -> Res<String> {
+    const WAITERS: usize = 16;
+    let key = format!("race-{}", rand::random::<u32>());
+    let (_hl, holder) = client(url, mode).await?;
+    let mut tasks = Vec::new();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for i in 0..WAITERS {
+        let (locks, c) = client(url, mode).await?;
+        let (key, stop) = (key.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let _keep = locks;
+            let (mut granted, mut timeouts) = (0u32, 0u32);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let wait = Duration::from_millis(5 + (n * 7 + i as u64 * 13) % 60);
+                let o = c.options().clone().wait(WaitPolicy::Timeout(wait));
+                match c.acquire_with(&key, &o).await {
+                    Ok(g) => {
+                        granted += 1;
+                        sleep(Duration::from_millis(2)).await;
+                        g.release().await?;
+                    }
+                    Err(LockError::Timeout { .. }) => timeouts += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok::<_, LockError>((granted, timeouts))
+        }));
+    }
+    // The holder takes and gives the key back at irregular moments, so grants land near
+    // the waiters' deadlines.
+    for i in 0..40u64 {
+        let g = holder.acquire(&key).await.map_err(e2s)?;
+        sleep(Duration::from_millis(10 + (i * 17) % 50)).await;
+        g.release().await.map_err(e2s)?;
+        sleep(Duration::from_millis((i * 11) % 20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut granted, mut timeouts) = (0, 0);
+    for t in tasks {
+        let (g, to) = t.await.map_err(e2s)?.map_err(e2s)?;
+        granted += g;
+        timeouts += to;
+    }
+    // Nothing may be left held by a waiter that reported a timeout.
+    sleep(Duration::from_millis(300)).await;
+    let (held, waiting) = advisory_state(url, &key).await?;
+    if held != 0 || waiting != 0 {
+        return Err(format!(
+            "{held} granted and {waiting} waiting advisory locks left on the key"
+        ));
+    }
+    let g = holder
+        .try_acquire(&key)
+        .await
+        .map_err(|e| format!("key not free after the run: {e}"))?;
+    g.release().await.map_err(e2s)?;
+    if timeouts == 0 {
+        return Err("no waiter timed out: the race was not exercised".into());
+    }
+    Ok(format!(
+        "{WAITERS} waiters: {granted} grants, {timeouts} timeouts, nothing left held"
+    ))
+}
+
+async fn many_waiters(url: &str, mode: PgMode) -> Res<String> {
+    const WAITERS: usize = 200;
+    let (locks, c) = client(url, mode).await?;
+    let key = format!("many-{}", rand::random::<u32>());
+    let holder = c.acquire(&key).await.map_err(e2s)?;
+    let mut tasks = Vec::new();
+    for _ in 0..WAITERS {
+        let (c, key) = (c.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let o = c
+                .options()
+                .clone()
+                .wait(WaitPolicy::Timeout(Duration::from_secs(60)));
+            let g = c.acquire_with(&key, &o).await?;
+            let t = g.token();
+            g.release().await?;
+            Ok::<_, LockError>(t)
+        }));
+    }
+    sleep(Duration::from_millis(500)).await;
+    // Other keys still get connections while 200 tasks wait.
+    let t = Instant::now();
+    for i in 0..20 {
+        let g = c
+            .try_acquire(&format!("{key}-other-{i}"))
+            .await
+            .map_err(|e| format!("other key {i} while 200 wait: {e}"))?;
+        g.release().await.map_err(e2s)?;
+    }
+    let others = t.elapsed();
+    let pool = locks.pool().status();
+    holder.release().await.map_err(e2s)?;
+    let mut tokens = HashSet::new();
+    for t in tasks {
+        let tok = t.await.map_err(e2s)?.map_err(e2s)?;
+        tokens.insert(tok);
+    }
+    if tokens.len() != WAITERS {
+        return Err(format!(
+            "{} distinct tokens for {WAITERS} grants",
+            tokens.len()
+        ));
+    }
+    Ok(format!(
+        "20 other keys in {} ms while {WAITERS} waited; pool {} of {} connections open; \
+         all {WAITERS} granted in turn",
+        others.as_millis(),
+        pool.size,
+        pool.max_size
+    ))
+}
+
+async fn setup_inventory(url: &str, table: &str, stock: i32) -> Res<tokio_postgres::Client> {
+    let a = admin(url).await?;
+    a.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; \
+         CREATE TABLE {table} (item text PRIMARY KEY, stock int NOT NULL, fence_token bigint); \
+         INSERT INTO {table} VALUES ('item-1', {stock}, NULL)"
+    ))
+    .await
+    .map_err(e2s)?;
+    Ok(a)
+}
+
+async fn fenced_inventory(url: &str) -> Res<String> {
+    let a = setup_inventory(url, "inventory_fenced", 10).await?;
+    let table = FencedTable::new("inventory_fenced", "fence_token").map_err(e2s)?;
+    let (_l1, c1) = client(url, PgMode::Lease).await?;
+    let (_l2, c2) = client(url, PgMode::Lease).await?;
+    let key = format!("inv-{}", rand::random::<u32>());
+    // A holder that stops renewing (a paused process) and comes back after its lease.
+    let o = c1
+        .options()
+        .clone()
+        .lease(Duration::from_millis(300))
+        .auto_renew(false);
+    let stale = c1.acquire_with(&key, &o).await.map_err(e2s)?;
+    let t_stale = stale.token();
+    let fresh = c2.acquire(&key).await.map_err(e2s)?;
+    let t_fresh = fresh.token();
+    let set = "stock = stock - 1";
+    let filter = "item = $1 AND stock > 0";
+    let w1 = fenced_update(&a, &table, set, filter, &[&"item-1"], t_fresh)
+        .await
+        .map_err(e2s)?;
+    let w2 = fenced_update(&a, &table, set, filter, &[&"item-1"], t_stale)
+        .await
+        .map_err(e2s)?;
+    let stock: i32 = a
+        .query_one("SELECT stock FROM inventory_fenced", &[])
+        .await
+        .map_err(e2s)?
+        .get(0);
+    fresh.release().await.map_err(e2s)?;
+    drop(stale);
+    let _ = a.batch_execute("DROP TABLE inventory_fenced").await;
+    if w1 != FencedWrite::Applied(1) || !matches!(w2, FencedWrite::Refused { .. }) || stock != 9 {
+        return Err(format!("fresh {w1:?}, stale {w2:?}, stock {stock}"));
+    }
+    Ok(format!(
+        "fresh token {t_fresh} applied, late token {t_stale} refused, stock 10 -> 9"
+    ))
+}
+
+async fn in_transaction(url: &str) -> Res<String> {
+    const BUYERS: usize = 40;
+    let a = setup_inventory(url, "inventory_tx", 25).await?;
+    let locks = PgLocks::connect_with(pg_config(url).pool_size(12))
+        .await
+        .map_err(e2s)?;
+    let table = FencedTable::new("inventory_tx", "fence_token").map_err(e2s)?;
+    let mut tasks = Vec::new();
+    for _ in 0..BUYERS {
+        let (locks, table) = (locks.clone(), table.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = locks.pool().get().await.map_err(e2s)?;
+            let tx = conn.transaction().await.map_err(e2s)?;
+            let token = locks
+                .lock_in_transaction(
+                    &tx,
+                    "inventory:item-1",
+                    WaitPolicy::Timeout(Duration::from_secs(30)),
+                )
+                .await
+                .map_err(e2s)?;
+            // Read-modify-write, as the seed's inventory service does.
+            let stock: i32 = tx
+                .query_one("SELECT stock FROM inventory_tx WHERE item = 'item-1'", &[])
+                .await
+                .map_err(e2s)?
+                .get(0);
+            tokio::task::yield_now().await;
+            let sold = if stock > 0 {
+                let w = fenced_update(
+                    &*tx,
+                    &table,
+                    "stock = $2",
+                    "item = $1",
+                    &[&"item-1", &(stock - 1)],
+                    token,
+                )
+                .await
+                .map_err(e2s)?;
+                w == FencedWrite::Applied(1)
+            } else {
+                false
+            };
+            tx.commit().await.map_err(e2s)?;
+            Ok::<_, String>(sold)
+        }));
+    }
+    let mut sold = 0;
+    for t in tasks {
+        if t.await.map_err(e2s)?? {
+            sold += 1;
+        }
+    }
+    let stock: i32 = a
+        .query_one("SELECT stock FROM inventory_tx", &[])
+        .await
+        .map_err(e2s)?
+        .get(0);
+    let _ = a.batch_execute("DROP TABLE inventory_tx").await;
+    if sold != 25 || stock != 0 {
+        return Err(format!(
+            "{sold} sold, {stock} left (expected 25 sold, 0 left)"
+        ));
+    }
+    Ok(format!(
+        "{BUYERS} buyers, 25 units: each sold once, none oversold"
+    ))
+}
+
+async fn concurrent_migrate(url: &str) -> Res<String> {
+    let schema = format!("race_{}", rand::random::<u32>());
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let cfg = pg_config(url).schema(schema.clone());
+        tasks.push(tokio::spawn(
+            async move { PgLocks::connect_with(cfg).await },
+        ));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(
+            t.await
+                .map_err(e2s)?
+                .map_err(|e| format!("first use: {e}"))?,
+        );
+    }
+    let c = LockClient::new(clients[0].lease_rows());
+    let g = c.acquire("k").await.map_err(e2s)?;
+    g.release().await.map_err(e2s)?;
+    let _ = admin(url)
+        .await?
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await;
+    Ok("8 clients created the schema at once without error".into())
+}
+
+async fn bad_config(url: &str) -> Res<String> {
+    let a = admin(url).await?;
+    let mut seen = Vec::new();
+    // A schema name that would inject SQL is refused before anything is sent.
+    match PgLocks::connect_with(PgConfig::new(url).schema("x; DROP TABLE y")).await {
+        Err(LockError::InvalidConfig(m)) => seen.push(m),
+        other => return Err(format!("bad schema: {other:?}")),
+    }
+    match PgLocks::connect("postgres://127.0.0.1:notaport/db").await {
+        Err(LockError::InvalidConfig(m)) => seen.push(m),
+        other => return Err(format!("bad URL: {other:?}")),
+    }
+    // Nothing listens on this port: a retryable error, within the operation timeout.
+    let t = Instant::now();
+    let dead = PgConfig::new("postgres://postgres@127.0.0.1:9/postgres")
+        .op_timeout(Duration::from_secs(1));
+    match PgLocks::connect_with(dead).await {
+        Err(e) if e.is_retryable() && t.elapsed() < Duration::from_secs(3) => {
+            seen.push(e.to_string())
+        }
+        other => return Err(format!("dead server: {other:?} after {:?}", t.elapsed())),
+    }
+    // A missing schema without auto-migration.
+    let missing = format!("missing_{}", rand::random::<u32>());
+    let locks = PgLocks::connect_with(pg_config(url).schema(missing.clone()).auto_migrate(false))
+        .await
+        .map_err(e2s)?;
+    match LockClient::new(locks.lease_rows()).try_acquire("k").await {
+        Err(LockError::InvalidConfig(m)) if m.contains("migrate") => seen.push(m),
+        other => return Err(format!("missing schema: {other:?}")),
+    }
+    // A role that may not create the schema.
+    let role = format!("weak_{}", rand::random::<u32>());
+    a.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; REVOKE CREATE ON DATABASE postgres FROM PUBLIC"
+    ))
+    .await
+    .map_err(e2s)?;
+    let weak_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    let res = PgLocks::connect_with(pg_config(&weak_url).schema(format!("s_{role}"))).await;
+    let _ = a.batch_execute(&format!("DROP ROLE {role}")).await;
+    match res {
+        Err(LockError::InvalidConfig(m)) if m.contains("permission") => seen.push(m),
+        other => return Err(format!("no CREATE permission: {other:?}")),
+    }
+    let schemas: i64 = a
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'missing_%' OR nspname LIKE 's_weak_%' OR nspname LIKE 'x%'",
+            &[],
+        )
+        .await
+        .map_err(e2s)?
+        .get(0);
+    if schemas != 0 {
+        return Err(format!(
+            "{schemas} schemas written by refused configurations"
+        ));
+    }
+    Ok(seen.join(" | "))
+}
+
+async fn restart(url: &str, server: &mut Postgres) -> Res<String> {
+    let mut lines = Vec::new();
+    for mode in PgMode::ALL {
+        let (_l, c) = client(url, mode).await?;
+        let key = format!("restart-{}", rand::random::<u32>());
+        let g = c.acquire(&key).await.map_err(e2s)?;
+        let before = g.token();
+        let restarted = tokio::task::block_in_place(|| server.restart());
+        restarted?;
+        let lost = if mode == PgMode::Lease {
+            // The row survives a restart: the lease is still valid and renewals resume.
+            sleep(Duration::from_secs(3)).await;
+            match g.status() {
+                LockStatus::Held => {
+                    "held through the restart (the lease row is durable)".to_owned()
+                }
+                s => return Err(format!("lease guard {s:?} after the restart")),
+            }
+        } else {
+            let r = tokio::time::timeout(Duration::from_secs(10), g.lost())
+                .await
+                .map_err(|_| format!("{}: no loss reported after the restart", mode.name()))?;
+            format!("lost ({r:?})")
+        };
+        drop(g);
+        let g2 = c
+            .acquire(&key)
+            .await
+            .map_err(|e| format!("acquire after restart: {e}"))?;
+        let after = g2.token();
+        g2.release().await.map_err(e2s)?;
+        if after <= before {
+            return Err(format!("{}: token {before} -> {after}", mode.name()));
+        }
+        lines.push(format!(
+            "{}: {lost}, token {before} -> {after}",
+            mode.name()
+        ));
+    }
+    Ok(lines.join("; "))
+}
