@@ -4,6 +4,7 @@ pub mod pg_extra;
 pub mod redis_extra;
 pub mod servers;
 pub mod targets;
+pub mod zk_extra;
 
 use lock_conformance::{CaseResult, Outcome};
 use tokio::time::Instant;

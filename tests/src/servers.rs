@@ -485,6 +485,22 @@ impl ZooKeeper {
         Ok(me)
     }
 
+    /// Index of the member that reports `Mode: leader` (or `standalone`).
+    pub fn leader(&self) -> Option<usize> {
+        self.ports.iter().position(|p| {
+            let addr: SocketAddr = ([127, 0, 0, 1], *p).into();
+            send_recv(addr, b"srvr")
+                .is_some_and(|r| r.contains("Mode: leader") || r.contains("Mode: standalone"))
+        })
+    }
+
+    /// Kills member `i` at once (SIGKILL).
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(p) = self.procs.get_mut(i) {
+            p.kill9();
+        }
+    }
+
     /// The connect string.
     pub fn connect_string(&self) -> String {
         self.ports

@@ -8,6 +8,7 @@ use lock_conformance::{Cut, Target};
 use lock_core::{LockBackend, LockError};
 use lock_pg::{PgConfig, PgLocks};
 use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
+use lock_zk::{ZkBackend, ZkConfig};
 use std::time::Duration;
 
 /// Parses the `host:port` of a `scheme://[user@]host:port[/...]` URL.
@@ -183,6 +184,54 @@ pub fn pg(mode: PgMode, url: String) -> Result<Target, String> {
         t = t.session_timeout(Duration::from_secs(3));
     }
     Ok(t)
+}
+
+/// The ZooKeeper session timeout the tests ask for.
+pub const ZK_SESSION: Duration = Duration::from_secs(4);
+
+/// Test settings for ZooKeeper.
+pub fn zk_config(connect: &str) -> ZkConfig {
+    ZkConfig::new(connect)
+        .session_timeout(ZK_SESSION)
+        .op_timeout(Duration::from_secs(2))
+}
+
+/// ZooKeeper (standalone or an ensemble); `connect` is `host:port,...`.
+pub fn zk(name: &str, connect: String) -> Result<Target, String> {
+    let addrs = connect
+        .split(',')
+        .map(|a| addr_of(&format!("tcp://{a}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c1 = connect.clone();
+    Ok(Target::new(
+        name,
+        Arc::new(move || {
+            let cfg = zk_config(&c1);
+            Box::pin(async move {
+                let b: Arc<dyn LockBackend> = Arc::new(ZkBackend::connect_with(cfg).await?);
+                Ok(b)
+            })
+        }),
+    )
+    .session_timeout(ZK_SESSION)
+    .cuttable(Arc::new(move || {
+        let addrs = addrs.clone();
+        Box::pin(async move {
+            let mut proxies = Vec::new();
+            for a in addrs {
+                proxies.push(Proxy::start(a).await.map_err(proxy_err)?);
+            }
+            let via = proxies
+                .iter()
+                .map(|p| p.addr().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let cfg = zk_config(&via).op_timeout(Duration::from_millis(800));
+            let b: Arc<dyn LockBackend> = Arc::new(ZkBackend::connect_with(cfg).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(proxies));
+            Ok((b, c))
+        })
+    })))
 }
 
 #[cfg(test)]

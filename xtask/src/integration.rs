@@ -3,7 +3,7 @@
 
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
-use lock_tests::{check, pg_extra, redis_extra, targets};
+use lock_tests::{pg_extra, redis_extra, targets, zk_extra};
 
 const BACKENDS: [&str; 6] = ["memory", "redis", "redlock", "zk", "pg", "mongo"];
 
@@ -236,8 +236,6 @@ async fn redlock(via: Via) -> Line {
     }
 }
 
-const NOT_LANDED: &str = "the backend crate has not landed yet; the server got a smoke check only";
-
 async fn pg(via: Via) -> Line {
     let names = lock_conformance::case_names();
     if via == Via::Containers {
@@ -280,12 +278,17 @@ async fn zk(via: Via) -> Line {
         return skipped("zk", "containers", &no_containers("LOCK_ZK_ADDR"), &names);
     }
     if let (Via::Auto | Via::Env, Some(a)) = (via, env("LOCK_ZK_ADDR")) {
-        return skipped(
-            "zk",
-            "env LOCK_ZK_ADDR",
-            &format!("{NOT_LANDED} (not run against {a})"),
-            &names,
-        );
+        let mut results = Vec::new();
+        match targets::zk("zk", a) {
+            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Err(e) => return failed("zk", "env LOCK_ZK_ADDR", e),
+        }
+        results.extend(zk_extra::run(None).await);
+        return Line {
+            backend: "zk".into(),
+            provider: "env LOCK_ZK_ADDR".into(),
+            results,
+        };
     }
     if via == Via::Env {
         return skipped("zk", "env", "LOCK_ZK_ADDR is not set", &names);
@@ -293,22 +296,15 @@ async fn zk(via: Via) -> Line {
     let mut results = Vec::new();
     let mut provider = String::from("local");
     for members in [1usize, 3] {
-        let name = if members == 1 {
-            "standalone"
-        } else {
-            "ensemble3"
-        };
+        let name = if members == 1 { "zk" } else { "zk-ensemble3" };
         match tokio::task::spawn_blocking(move || ZooKeeper::start(members)).await {
             Ok(Ok(zk)) => {
                 provider = "local zookeeper (1 and 3 members)".to_owned();
-                let case = format!("{name}_server_smoke_write_read");
-                results.push(
-                    check("zk", &case, async {
-                        zk.smoke().map(|_| zk.connect_string())
-                    })
-                    .await,
-                );
-                drop(zk);
+                match targets::zk(name, zk.connect_string()) {
+                    Ok(t) => results.extend(run_suite(t, None).await.results),
+                    Err(e) => return failed("zk", &provider, e),
+                }
+                results.extend(zk_extra::run(Some(zk)).await);
             }
             Ok(Err(e)) => {
                 return skipped(
@@ -321,10 +317,11 @@ async fn zk(via: Via) -> Line {
             Err(e) => return failed("zk", "local", e.to_string()),
         }
     }
-    let mut line = skipped("zk", &provider, NOT_LANDED, &names);
-    results.append(&mut line.results);
-    line.results = results;
-    line
+    Line {
+        backend: "zk".into(),
+        provider,
+        results,
+    }
 }
 
 fn mongo(via: Via) -> Line {

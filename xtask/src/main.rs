@@ -98,6 +98,10 @@ fn ci() -> bool {
                 "lock-core",
                 "-p",
                 "lock-redis",
+                "-p",
+                "lock-pg",
+                "-p",
+                "lock-zk",
                 "--allow-dirty",
             ]),
         )

@@ -615,19 +615,7 @@ async fn vanishing_server_turns_guard_lost(c: Ctx) -> Result<String, String> {
     let lease = c.target.short_lease;
     let opts = a.options().clone().lease(lease);
     let g = a.acquire_with(&key, &opts).await.ctx("acquire")?;
-    let mut watch = g.watch();
-    let seen = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while watch.changed().await.is_ok() {
-            let s = watch.borrow_and_update().clone();
-            let done = matches!(s, LockStatus::Lost(_) | LockStatus::Released);
-            seen.push((Instant::now(), s));
-            if done {
-                break;
-            }
-        }
-        seen
-    });
+    let seen = crate::record_statuses(&g);
     let t = Instant::now();
     cut.set_cut(true);
     let bound = c.expiry_bound() + Duration::from_secs(3);

@@ -126,6 +126,28 @@ impl Target {
     }
 }
 
+/// Records every status a guard goes through, with when, until `Lost` or `Released`.
+pub fn record_statuses(
+    g: &lock_core::LockGuard,
+) -> tokio::task::JoinHandle<Vec<(Instant, lock_core::LockStatus)>> {
+    let mut watch = g.watch();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while watch.changed().await.is_ok() {
+            let s = watch.borrow_and_update().clone();
+            let done = matches!(
+                s,
+                lock_core::LockStatus::Lost(_) | lock_core::LockStatus::Released
+            );
+            seen.push((Instant::now(), s));
+            if done {
+                break;
+            }
+        }
+        seen
+    })
+}
+
 /// The in-memory backend as a target (cut = the simulated disconnect).
 pub fn memory_target() -> Target {
     let store = lock_core::memory::MemoryStore::new();

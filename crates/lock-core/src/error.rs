@@ -124,6 +124,16 @@ impl LockError {
         }
     }
 
+    /// What session backends (the lock lives as long as a session or connection) answer
+    /// to `renew`: there is no lease to extend.
+    pub fn no_lease_to_extend(backend: &'static str) -> Self {
+        Self::Unsupported {
+            backend,
+            what: "renewal: the lock lives as long as its session; there is no lease to extend"
+                .into(),
+        }
+    }
+
     /// A [`LockError::Backend`] from any error.
     pub fn backend(
         backend: &'static str,

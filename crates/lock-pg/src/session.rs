@@ -363,11 +363,7 @@ impl LockBackend for PgSessionBackend {
                 key: lease.key.to_string(),
             });
         }
-        Err(LockError::Unsupported {
-            backend: self.name(),
-            what: "renewal: the lock lives as long as its connection; there is no lease to extend"
-                .into(),
-        })
+        Err(LockError::no_lease_to_extend(self.name()))
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {

@@ -1,0 +1,690 @@
+//! The ZooKeeper lock backend.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lock_core::{
+    AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef,
+    LockBackend, LockError, LockInfo, LockKey, LossReason, ReleaseOutcome, SessionHealth,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use zookeeper_client as zk;
+
+use crate::config::{ZkAcl, ZkConfig};
+use crate::path::{escape_key, lease_of, node_prefix, sequence_of};
+
+pub(crate) const NAME: &str = "zk";
+
+fn map_err(e: zk::Error) -> LockError {
+    match e {
+        zk::Error::NoAuth | zk::Error::AuthFailed => {
+            LockError::InvalidConfig(format!("ZooKeeper refused access: {e}"))
+        }
+        zk::Error::InvalidAcl | zk::Error::BadArguments(_) => {
+            LockError::InvalidConfig(format!("ZooKeeper rejected the request: {e}"))
+        }
+        zk::Error::ConnectionLoss
+        | zk::Error::Timeout
+        | zk::Error::NoHosts
+        | zk::Error::SessionExpired
+        | zk::Error::SessionMoved
+        | zk::Error::ClientClosed
+        | zk::Error::Throttled
+        | zk::Error::NotReadOnly => LockError::backend(NAME, true, e),
+        other => LockError::backend(NAME, false, other),
+    }
+}
+
+/// One ZooKeeper session. Never reused once it ended or was declared lost.
+#[derive(Debug)]
+struct Session {
+    client: Mutex<Option<zk::Client>>,
+    id: i64,
+    timeout: Duration,
+    dead: AtomicBool,
+}
+
+impl Session {
+    fn client(&self) -> Result<zk::Client, LockError> {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| LockError::backend(NAME, true, "the ZooKeeper session was closed"))
+    }
+
+    fn usable(&self) -> bool {
+        if self.dead.load(Ordering::Acquire) {
+            return false;
+        }
+        match self
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(c) => !matches!(
+                c.state(),
+                zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed
+            ),
+            None => false,
+        }
+    }
+
+    /// Gives the session up: it is closed (or, if the server cannot be reached, expires
+    /// there), which removes every ephemeral node it owns.
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        drop(self.client.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
+#[derive(Debug)]
+struct Held {
+    session: Arc<Session>,
+    path: String,
+    monitor: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: ZkConfig,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    held: Mutex<HashMap<LeaseId, Held>>,
+    wakeups: AtomicU64,
+}
+
+/// A lock backend on ZooKeeper (the Curator recipe: ephemeral sequential nodes, each
+/// waiter watching only its predecessor).
+///
+/// The session is the lease: a lock lives while its session does. When the connection
+/// drops, the guard turns `Uncertain`; if it comes back in time and the lock node is still
+/// there (owned by this session), `Held` again; if not, or if the session is disconnected
+/// for half the negotiated session timeout (the client library notices a silent connection
+/// after 2/5 of it, so that is 9/10 of the timeout after the last answer, before the server
+/// can expire the session), `Lost`. A session declared lost is closed and never reused.
+#[derive(Clone, Debug)]
+pub struct ZkBackend {
+    inner: Arc<Inner>,
+}
+
+/// Deletes a lock node if the acquire that created it does not finish (cancelled, timed
+/// out, failed).
+struct NodeGuard {
+    session: Arc<Session>,
+    path: Option<String>,
+}
+
+impl NodeGuard {
+    fn disarm(mut self) -> Option<String> {
+        self.path.take()
+    }
+}
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        if let (Some(path), Ok(client), Ok(rt)) = (
+            self.path.take(),
+            self.session.client(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), client.delete(&path, None)).await;
+            });
+        }
+    }
+}
+
+impl ZkBackend {
+    /// Connects to `connect` (`host:port[,host:port...][/chroot]`) with default settings.
+    pub async fn connect(connect: &str) -> Result<Self, LockError> {
+        Self::connect_with(ZkConfig::new(connect)).await
+    }
+
+    /// Connects with explicit settings (opens the session, creates the root path).
+    pub async fn connect_with(cfg: ZkConfig) -> Result<Self, LockError> {
+        cfg.validate()?;
+        let me = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                session: tokio::sync::Mutex::new(None),
+                held: Mutex::new(HashMap::new()),
+                wakeups: AtomicU64::new(0),
+            }),
+        };
+        let s = me.session().await?;
+        let client = s.client()?;
+        let opts = me.dir_options();
+        me.bounded("create root", client.mkdir(&me.inner.cfg.root, &opts))
+            .await
+            .map_err(|e| match e {
+                LockError::Backend { .. } if me.inner.cfg.connect.contains('/') => {
+                    LockError::InvalidConfig(format!(
+                        "cannot create {} under the chroot of {:?} (does the chroot exist?): {e}",
+                        me.inner.cfg.root, me.inner.cfg.connect
+                    ))
+                }
+                other => other,
+            })?;
+        Ok(me)
+    }
+
+    /// How many times a waiter was woken by its predecessor's watch (for the herd check:
+    /// one per release).
+    pub fn watch_wakeups(&self) -> u64 {
+        self.inner.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// The negotiated session timeout of the current session.
+    pub async fn session_timeout(&self) -> Result<Duration, LockError> {
+        Ok(self.session().await?.timeout)
+    }
+
+    /// The current session id.
+    pub async fn session_id(&self) -> Result<i64, LockError> {
+        Ok(self.session().await?.id)
+    }
+
+    /// The parent node of `key`'s lock nodes.
+    pub fn key_path(&self, key: &LockKey) -> String {
+        format!("{}/{}", self.inner.cfg.root, escape_key(key.as_str()))
+    }
+
+    fn acls(&self) -> zk::Acls<'static> {
+        match self.inner.cfg.acl {
+            ZkAcl::Open => zk::Acls::anyone_all(),
+            ZkAcl::CreatorAll => zk::Acls::creator_all(),
+        }
+    }
+
+    fn dir_options(&self) -> zk::CreateOptions<'static> {
+        zk::CreateMode::Persistent.with_acls(self.acls())
+    }
+
+    /// Runs a request bounded by the operation timeout; the outer error is the timeout,
+    /// the inner result is ZooKeeper's answer.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, zk::Error>>,
+    ) -> Result<Result<T, zk::Error>, LockError> {
+        let t = self.inner.cfg.op_timeout;
+        tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| LockError::OperationTimeout {
+                backend: NAME,
+                op,
+                after: t,
+            })
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = Result<T, zk::Error>>,
+    ) -> Result<T, LockError> {
+        self.timed(op, f).await?.map_err(map_err)
+    }
+
+    /// The current session, or a new one if it ended or was declared lost.
+    async fn session(&self) -> Result<Arc<Session>, LockError> {
+        let mut cur = self.inner.session.lock().await;
+        if let Some(s) = cur.as_ref().filter(|s| s.usable()) {
+            return Ok(s.clone());
+        }
+        let cfg = &self.inner.cfg;
+        // The library's own heartbeat: it pings after 3/20 of the session timeout of
+        // silence and reports Disconnected after 2/5 of it without an answer.
+        let mut connector = zk::Client::connector().with_session_timeout(cfg.session_timeout);
+        if let Some(d) = &cfg.digest {
+            connector = connector.with_auth("digest", d.as_bytes());
+        }
+        let client =
+            match tokio::time::timeout(cfg.op_timeout, connector.connect(&cfg.connect)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(map_err(e)),
+                Err(_) => {
+                    return Err(LockError::OperationTimeout {
+                        backend: NAME,
+                        op: "connect",
+                        after: cfg.op_timeout,
+                    })
+                }
+            };
+        let s = Arc::new(Session {
+            id: client.session_id().0,
+            timeout: client.session_timeout(),
+            client: Mutex::new(Some(client)),
+            dead: AtomicBool::new(false),
+        });
+        *cur = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Lists the lock nodes under `parent`, in queue order. `None` if the parent is gone.
+    async fn queue(
+        &self,
+        client: &zk::Client,
+        parent: &str,
+    ) -> Result<Option<Vec<(u64, String)>>, LockError> {
+        match self.timed("list", client.list_children(parent)).await? {
+            Ok(children) => {
+                let mut q: Vec<(u64, String)> = children
+                    .into_iter()
+                    .filter_map(|n| sequence_of(&n).map(|s| (s, n)))
+                    .collect();
+                q.sort();
+                Ok(Some(q))
+            }
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Finds the lock node of `lease` under `parent`.
+    async fn find_node(
+        &self,
+        client: &zk::Client,
+        parent: &str,
+        lease: &str,
+    ) -> Result<Option<String>, LockError> {
+        let prefix = node_prefix(lease);
+        Ok(self.queue(client, parent).await?.and_then(|q| {
+            q.into_iter()
+                .find(|(_, n)| n.starts_with(&prefix))
+                .map(|(_, n)| format!("{parent}/{n}"))
+        }))
+    }
+
+    /// Creates this request's lock node (and the key's container parent), surviving a
+    /// connection loss during create by finding the node by its lease id. Returns the
+    /// node's path and its czxid.
+    async fn create_node(
+        &self,
+        client: &zk::Client,
+        req: &AcquireRequest,
+    ) -> Result<(String, i64), LockError> {
+        let parent = self.key_path(&req.key);
+        let path = format!("{parent}/{}", node_prefix(req.lease_id.as_str()));
+        let data = format!("{}\n{}", req.lease_id, req.meta.encode());
+        let acls = self.acls();
+        let node_opts = zk::CreateMode::EphemeralSequential.with_acls(acls);
+        let parent_opts = zk::CreateMode::Container.with_acls(acls);
+        let mut last = String::new();
+        for _ in 0..8 {
+            let res = self
+                .timed("create", client.create(&path, data.as_bytes(), &node_opts))
+                .await;
+            match res {
+                Ok(Ok((stat, seq))) => return Ok((format!("{path}{seq}"), stat.czxid)),
+                Ok(Err(zk::Error::NoNode)) => {
+                    // The key's parent does not exist (first use, or the server removed the
+                    // empty container): create it and try again.
+                    match self
+                        .timed("create parent", client.create(&parent, &[], &parent_opts))
+                        .await?
+                    {
+                        Ok(_) | Err(zk::Error::NodeExists) => {}
+                        Err(zk::Error::NoNode) => {
+                            self.bounded(
+                                "create root",
+                                client.mkdir(&self.inner.cfg.root, &self.dir_options()),
+                            )
+                            .await?
+                        }
+                        Err(e) => return Err(map_err(e)),
+                    }
+                    last = "the key's parent node kept disappearing".into();
+                }
+                Ok(Err(zk::Error::ConnectionLoss)) | Err(LockError::OperationTimeout { .. }) => {
+                    // The create may have been applied: look for our node by lease id
+                    // before creating another.
+                    if let Some(full) = self
+                        .find_node(client, &parent, req.lease_id.as_str())
+                        .await?
+                    {
+                        match self.timed("stat", client.check_stat(&full)).await? {
+                            Ok(Some(stat)) => return Ok((full, stat.czxid)),
+                            Ok(None) => {}
+                            Err(e) => return Err(map_err(e)),
+                        }
+                    }
+                    last = "the connection was lost during create".into();
+                }
+                Ok(Err(e)) => return Err(map_err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(LockError::backend(
+            NAME,
+            true,
+            format!("could not create the lock node: {last}"),
+        ))
+    }
+}
+
+impl ZkBackend {
+    /// One acquire: `wait` None = try once; Some(deadline) = queue and wait.
+    async fn attempt(
+        &self,
+        req: &AcquireRequest,
+        wait: Option<Option<Instant>>,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let session = self.session().await?;
+        let client = session.client()?;
+        let parent = self.key_path(&req.key);
+        if wait.is_none() {
+            // A try on a key with a queue cannot win: answer without writing.
+            if self
+                .queue(&client, &parent)
+                .await?
+                .is_some_and(|q| !q.is_empty())
+            {
+                return Err(LockError::Contended {
+                    key: req.key.to_string(),
+                });
+            }
+        }
+        let (path, czxid) = self.create_node(&client, req).await?;
+        let guard = NodeGuard {
+            session: session.clone(),
+            path: Some(path.clone()),
+        };
+        let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        loop {
+            let queue = self.queue(&client, &parent).await?.unwrap_or_default();
+            let Some(pos) = queue.iter().position(|(_, n)| *n == name) else {
+                // Our node is gone: the session expired while we waited.
+                return Err(LockError::backend(
+                    NAME,
+                    true,
+                    "the lock node disappeared while waiting (session expired?)",
+                ));
+            };
+            if pos == 0 {
+                let path = guard.disarm().unwrap_or(path);
+                let token = u64::try_from(czxid)
+                    .map_err(|_| LockError::Protocol(format!("negative czxid {czxid}")))?;
+                return Ok(self.hold(
+                    req.lease_id.clone(),
+                    session,
+                    path,
+                    FencingToken::new(token),
+                ));
+            }
+            let Some(deadline) = wait else {
+                // A try that found a queue after all: give the node back now.
+                let p = guard.disarm().unwrap_or_default();
+                let _ = self.timed("delete", client.delete(&p, None)).await;
+                return Err(LockError::Contended {
+                    key: req.key.to_string(),
+                });
+            };
+            // Watch only the predecessor (no herd); FIFO by sequence.
+            let pred = format!("{parent}/{}", queue[pos - 1].1);
+            let watcher = match self
+                .timed("watch", client.check_and_watch_stat(&pred))
+                .await?
+            {
+                Ok((Some(_), w)) => w,
+                Ok((None, _)) => continue,
+                Err(e) => return Err(map_err(e)),
+            };
+            let timeout = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = watcher.changed() => {
+                    if ev.event_type == zk::EventType::Session {
+                        return Err(LockError::backend(
+                            NAME,
+                            true,
+                            format!("the session ended while waiting ({:?})", ev.session_state),
+                        ));
+                    }
+                    self.inner.wakeups.fetch_add(1, Ordering::Relaxed);
+                }
+                () = timeout => {
+                    // Give the queue place back before reporting the timeout.
+                    let p = guard.disarm().unwrap_or_default();
+                    match self.timed("delete", client.delete(&p, None)).await {
+                        Ok(Ok(()) | Err(zk::Error::NoNode)) => {}
+                        _ => {
+                            // Could not confirm: the node may still be there. Hand it to
+                            // a background delete and report an unknown outcome.
+                            drop(NodeGuard { session: session.clone(), path: Some(p) });
+                            return Err(LockError::backend(NAME, true, "could not remove the queue node after the wait timed out"));
+                        }
+                    }
+                    return Err(LockError::Timeout {
+                        key: req.key.to_string(),
+                        waited: started.elapsed(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn hold(
+        &self,
+        lease: LeaseId,
+        session: Arc<Session>,
+        path: String,
+        token: FencingToken,
+    ) -> Grant {
+        let (tx, rx) = watch::channel(SessionHealth::Alive);
+        let monitor = tokio::spawn(monitor(
+            session.clone(),
+            path.clone(),
+            tx,
+            self.inner.cfg.op_timeout,
+        ));
+        self.held().insert(
+            lease,
+            Held {
+                session,
+                path,
+                monitor,
+            },
+        );
+        Grant::session(token, rx)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseId, Held>> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Mirrors the session and the lock node into the lock's health.
+async fn monitor(
+    session: Arc<Session>,
+    path: String,
+    tx: watch::Sender<SessionHealth>,
+    op: Duration,
+) {
+    let ended = |r: String| SessionHealth::Ended(LossReason::SessionEnded(r));
+    let Ok(client) = session.client() else {
+        tx.send_replace(ended("the session was closed".into()));
+        return;
+    };
+    let mut states = client.state_watcher();
+    // Half the session timeout after the library reports Disconnected (which it does 2/5 of
+    // the timeout after the last answer): 9/10 of the timeout, before the server can expire
+    // the session and grant the lock to the next waiter.
+    let grace = session.timeout / 2;
+    let mut disconnected: Option<Instant> = None;
+    let node_watch = |c: zk::Client, p: String| async move {
+        match c.check_and_watch_stat(&p).await {
+            Ok((Some(_), w)) => Some(w.changed().await),
+            Ok((None, _)) => None,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let mut node = Box::pin(node_watch(client.clone(), path.clone()));
+    let outcome = loop {
+        let lost_at = disconnected.map(|d| d + grace);
+        let give_up = async {
+            match lost_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            st = states.changed() => match st {
+                zk::SessionState::Disconnected => {
+                    disconnected.get_or_insert_with(Instant::now);
+                    tx.send_replace(SessionHealth::Suspended);
+                }
+                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                    // Back in time: the node must still be ours.
+                    match tokio::time::timeout(op, client.check_stat(&path)).await {
+                        Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.id => {
+                            disconnected = None;
+                            tx.send_replace(SessionHealth::Alive);
+                        }
+                        Ok(Ok(_)) => break SessionHealth::Ended(LossReason::NotHeld),
+                        // Unanswered: stay suspended; the grace timer still runs.
+                        _ => {}
+                    }
+                }
+                zk::SessionState::Expired => break ended("the ZooKeeper session expired".into()),
+                zk::SessionState::Closed => break ended("the ZooKeeper client was closed".into()),
+                zk::SessionState::AuthFailed => break ended("ZooKeeper authentication failed".into()),
+            },
+            ev = &mut node => match ev {
+                Some(ev) if ev.event_type == zk::EventType::NodeDeleted => {
+                    break SessionHealth::Ended(LossReason::NotHeld)
+                }
+                Some(ev) if ev.event_type == zk::EventType::Session => {
+                    // Session-level news arrives on the state watcher too.
+                    node = Box::pin(node_watch(client.clone(), path.clone()));
+                    let _ = ev;
+                }
+                Some(_) => node = Box::pin(node_watch(client.clone(), path.clone())),
+                None => break SessionHealth::Ended(LossReason::NotHeld),
+            },
+            () = give_up => {
+                // Declared lost: close the session so that it cannot come back holding a
+                // lock its owner gave up on.
+                session.kill();
+                break ended(format!(
+                    "disconnected for {grace:?} (session timeout {:?}): the server may expire the session",
+                    session.timeout
+                ));
+            }
+        }
+    };
+    tx.send_replace(outcome);
+}
+
+#[async_trait]
+impl LockBackend for ZkBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(LeaseKind::Session)
+            .fair(true)
+            .notify_waits(true)
+    }
+
+    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        self.attempt(req, None).await
+    }
+
+    async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        self.attempt(req, Some(deadline)).await
+    }
+
+    async fn renew(&self, lease: &LeaseRef, _ttl: Duration) -> Result<Instant, LockError> {
+        if !self.held().contains_key(&lease.lease_id) {
+            return Err(LockError::NotHeld {
+                key: lease.key.to_string(),
+            });
+        }
+        Err(LockError::no_lease_to_extend(NAME))
+    }
+
+    async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
+        let held = self.held().remove(&lease.lease_id);
+        let (client, path) = match held {
+            Some(h) => {
+                h.monitor.abort();
+                match h.session.client() {
+                    Ok(c) => (c, Some(h.path)),
+                    // The session was given up: its nodes are gone or going.
+                    Err(_) => return Ok(ReleaseOutcome::NotHeld),
+                }
+            }
+            None => {
+                // Not held here: clean up after an abandoned acquire by lease id.
+                let client = self.session().await?.client()?;
+                let parent = self.key_path(&lease.key);
+                match self
+                    .find_node(&client, &parent, lease.lease_id.as_str())
+                    .await?
+                {
+                    Some(p) => (client, Some(p)),
+                    None => return Ok(ReleaseOutcome::NotHeld),
+                }
+            }
+        };
+        let Some(path) = path else {
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        match self.timed("delete", client.delete(&path, None)).await? {
+            Ok(()) => Ok(ReleaseOutcome::Released),
+            Err(zk::Error::NoNode) => Ok(ReleaseOutcome::NotHeld),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        let client = self.session().await?.client()?;
+        let parent = self.key_path(key);
+        for _ in 0..3 {
+            let Some(queue) = self.queue(&client, &parent).await? else {
+                return Ok(None);
+            };
+            let Some((_, first)) = queue.first() else {
+                return Ok(None);
+            };
+            let path = format!("{parent}/{first}");
+            let (data, stat) = match self.timed("get", client.get_data(&path)).await? {
+                Ok(r) => r,
+                // The holder released in between: look again.
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(map_err(e)),
+            };
+            let text = String::from_utf8_lossy(&data);
+            let (lease, meta) = text.split_once('\n').unwrap_or((&text, ""));
+            let lease = match LeaseId::parse(lease) {
+                Ok(l) => l,
+                Err(_) => LeaseId::parse(lease_of(first).unwrap_or_default())?,
+            };
+            let token = u64::try_from(stat.czxid)
+                .map_err(|_| LockError::Protocol(format!("negative czxid {}", stat.czxid)))?;
+            return Ok(Some(
+                LockInfo::new(lease, FencingToken::new(token), HolderMeta::decode(meta))
+                    .waiters(Some(queue.len() - 1)),
+            ));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,467 @@
+//! ZooKeeper checks that need control of the servers or the connection: leader loss,
+//! partitions shorter and longer than the session timeout, a lost create reply, the herd.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_conformance::proxy::Proxy;
+use lock_conformance::{CaseResult, Outcome};
+use lock_core::{LockClient, LockError, LockKey, LockOptions, LockStatus, WaitPolicy};
+use lock_zk::ZkBackend;
+use tokio::time::{sleep, Instant};
+
+use crate::check;
+use crate::servers::ZooKeeper;
+use crate::targets::{addr_of, zk_config, ZK_SESSION};
+
+type Res<T> = Result<T, String>;
+
+fn e2s(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn opts() -> LockOptions {
+    LockOptions::default().wait(WaitPolicy::Timeout(Duration::from_secs(20)))
+}
+
+async fn backend(connect: &str) -> Res<ZkBackend> {
+    ZkBackend::connect_with(zk_config(connect))
+        .await
+        .map_err(e2s)
+}
+
+/// A backend whose every connection goes through proxies (one per member).
+async fn proxied(connect: &str) -> Res<(ZkBackend, Vec<Proxy>)> {
+    let mut proxies = Vec::new();
+    for a in connect.split(',') {
+        let addr = addr_of(&format!("tcp://{a}"))?;
+        proxies.push(Proxy::start(addr).await.map_err(e2s)?);
+    }
+    let via = proxies
+        .iter()
+        .map(|p| p.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let b = ZkBackend::connect_with(zk_config(&via).op_timeout(Duration::from_millis(800)))
+        .await
+        .map_err(e2s)?;
+    Ok((b, proxies))
+}
+
+fn key(tag: &str) -> String {
+    format!("{tag}-{:08x}", rand::random::<u32>())
+}
+
+use lock_conformance::record_statuses as record;
+
+/// Runs every ZooKeeper-specific check against `zk` (None: servers given by the
+/// environment, so the checks that need control of the servers are skipped).
+pub async fn run(zk: Option<ZooKeeper>) -> Vec<CaseResult> {
+    let Some(mut zk) = zk else {
+        let r = CaseResult {
+            target: "zk".into(),
+            case: "server_control_checks".into(),
+            outcome: Outcome::Skipped {
+                reason: "need servers this run started (LOCK_ZK_ADDR given)".into(),
+            },
+            millis: 0,
+        };
+        lock_conformance::print_result(&r);
+        return vec![r];
+    };
+    let connect = zk.connect_string();
+    let name = if zk.ports.len() == 1 {
+        "zk"
+    } else {
+        "zk-ensemble3"
+    };
+    let mut out = vec![
+        check(
+            name,
+            "partition_shorter_than_session_uncertain_then_held",
+            short_partition(&connect),
+        )
+        .await,
+        check(
+            name,
+            "partition_longer_than_session_lost_before_next_grant",
+            long_partition(&connect),
+        )
+        .await,
+        check(
+            name,
+            "lost_create_reply_leaves_one_node",
+            lost_create_reply(&connect),
+        )
+        .await,
+        check(
+            name,
+            "each_release_fires_exactly_one_of_64_watches",
+            herd(&connect),
+        )
+        .await,
+        check(
+            name,
+            "client_library_closes_session_on_drop",
+            drop_closes(&connect),
+        )
+        .await,
+        check(
+            name,
+            "client_library_rearms_watches_after_reconnect",
+            watch_rearmed(&connect),
+        )
+        .await,
+    ];
+    if zk.ports.len() > 1 {
+        out.push(
+            check(
+                name,
+                "leader_killed_while_held_no_double_grant",
+                leader_killed(&mut zk),
+            )
+            .await,
+        );
+    }
+    drop(zk);
+    out
+}
+
+async fn short_partition(connect: &str) -> Res<String> {
+    let (a, proxies) = proxied(connect).await?;
+    let b = LockClient::new(backend(connect).await?).with_options(opts());
+    let a = LockClient::new(a).with_options(opts());
+    let k = key("short");
+    let g = a.acquire(&k).await.map_err(e2s)?;
+    let seen = record(&g);
+    // Long enough for the client to notice (2/5 of the session timeout), short enough to
+    // come back before it gives up (9/10).
+    let cut_for = ZK_SESSION * 3 / 5;
+    for p in &proxies {
+        p.set_cut(true);
+    }
+    sleep(cut_for).await;
+    let during = g.status();
+    let contended = matches!(b.try_acquire(&k).await, Err(LockError::Contended { .. }));
+    for p in &proxies {
+        p.set_cut(false);
+    }
+    // Wait for Held again.
+    let t = Instant::now();
+    while g.status() != LockStatus::Held && t.elapsed() < ZK_SESSION * 2 {
+        sleep(Duration::from_millis(50)).await;
+    }
+    let after = g.status();
+    let still_contended = matches!(b.try_acquire(&k).await, Err(LockError::Contended { .. }));
+    g.release().await.map_err(e2s)?;
+    let seen: Vec<LockStatus> = seen
+        .await
+        .map_err(e2s)?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    if during != LockStatus::Uncertain || after != LockStatus::Held {
+        return Err(format!(
+            "status during the cut {during:?}, after {after:?}; seen {seen:?}"
+        ));
+    }
+    if !contended || !still_contended {
+        return Err("another client could take the key while the holder's session lived".into());
+    }
+    Ok(format!("cut {} ms: {seen:?}", cut_for.as_millis()))
+}
+
+async fn long_partition(connect: &str) -> Res<String> {
+    let (a, proxies) = proxied(connect).await?;
+    let b = LockClient::new(backend(connect).await?).with_options(opts());
+    let a = LockClient::new(a).with_options(opts());
+    let k = key("long");
+    let g = a.acquire(&k).await.map_err(e2s)?;
+    let seen = record(&g);
+    let waiter = {
+        let (b, k) = (b.clone(), k.clone());
+        tokio::spawn(async move {
+            let g = b.acquire(&k).await?;
+            let at = Instant::now();
+            Ok::<_, LockError>((g, at))
+        })
+    };
+    sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    for p in &proxies {
+        p.set_cut(true);
+    }
+    let (g2, granted_at) = waiter.await.map_err(e2s)?.map_err(e2s)?;
+    for p in &proxies {
+        p.set_cut(false);
+    }
+    let seen = seen.await.map_err(e2s)?;
+    let lost_at = seen
+        .iter()
+        .find(|(_, s)| matches!(s, LockStatus::Lost(_)))
+        .map(|(at, _)| *at)
+        .ok_or(format!("holder never reported Lost: {seen:?}"))?;
+    let uncertain = seen.iter().any(|(_, s)| *s == LockStatus::Uncertain);
+    g2.release().await.map_err(e2s)?;
+    drop(g);
+    if !uncertain || lost_at >= granted_at {
+        return Err(format!(
+            "Uncertain seen: {uncertain}; Lost at +{} ms, next grant at +{} ms",
+            (lost_at - t).as_millis(),
+            (granted_at - t).as_millis()
+        ));
+    }
+    Ok(format!(
+        "Uncertain, Lost at +{} ms, next holder granted at +{} ms (session {} ms)",
+        (lost_at - t).as_millis(),
+        (granted_at - t).as_millis(),
+        ZK_SESSION.as_millis()
+    ))
+}
+
+async fn lost_create_reply(connect: &str) -> Res<String> {
+    let (a, proxies) = proxied(connect).await?;
+    let observer = backend(connect).await?;
+    let k = key("create");
+    let parent = observer.key_path(&LockKey::new(&*k).map_err(e2s)?);
+    let client = LockClient::new(a).with_options(opts());
+    // Create the key's parent first, so that the create under test succeeds on the server.
+    client
+        .acquire(&k)
+        .await
+        .map_err(e2s)?
+        .release()
+        .await
+        .map_err(e2s)?;
+    for p in &proxies {
+        p.set_drop_replies(true);
+    }
+    let acquiring = {
+        let (c, k) = (client.clone(), k.clone());
+        tokio::spawn(async move { c.acquire(&k).await })
+    };
+    // The create reaches the server; its reply is thrown away. Then the connection breaks
+    // and the client reconnects (same session).
+    sleep(Duration::from_millis(400)).await;
+    let lost: u64 = proxies.iter().map(Proxy::dropped_reply_bytes).sum();
+    for p in &proxies {
+        p.set_drop_replies(false);
+        p.reset_all();
+    }
+    // A create reply carries the path and a stat (over 100 bytes); a bare error or ping
+    // reply is 20.
+    if lost < 100 {
+        return Err(format!(
+            "only {lost} reply bytes dropped: the create's reply was not among them"
+        ));
+    }
+    let g = acquiring
+        .await
+        .map_err(e2s)?
+        .map_err(|e| format!("acquire: {e}"))?;
+    let zk = observer_client(connect).await?;
+    let nodes = zk.list_children(&parent).await.map_err(e2s)?;
+    g.release().await.map_err(e2s)?;
+    let after = zk.list_children(&parent).await.unwrap_or_default();
+    if nodes.len() != 1 || !after.is_empty() {
+        return Err(format!(
+            "nodes while held {nodes:?}, after release {after:?}"
+        ));
+    }
+    Ok(format!(
+        "{lost} reply bytes dropped; one node ({}) held; none after release",
+        nodes[0]
+    ))
+}
+
+async fn observer_client(connect: &str) -> Res<lock_zk::zookeeper_client::Client> {
+    lock_zk::zookeeper_client::Client::connect(connect)
+        .await
+        .map_err(e2s)
+}
+
+async fn herd(connect: &str) -> Res<String> {
+    const WAITERS: usize = 64;
+    let b = backend(connect).await?;
+    let c = LockClient::new(b.clone())
+        .with_options(opts().wait(WaitPolicy::Timeout(Duration::from_secs(60))));
+    let k = key("herd");
+    let holder = c.acquire(&k).await.map_err(e2s)?;
+    let mut tasks = Vec::new();
+    for _ in 0..WAITERS {
+        let (c, k) = (c.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = c.acquire(&k).await?;
+            sleep(Duration::from_millis(2)).await;
+            g.release().await?;
+            Ok::<_, LockError>(())
+        }));
+    }
+    let t = Instant::now();
+    loop {
+        let n = c
+            .inspect(&k)
+            .await
+            .map_err(e2s)?
+            .and_then(|i| i.waiters)
+            .unwrap_or(0);
+        if n == WAITERS {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(format!("only {n} of {WAITERS} waiters queued"));
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    let before = b.watch_wakeups();
+    holder.release().await.map_err(e2s)?;
+    for t in tasks {
+        t.await.map_err(e2s)?.map_err(e2s)?;
+    }
+    let fired = b.watch_wakeups() - before;
+    if fired != WAITERS as u64 {
+        return Err(format!("{fired} watch wake-ups for {WAITERS} releases"));
+    }
+    Ok(format!("{WAITERS} releases fired {fired} watches"))
+}
+
+async fn leader_killed(zk: &mut ZooKeeper) -> Res<String> {
+    let connect = zk.connect_string();
+    let a = LockClient::new(backend(&connect).await?).with_options(opts());
+    let b = LockClient::new(backend(&connect).await?)
+        .with_options(opts().wait(WaitPolicy::Timeout(Duration::from_secs(30))));
+    let k = key("leader");
+    let g = a.acquire(&k).await.map_err(e2s)?;
+    let token = g.token();
+    let holder = Arc::new(g);
+    let seen = record(&holder);
+    let waiter = {
+        let (b, k) = (b.clone(), k.clone());
+        tokio::spawn(async move {
+            let r = b.acquire(&k).await;
+            (r, Instant::now())
+        })
+    };
+    sleep(Duration::from_millis(300)).await;
+    let leader = zk.leader().ok_or("no leader found")?;
+    let t = Instant::now();
+    tokio::task::block_in_place(|| zk.kill_member(leader));
+    // Give the ensemble time to elect and the holder's session to move.
+    sleep(ZK_SESSION * 2).await;
+    let status = holder.status();
+    let outcome = match status {
+        LockStatus::Held => {
+            // The session survived the election: the waiter must still be waiting.
+            if waiter.is_finished() {
+                return Err("the waiter was granted while the holder still held".into());
+            }
+            let g = Arc::try_unwrap(holder).map_err(|_| "guard shared")?;
+            g.release().await.map_err(e2s)?;
+            let (r, _) = waiter.await.map_err(e2s)?;
+            let g2 = r.map_err(|e| format!("waiter after release: {e}"))?;
+            if g2.token() <= token {
+                return Err(format!("token {token} -> {}", g2.token()));
+            }
+            let t2 = g2.token();
+            g2.release().await.map_err(e2s)?;
+            format!("session survived the election; waiter granted after release, token {token} -> {t2}")
+        }
+        LockStatus::Lost(_) => {
+            let (r, granted_at) = waiter.await.map_err(e2s)?;
+            let g2 = r.map_err(|e| format!("waiter: {e}"))?;
+            let seen = seen.await.map_err(e2s)?;
+            let lost_at = seen
+                .iter()
+                .find(|(_, s)| matches!(s, LockStatus::Lost(_)))
+                .map(|(at, _)| *at)
+                .ok_or("no Lost recorded")?;
+            if lost_at >= granted_at {
+                return Err("the waiter was granted before the holder reported Lost".into());
+            }
+            g2.release().await.map_err(e2s)?;
+            format!(
+                "holder reported Lost at +{} ms, waiter granted after it",
+                (lost_at - t).as_millis()
+            )
+        }
+        other => {
+            return Err(format!(
+                "holder {other:?} {:?} after the election",
+                t.elapsed()
+            ))
+        }
+    };
+    Ok(format!("leader (member {}) killed: {outcome}", leader + 1))
+}
+
+/// The client library choice rests on this (docs/decisions/0001-zookeeper-client.md):
+/// dropping the last client handle closes the session, so its ephemeral nodes go at once,
+/// not a session timeout later.
+async fn drop_closes(connect: &str) -> Res<String> {
+    use lock_zk::zookeeper_client as zk;
+    let observer = observer_client(connect).await?;
+    let path = format!("/drop-{:08x}", rand::random::<u32>());
+    let c = observer_client(connect).await?;
+    c.create(
+        &path,
+        b"x",
+        &zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()),
+    )
+    .await
+    .map_err(e2s)?;
+    let t = Instant::now();
+    drop(c);
+    while observer.check_stat(&path).await.map_err(e2s)?.is_some() {
+        if t.elapsed() > ZK_SESSION {
+            return Err("the ephemeral node outlived the dropped client".into());
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    Ok(format!(
+        "ephemeral node gone {} ms after drop",
+        t.elapsed().as_millis()
+    ))
+}
+
+/// And on this: a watch set before a reconnect still fires after it.
+async fn watch_rearmed(connect: &str) -> Res<String> {
+    use lock_zk::zookeeper_client as zk;
+    let (_b, proxies) = proxied(connect).await?;
+    let via = proxies
+        .iter()
+        .map(|p| p.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let watcher_client = zk::Client::connector()
+        .with_session_timeout(ZK_SESSION)
+        .connect(&via)
+        .await
+        .map_err(e2s)?;
+    let observer = observer_client(connect).await?;
+    let path = format!("/watch-{:08x}", rand::random::<u32>());
+    observer
+        .create(
+            &path,
+            b"x",
+            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+        )
+        .await
+        .map_err(e2s)?;
+    let (_, w) = watcher_client
+        .check_and_watch_stat(&path)
+        .await
+        .map_err(e2s)?;
+    // Break the watcher's connection; it reconnects (same session).
+    for p in &proxies {
+        p.reset_all();
+    }
+    sleep(Duration::from_millis(500)).await;
+    observer.delete(&path, None).await.map_err(e2s)?;
+    let ev = tokio::time::timeout(ZK_SESSION, w.changed())
+        .await
+        .map_err(|_| "the watch did not fire after the reconnect")?;
+    if ev.event_type != zk::EventType::NodeDeleted {
+        return Err(format!("watch fired with {ev:?}"));
+    }
+    Ok("watch set before the reconnect fired NodeDeleted after it".into())
+}
