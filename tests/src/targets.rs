@@ -6,6 +6,7 @@ use std::sync::Arc;
 use lock_conformance::proxy::Proxy;
 use lock_conformance::{Cut, Target};
 use lock_core::{LockBackend, LockError};
+use lock_mongo::{MongoBackend, MongoConfig};
 use lock_pg::{PgConfig, PgLocks};
 use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
 use lock_zk::{ZkBackend, ZkConfig};
@@ -229,6 +230,45 @@ pub fn zk(name: &str, connect: String) -> Result<Target, String> {
             let cfg = zk_config(&via).op_timeout(Duration::from_millis(800));
             let b: Arc<dyn LockBackend> = Arc::new(ZkBackend::connect_with(cfg).await?);
             let c: Arc<dyn Cut> = Arc::new(MultiCut(proxies));
+            Ok((b, c))
+        })
+    })))
+}
+
+/// MongoDB (a replica set for change streams, or a single server); every target gets its
+/// own collection.
+pub fn mongo(url: String) -> Result<Target, String> {
+    let addr = addr_of(&url)?;
+    let collection = format!("leases_{:08x}", rand::random::<u32>());
+    let (u1, c1) = (url.clone(), collection.clone());
+    Ok(Target::new(
+        "mongo",
+        Arc::new(move || {
+            let cfg = MongoConfig::new(u1.clone())
+                .collection(c1.clone())
+                .op_timeout(Duration::from_secs(2));
+            Box::pin(async move {
+                let b: Arc<dyn LockBackend> = Arc::new(MongoBackend::connect_with(cfg).await?);
+                Ok(b)
+            })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let (url, collection) = (url.clone(), collection.clone());
+        Box::pin(async move {
+            let proxy = Proxy::start(addr).await.map_err(proxy_err)?;
+            // directConnection: the driver must not discover the members' real addresses.
+            let via = with_addr(&url, proxy.addr()).map_err(LockError::InvalidConfig)?;
+            let via = if via.contains('?') {
+                format!("{via}&directConnection=true")
+            } else {
+                format!("{via}/?directConnection=true")
+            };
+            let cfg = MongoConfig::new(via)
+                .collection(collection)
+                .op_timeout(Duration::from_millis(800));
+            let b: Arc<dyn LockBackend> = Arc::new(MongoBackend::connect_with(cfg).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(vec![proxy]));
             Ok((b, c))
         })
     })))

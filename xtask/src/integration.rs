@@ -3,7 +3,7 @@
 
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
-use lock_tests::{pg_extra, redis_extra, targets, zk_extra};
+use lock_tests::{mongo_extra, pg_extra, redis_extra, targets, zk_extra};
 
 const BACKENDS: [&str; 6] = ["memory", "redis", "redlock", "zk", "pg", "mongo"];
 
@@ -69,7 +69,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
             "redlock" => redlock(via).await,
             "pg" => pg(via).await,
             "zk" => zk(via).await,
-            _ => mongo(via),
+            _ => mongo(via).await,
         };
         lines.push(line);
     }
@@ -324,11 +324,40 @@ async fn zk(via: Via) -> Line {
     }
 }
 
-fn mongo(via: Via) -> Line {
-    let names = lock_conformance::case_names();
-    let reason = match (via, env("LOCK_MONGO_URL")) {
-        (_, Some(_)) => "LOCK_MONGO_URL is set, but the lock-mongo backend has not landed yet".to_owned(),
-        _ => "no MongoDB server: install mongod, start Docker with the mongo image, or set LOCK_MONGO_URL (none can be obtained on this machine: not in Debian, PyPI or crates.io, and no image registry)".to_owned(),
+/// Why MongoDB is skipped on a machine like this one.
+const NO_MONGO: &str = "no MongoDB server: install mongod, run Docker with the mongo image (--via containers), or set LOCK_MONGO_URL; none can be obtained on this machine (not in Debian, PyPI or crates.io, and no image registry is reachable)";
+
+async fn mongo(via: Via) -> Line {
+    let mut names = lock_conformance::case_names();
+    names.extend(mongo_extra::CHECKS);
+    let url = match (via, env("LOCK_MONGO_URL")) {
+        (Via::Auto | Via::Env, Some(u)) => u,
+        (Via::Containers, _) => {
+            return skipped(
+                "mongo",
+                "containers",
+                &no_containers("LOCK_MONGO_URL"),
+                &names,
+            )
+        }
+        (Via::Env, None) => return skipped("mongo", "env", "LOCK_MONGO_URL is not set", &names),
+        _ if lock_tests::servers::have("mongod") => return skipped(
+            "mongo",
+            "local",
+            "mongod is installed but the local provider does not start it yet; set LOCK_MONGO_URL",
+            &names,
+        ),
+        _ => return skipped("mongo", "none", NO_MONGO, &names),
     };
-    skipped("mongo", "none", &reason, &names)
+    let provider = "env LOCK_MONGO_URL".to_owned();
+    let mut results = match targets::mongo(url.clone()) {
+        Ok(t) => run_suite(t, None).await.results,
+        Err(e) => return failed("mongo", &provider, e),
+    };
+    results.extend(mongo_extra::run(&url).await);
+    Line {
+        backend: "mongo".into(),
+        provider,
+        results,
+    }
 }

@@ -102,6 +102,8 @@ fn ci() -> bool {
                 "lock-pg",
                 "-p",
                 "lock-zk",
+                "-p",
+                "lock-mongo",
                 "--allow-dirty",
             ]),
         )

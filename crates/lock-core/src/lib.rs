@@ -41,6 +41,7 @@ mod client;
 pub mod error;
 mod guard;
 pub mod key;
+pub mod keyed;
 pub mod memory;
 pub mod options;
 pub mod token;
@@ -54,7 +55,7 @@ pub use error::{LockError, LossReason};
 pub use guard::{LockGuard, LockHandle, LockStatus};
 pub use key::{HolderMeta, LeaseId, LockKey, MAX_KEY_LEN};
 pub use options::{Backoff, LockOptions, WaitPolicy};
-pub use token::{FenceRegister, FenceRejected, Fenced, FencingToken};
+pub use token::{FenceRegister, FenceRejected, Fenced, FencedWrite, FencingToken};
 
 /// Re-exported so backends and users share one `async-trait`.
 pub use async_trait::async_trait;

@@ -45,6 +45,23 @@ pub struct FenceRejected {
     pub highest: FencingToken,
 }
 
+/// What a fenced write to a store-held resource did (`lock_pg::fenced_update`,
+/// `lock_mongo::MongoBackend::fenced_update`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FencedWrite {
+    /// This many records were updated (and now carry the token).
+    Applied(u64),
+    /// Refused: a matching record was written with a higher token (a later holder of the
+    /// lock already acted). Nothing was written.
+    Refused {
+        /// The highest token stored in the matching records.
+        highest: FencingToken,
+    },
+    /// No record matched the filter. Nothing was written.
+    NoMatch,
+}
+
 /// A resource-side fence held in memory: accepts a token only if it is not lower than the
 /// highest token accepted so far. Equal tokens are accepted, so one holder may write many
 /// times under one grant.

@@ -1,6 +1,6 @@
 //! Fenced writes to the user's own rows, and locks inside the user's own transaction.
 
-use lock_core::{FencingToken, LockError};
+use lock_core::{FencedWrite, FencingToken, LockError};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 
@@ -34,22 +34,6 @@ impl FencedTable {
             token_column: token_column.to_owned(),
         })
     }
-}
-
-/// What a fenced update did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FencedWrite {
-    /// This many rows were updated (and now carry the token).
-    Applied(u64),
-    /// Refused: a row matching the filter was written with a higher token (a later holder
-    /// of the lock already acted). Nothing was written.
-    Refused {
-        /// The highest token stored in the matching rows.
-        highest: FencingToken,
-    },
-    /// No row matched the filter. Nothing was written.
-    NoMatch,
 }
 
 /// Updates the rows of `table` that match `filter`, applying `set`, only where the stored

@@ -16,15 +16,15 @@ use std::sync::Arc;
 use lock_core::{HolderMeta, LeaseId, LockKey};
 
 pub use config::PgConfig;
-pub use fence::{fenced_update, FencedTable, FencedWrite};
+pub use fence::{fenced_update, FencedTable};
 pub use lease::PgLeaseBackend;
 pub use session::PgSessionBackend;
 pub use sql::advisory_id;
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, FenceRejected, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
-    LockStatus, WaitPolicy,
+    self, FenceRejected, FencedWrite, FencingToken, LockClient, LockError, LockGuard, LockHandle,
+    LockOptions, LockStatus, WaitPolicy,
 };
 /// The client libraries this backend is built on.
 pub use {deadpool_postgres, tokio_postgres};

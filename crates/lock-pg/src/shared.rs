@@ -1,12 +1,12 @@
 //! What the three modes share: the pool, the schema, per-key local queues and the
 //! notification listener.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::StreamExt;
+use lock_core::keyed::{KeyTurns, KeyWakeups};
 use lock_core::{LockError, LockKey};
 use tokio::sync::{Notify, OnceCell, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -14,36 +14,6 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::config::PgConfig;
 use crate::sql::{self, map_err, Sql, NAME};
-
-/// Weakly held per-key objects: alive while someone uses them.
-#[derive(Debug)]
-pub(crate) struct Registry<T>(Mutex<HashMap<String, Weak<T>>>);
-
-impl<T: Default> Registry<T> {
-    pub(crate) fn new() -> Self {
-        Self(Mutex::new(HashMap::new()))
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Arc<T> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = map.get(key).and_then(Weak::upgrade) {
-            return v;
-        }
-        if map.len() >= 1024 {
-            map.retain(|_, w| w.strong_count() > 0);
-        }
-        let v = Arc::new(T::default());
-        map.insert(key.to_owned(), Arc::downgrade(&v));
-        v
-    }
-
-    fn for_each(&self, key: &str, f: impl FnOnce(&T)) {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = map.get(key).and_then(Weak::upgrade) {
-            f(&v);
-        }
-    }
-}
 
 /// The shared state of one [`PgLocks`](crate::PgLocks).
 #[derive(Debug)]
@@ -55,9 +25,9 @@ pub(crate) struct Shared {
     migrated: OnceCell<()>,
     /// Per-key FIFO turn within this process: only the head waiter of a key waits on the
     /// server (one connection per key waited on, no herd within the process).
-    queues: Registry<tokio::sync::Mutex<()>>,
+    queues: KeyTurns,
     /// Release notifications (lease mode), per key.
-    notifies: Arc<Registry<Notify>>,
+    notifies: Arc<KeyWakeups>,
     listener: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
@@ -84,8 +54,8 @@ impl Shared {
             pg,
             pool,
             migrated: OnceCell::new(),
-            queues: Registry::new(),
-            notifies: Arc::new(Registry::new()),
+            queues: KeyTurns::new(),
+            notifies: Arc::new(KeyWakeups::new()),
             listener: tokio::sync::Mutex::new(None),
         })
     }
@@ -173,16 +143,7 @@ impl Shared {
         started: Instant,
         deadline: Option<Instant>,
     ) -> Result<OwnedMutexGuard<()>, LockError> {
-        let q = self.queues.get(key.as_str());
-        match deadline {
-            None => Ok(q.lock_owned().await),
-            Some(d) => tokio::time::timeout_at(d, q.lock_owned())
-                .await
-                .map_err(|_| LockError::Timeout {
-                    key: key.to_string(),
-                    waited: started.elapsed(),
-                }),
-        }
+        self.queues.turn(key, started, deadline).await
     }
 
     /// The release notification for `key`; starts the listener if it is not running.
@@ -209,7 +170,7 @@ impl Shared {
             while let Some(Ok(m)) = stream.next().await {
                 if let AsyncMessage::Notification(n) = m {
                     match registry.upgrade() {
-                        Some(reg) => reg.for_each(n.payload(), Notify::notify_waiters),
+                        Some(reg) => reg.wake(n.payload()),
                         None => break,
                     }
                 }
