@@ -1,5 +1,6 @@
 //! Server provisioning and the cross-backend integration run, shared by `cargo xtask`.
 
+pub mod containers;
 pub mod mongo_extra;
 pub mod pg_extra;
 pub mod redis_extra;

@@ -45,6 +45,11 @@ fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> R
     Err(format!("{what} not ready within {limit:?}"))
 }
 
+/// Sends `msg` to `addr` and returns what comes back (four-letter words, RESP PING).
+pub fn ask(addr: SocketAddr, msg: &[u8]) -> Option<String> {
+    send_recv(addr, msg)
+}
+
 fn send_recv(addr: SocketAddr, msg: &[u8]) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
@@ -286,11 +291,17 @@ pub struct Postgres {
     /// Its port.
     pub port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Postgres {
     /// initdb + start on a free port.
     pub fn start() -> Res<Self> {
+        Self::start_with(&[])
+    }
+
+    /// initdb + start on a free port, with extra `-c name=value` settings.
+    pub fn start_with(settings: &[&str]) -> Res<Self> {
         let initdb =
             pg_bin("initdb").ok_or("PostgreSQL is not installed (apt-get install postgresql)")?;
         pg_bin("postgres").ok_or("postgres binary not found")?;
@@ -313,13 +324,19 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let proc = Self::launch(&dir, port)?;
-        let me = Self { proc, port, dir };
+        let extra: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
+        let proc = Self::launch(&dir, port, &extra)?;
+        let me = Self {
+            proc,
+            port,
+            dir,
+            extra,
+        };
         me.wait_ready()?;
         Ok(me)
     }
 
-    fn launch(dir: &Path, port: u16) -> Res<Proc> {
+    fn launch(dir: &Path, port: u16, extra: &[String]) -> Res<Proc> {
         let postgres = pg_bin("postgres").ok_or("postgres binary not found")?;
         let mut cmd = as_pg_user(&postgres);
         cmd.arg("-D")
@@ -334,6 +351,9 @@ impl Postgres {
                 "-c",
                 "shared_buffers=64MB",
             ]);
+        for e in extra {
+            cmd.arg("-c").arg(e);
+        }
         Proc::spawn("postgres", &mut cmd)
     }
 
@@ -363,7 +383,7 @@ impl Postgres {
     /// Fast shutdown (every session ends), then start again on the same port and data.
     pub fn restart(&mut self) -> Res<()> {
         self.shutdown_fast();
-        self.proc = Self::launch(&self.dir, self.port)?;
+        self.proc = Self::launch(&self.dir, self.port, &self.extra)?;
         self.wait_ready()
     }
 
@@ -492,6 +512,12 @@ impl ZooKeeper {
             send_recv(addr, b"srvr")
                 .is_some_and(|r| r.contains("Mode: leader") || r.contains("Mode: standalone"))
         })
+    }
+
+    /// Sends a four-letter command to member `i` and returns the reply.
+    pub fn four_letter(&self, i: usize, cmd: &str) -> Option<String> {
+        let addr: SocketAddr = ([127, 0, 0, 1], *self.ports.get(i)?).into();
+        send_recv(addr, cmd.as_bytes())
     }
 
     /// Kills member `i` at once (SIGKILL).

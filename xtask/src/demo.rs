@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lock_conformance::Target;
 use lock_core::{Fenced, LockClient, LockError, LockOptions, WaitPolicy};
-use lock_tests::servers::Redis;
+use lock_tests::servers::{Postgres, Redis, ZooKeeper};
 use lock_tests::targets;
 use tokio::time::{sleep, Instant};
 
@@ -40,6 +40,7 @@ pub(crate) async fn run() -> bool {
     let mut rows = Vec::new();
     println!("Inventory demo: {UNITS} units, {WORKERS} concurrent buyers, one unit each, under the lock.\n");
     rows.push(scenario(targets::memory()).await);
+    // Every backend whose server can be started here; each is stopped (by pid) after.
     match tokio::task::spawn_blocking(|| Redis::start(false)).await {
         Ok(Ok(server)) => {
             match targets::redis("redis", server.url(), true) {
@@ -51,6 +52,48 @@ pub(crate) async fn run() -> bool {
         Ok(Err(e)) => println!("redis: not provisioned ({e}); skipping it"),
         Err(e) => println!("redis: {e}"),
     }
+    match tokio::task::spawn_blocking(|| {
+        (0..5)
+            .map(|_| Redis::start(false))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    {
+        Ok(Ok(servers)) => {
+            match targets::redlock(servers.iter().map(Redis::url).collect()) {
+                Ok(t) => rows.push(scenario(t).await),
+                Err(e) => println!("redlock: {e}"),
+            }
+            drop(servers);
+        }
+        Ok(Err(e)) => println!("redlock: not provisioned ({e}); skipping it"),
+        Err(e) => println!("redlock: {e}"),
+    }
+    match tokio::task::spawn_blocking(Postgres::start).await {
+        Ok(Ok(server)) => {
+            for mode in [targets::PgMode::Lease, targets::PgMode::Advisory] {
+                match targets::pg(mode, server.url()) {
+                    Ok(t) => rows.push(scenario(t).await),
+                    Err(e) => println!("{}: {e}", mode.name()),
+                }
+            }
+            drop(server);
+        }
+        Ok(Err(e)) => println!("pg: not provisioned ({e}); skipping it"),
+        Err(e) => println!("pg: {e}"),
+    }
+    match tokio::task::spawn_blocking(|| ZooKeeper::start(1)).await {
+        Ok(Ok(server)) => {
+            match targets::zk("zk", server.connect_string()) {
+                Ok(t) => rows.push(scenario(t).await),
+                Err(e) => println!("zk: {e}"),
+            }
+            drop(server);
+        }
+        Ok(Err(e)) => println!("zk: not provisioned ({e}); skipping it"),
+        Err(e) => println!("zk: {e}"),
+    }
+    println!("mongo: not provisioned (no MongoDB server can be obtained on this machine; set LOCK_MONGO_URL elsewhere)");
     println!("\n| backend | units sold | each unit once | lowest stock | paused holder's late write | killed holder's lock free after |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {
@@ -111,7 +154,12 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
             let mut bought = 0;
             loop {
                 let g = c.acquire(&key).await?;
-                let mut inv = inventory.read();
+                // The read carries the token too, so an older holder still running
+                // cannot slip a write between this read and the write below.
+                let Ok(mut inv) = inventory.read_with(g.token()) else {
+                    g.release().await?;
+                    continue;
+                };
                 if inv.stock == 0 {
                     g.release().await?;
                     return Ok::<_, LockError>(bought);
@@ -149,21 +197,40 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
         inv.stock
     );
 
-    // A worker pauses past its lease (it stops renewing, as a SIGSTOPped process would),
-    // another takes the lock, then the paused one wakes and tries its stale write.
+    // A worker pauses past its lease (it stops renewing, as a SIGSTOPped process would;
+    // for a session lock its heartbeats stop: its connection goes dark), another takes
+    // the lock, then the paused one wakes and tries its stale write.
     let restock = Arc::new(Fenced::new(0u32));
     let lease = Duration::from_millis(400);
-    let paused = client(&t).await?;
+    let (paused, dark) = match (t.session_timeout, t.cuttable.as_ref()) {
+        (Some(_), Some(cuttable)) => {
+            let (b, cut) = cuttable().await?;
+            (LockClient::from_arc(b).with_options(opts()), Some(cut))
+        }
+        _ => (client(&t).await?, None),
+    };
     let p_opts = opts().lease(lease).auto_renew(false);
     let gp = paused.acquire_with(&key, &p_opts).await?;
-    let stale_read = restock.read();
+    let stale_read = restock
+        .read_with(gp.token())
+        .map_err(|e| LockError::Protocol(e.to_string()))?;
+    let pause = match (&dark, t.session_timeout) {
+        (Some(cut), Some(session)) => {
+            cut.set_cut(true);
+            session + Duration::from_secs(1)
+        }
+        _ => lease * 3,
+    };
     println!(
-        "  worker P holds token {} and pauses for {:?} (lease {:?})",
+        "  worker P holds token {} and pauses for {:?} ({})",
         gp.token(),
-        lease * 3,
-        lease
+        pause,
+        match t.session_timeout {
+            Some(s) => format!("session timeout {s:?}"),
+            None => format!("lease {lease:?}"),
+        }
     );
-    sleep(lease * 3).await;
+    sleep(pause).await;
     let other = client(&t).await?;
     let gq = other.acquire(&key).await?;
     restock
@@ -186,6 +253,9 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
         Ok(()) => "ACCEPTED (bug)".into(),
     };
     println!("  P's guard status after waking: {:?}", gp.status());
+    if let Some(cut) = dark {
+        cut.set_cut(false);
+    }
     drop(gp);
 
     // A holder is killed mid-work: its connection dies and it never releases.
@@ -207,7 +277,14 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
                 g2.token()
             );
             g2.release().await?;
-            format!("{:.0} ms (lease 1000 ms)", freed.as_secs_f64() * 1e3)
+            format!(
+                "{:.0} ms ({})",
+                freed.as_secs_f64() * 1e3,
+                match t.session_timeout {
+                    Some(s) => format!("session {} ms", s.as_millis()),
+                    None => "lease 1000 ms".into(),
+                }
+            )
         }
         None => "-".into(),
     };

@@ -1,7 +1,10 @@
 //! `cargo xtask integration`: provision servers, run the one conformance suite (and each
 //! backend's own checks) against every backend, tear everything down, summarize.
 
+use std::any::Any;
+
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
+use lock_tests::containers::{self, Kind};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
 use lock_tests::{mongo_extra, pg_extra, redis_extra, targets, zk_extra};
 
@@ -21,10 +24,18 @@ struct Line {
     results: Vec<CaseResult>,
 }
 
+/// The run's settings.
+struct Run {
+    via: Via,
+    images: Vec<(String, String)>,
+}
+
 pub(crate) async fn run(args: &[String]) -> bool {
     let mut backend = "all".to_owned();
     let mut via = Via::Auto;
     let mut require_all = false;
+    let mut images = Vec::new();
+    let mut also_containers: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -41,6 +52,20 @@ pub(crate) async fn run(args: &[String]) -> bool {
                     }
                 }
             }
+            "--image" => match it.next().and_then(|v| v.split_once('=')) {
+                Some((k, v)) => images.push((k.to_owned(), v.to_owned())),
+                None => {
+                    eprintln!("--image needs kind=repo:tag (kind: redis, pg, zk, mongo)");
+                    return false;
+                }
+            },
+            "--also-containers" => {
+                also_containers.extend(
+                    it.next()
+                        .map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                );
+            }
             "--require-all" => require_all = true,
             other => {
                 eprintln!("unknown argument {other}");
@@ -56,20 +81,34 @@ pub(crate) async fn run(args: &[String]) -> bool {
         eprintln!("unknown backend {backend}; one of {BACKENDS:?} or all");
         return false;
     };
+    let mut plan: Vec<(&str, Via)> = chosen.iter().map(|b| (*b, via)).collect();
+    for b in &also_containers {
+        match BACKENDS.iter().find(|x| **x == b.as_str()) {
+            Some(b) => plan.push((b, Via::Containers)),
+            None => {
+                eprintln!("unknown backend {b} in --also-containers");
+                return false;
+            }
+        }
+    }
     let mut lines = Vec::new();
-    for b in chosen {
-        println!("\n=== {b}");
+    for (b, via) in plan {
+        println!("\n=== {b} ({via:?})");
+        let r = Run {
+            via,
+            images: images.clone(),
+        };
         let line = match b {
             "memory" => Line {
                 backend: b.into(),
                 provider: "in-process".into(),
                 results: run_suite(targets::memory(), None).await.results,
             },
-            "redis" => redis(via).await,
-            "redlock" => redlock(via).await,
-            "pg" => pg(via).await,
-            "zk" => zk(via).await,
-            _ => mongo(via).await,
+            "redis" => redis(&r).await,
+            "redlock" => redlock(&r).await,
+            "pg" => pg(&r).await,
+            "zk" => zk(&r).await,
+            _ => mongo(&r).await,
         };
         lines.push(line);
     }
@@ -81,7 +120,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
         };
         let (lp, lf, ls) = r.counts();
         println!(
-            "{:<8} via {:<28} {lp} passed, {lf} failed, {ls} skipped",
+            "{:<8} via {:<40} {lp} passed, {lf} failed, {ls} skipped",
             l.backend, l.provider
         );
         for fail in r.failures() {
@@ -101,11 +140,6 @@ pub(crate) async fn run(args: &[String]) -> bool {
 
 fn env(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.is_empty())
-}
-
-/// What a provider decision came to: a provider name, or a skip reason.
-fn no_containers(backend: &str) -> String {
-    format!("the containers provider is not built yet; use --via local or set the {backend} URL variable")
 }
 
 fn skipped(backend: &str, provider: &str, reason: &str, cases: &[&str]) -> Line {
@@ -141,223 +175,300 @@ fn failed(backend: &str, provider: &str, reason: String) -> Line {
     }
 }
 
-async fn redis(via: Via) -> Line {
-    let names = lock_conformance::case_names();
-    let (url, provider, server) = match (via, env("LOCK_REDIS_URL")) {
-        (Via::Auto | Via::Env, Some(u)) => (u, "env LOCK_REDIS_URL".to_owned(), None),
-        (Via::Env, None) => return skipped("redis", "env", "LOCK_REDIS_URL is not set", &names),
-        (Via::Containers, _) => {
-            return skipped(
-                "redis",
-                "containers",
-                &no_containers("LOCK_REDIS_URL"),
-                &names,
-            )
-        }
-        _ => match tokio::task::spawn_blocking(|| Redis::start(false)).await {
-            Ok(Ok(s)) => (s.url(), format!("local redis-server :{}", s.port), Some(s)),
-            Ok(Err(e)) => {
-                return skipped(
-                    "redis",
-                    "local",
-                    &format!("no Redis server: {e}; or set LOCK_REDIS_URL"),
-                    &names,
-                )
+/// Servers provisioned for one backend; dropping it stops them (local processes by pid,
+/// containers removed).
+struct Provisioned {
+    urls: Vec<String>,
+    provider: String,
+    /// Local server handles when this run started them (checks that need server control
+    /// run only then).
+    local: Option<Box<dyn Any + Send>>,
+    _containers: Vec<containers::Server>,
+}
+
+/// Finds servers for a backend: `env` where the variable is set, else containers where a
+/// Docker engine answers and the image is present or can be pulled, else local binaries.
+/// Err is the skip reason.
+async fn provision<L>(
+    r: &Run,
+    kind: Kind,
+    count: usize,
+    env_var: &str,
+    local: L,
+) -> Result<Provisioned, (String, String)>
+where
+    L: FnOnce() -> Result<(Vec<String>, String, Box<dyn Any + Send>), String> + Send + 'static,
+{
+    let from_env = env(env_var);
+    if let (Via::Auto | Via::Env, Some(v)) = (r.via, &from_env) {
+        return Ok(Provisioned {
+            urls: v.split(',').map(str::to_owned).collect(),
+            provider: format!("env {env_var}"),
+            local: None,
+            _containers: Vec::new(),
+        });
+    }
+    if r.via == Via::Env {
+        return Err(("env".into(), format!("{env_var} is not set")));
+    }
+    let image = kind.image(&r.images);
+    if matches!(r.via, Via::Auto | Via::Containers) {
+        let img = image.clone();
+        let usable = tokio::task::spawn_blocking(move || containers::ensure_image(&img))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match usable {
+            Ok(()) => {
+                let mut servers = Vec::new();
+                for _ in 0..count {
+                    match containers::Server::start(kind, &image).await {
+                        Ok(s) => servers.push(s),
+                        Err(e) => return Err(("containers".into(), e)),
+                    }
+                }
+                return Ok(Provisioned {
+                    urls: servers.iter().map(containers::Server::url).collect(),
+                    provider: format!("containers {count} x {image}"),
+                    local: None,
+                    _containers: servers,
+                });
             }
-            Err(e) => return failed("redis", "local", e.to_string()),
-        },
+            Err(e) if r.via == Via::Containers => {
+                return Err((
+                    "containers".into(),
+                    format!(
+                        "{e}; build a local one with `cargo xtask images` and pass \
+                         --image or set {}",
+                        kind.env_var()
+                    ),
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+    match tokio::task::spawn_blocking(local).await {
+        Ok(Ok((urls, provider, handle))) => Ok(Provisioned {
+            urls,
+            provider,
+            local: Some(handle),
+            _containers: Vec::new(),
+        }),
+        Ok(Err(e)) => Err((
+            "local".into(),
+            format!("{e}; or start Docker with {image}, or set {env_var}"),
+        )),
+        Err(e) => Err(("local".into(), e.to_string())),
+    }
+}
+
+async fn redis(r: &Run) -> Line {
+    let names = lock_conformance::case_names();
+    let p = match provision(r, Kind::Redis, 1, "LOCK_REDIS_URL", || {
+        let s = Redis::start(false)?;
+        Ok((
+            vec![s.url()],
+            format!("local redis-server :{}", s.port),
+            Box::new(s) as Box<dyn Any + Send>,
+        ))
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err((prov, why)) => {
+            return skipped("redis", &prov, &format!("no Redis server: {why}"), &names)
+        }
     };
+    let url = p.urls[0].clone();
     let mut results = Vec::new();
-    match targets::redis("redis", url.clone(), true) {
-        Ok(t) => results.extend(run_suite(t, None).await.results),
-        Err(e) => return failed("redis", &provider, e),
+    for (name, fair) in [("redis", true), ("redis-unfair", false)] {
+        match targets::redis(name, url.clone(), fair) {
+            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Err(e) => return failed("redis", &p.provider, e),
+        }
     }
-    match targets::redis("redis-unfair", url, false) {
-        Ok(t) => results.extend(run_suite(t, None).await.results),
-        Err(e) => return failed("redis", &provider, e),
-    }
-    if server.is_some() || via == Via::Local {
+    if p.local.is_some() {
         results.extend(redis_extra::run().await);
     }
-    drop(server);
     Line {
         backend: "redis".into(),
-        provider,
+        provider: p.provider,
         results,
     }
 }
 
-async fn redlock(via: Via) -> Line {
+async fn redlock(r: &Run) -> Line {
     let names = lock_conformance::case_names();
-    let (urls, provider, servers) = match (via, env("LOCK_REDLOCK_URLS")) {
-        (Via::Auto | Via::Env, Some(u)) => (
-            u.split(',').map(str::to_owned).collect::<Vec<_>>(),
-            "env LOCK_REDLOCK_URLS".to_owned(),
-            Vec::new(),
-        ),
-        (Via::Env, None) => {
-            return skipped("redlock", "env", "LOCK_REDLOCK_URLS is not set", &names)
-        }
-        (Via::Containers, _) => {
+    let p = match provision(r, Kind::Redis, 5, "LOCK_REDLOCK_URLS", || {
+        let s = (0..5)
+            .map(|_| Redis::start(false))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((
+            s.iter().map(Redis::url).collect(),
+            "local 5 x redis-server".to_owned(),
+            Box::new(s) as Box<dyn Any + Send>,
+        ))
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err((prov, why)) => {
             return skipped(
                 "redlock",
-                "containers",
-                &no_containers("LOCK_REDLOCK_URLS"),
+                &prov,
+                &format!("no Redis servers: {why}"),
                 &names,
             )
         }
-        _ => match tokio::task::spawn_blocking(|| {
-            (0..5)
-                .map(|_| Redis::start(false))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        {
-            Ok(Ok(s)) => (
-                s.iter().map(Redis::url).collect(),
-                "local 5 x redis-server".to_owned(),
-                s,
-            ),
-            Ok(Err(e)) => {
-                return skipped("redlock", "local", &format!("no Redis server: {e}"), &names)
-            }
-            Err(e) => return failed("redlock", "local", e.to_string()),
-        },
     };
-    let results = match targets::redlock(urls) {
+    let results = match targets::redlock(p.urls.clone()) {
         Ok(t) => run_suite(t, None).await.results,
-        Err(e) => return failed("redlock", &provider, e),
+        Err(e) => return failed("redlock", &p.provider, e),
     };
-    drop(servers);
     Line {
         backend: "redlock".into(),
-        provider,
+        provider: p.provider,
         results,
     }
 }
 
-async fn pg(via: Via) -> Line {
+async fn pg(r: &Run) -> Line {
     let names = lock_conformance::case_names();
-    if via == Via::Containers {
-        return skipped("pg", "containers", &no_containers("LOCK_PG_URL"), &names);
-    }
-    let (url, provider, server) = match (via, env("LOCK_PG_URL")) {
-        (Via::Auto | Via::Env, Some(u)) => (u, "env LOCK_PG_URL".to_owned(), None),
-        (Via::Env, None) => return skipped("pg", "env", "LOCK_PG_URL is not set", &names),
-        _ => match tokio::task::spawn_blocking(Postgres::start).await {
-            Ok(Ok(s)) => (s.url(), format!("local postgres :{}", s.port), Some(s)),
-            Ok(Err(e)) => {
-                return skipped(
-                    "pg",
-                    "local",
-                    &format!("no PostgreSQL server: {e}; or set LOCK_PG_URL"),
-                    &names,
-                )
-            }
-            Err(e) => return failed("pg", "local", e.to_string()),
-        },
+    let p = match provision(r, Kind::Postgres, 1, "LOCK_PG_URL", || {
+        let s = Postgres::start()?;
+        Ok((
+            vec![s.url()],
+            format!("local postgres :{}", s.port),
+            Box::new(s) as Box<dyn Any + Send>,
+        ))
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err((prov, why)) => {
+            return skipped("pg", &prov, &format!("no PostgreSQL server: {why}"), &names)
+        }
     };
+    let url = p.urls[0].clone();
     let mut results = Vec::new();
     for mode in targets::PgMode::ALL {
         match targets::pg(mode, url.clone()) {
             Ok(t) => results.extend(run_suite(t, None).await.results),
-            Err(e) => return failed("pg", &provider, e),
+            Err(e) => return failed("pg", &p.provider, e),
         }
     }
+    let server = p
+        .local
+        .and_then(|b| b.downcast::<Postgres>().ok())
+        .map(|b| *b);
     results.extend(pg_extra::run(&url, server).await);
     Line {
         backend: "pg".into(),
-        provider,
+        provider: p.provider,
         results,
     }
 }
 
-async fn zk(via: Via) -> Line {
+async fn zk(r: &Run) -> Line {
     let names = lock_conformance::case_names();
-    if via == Via::Containers {
-        return skipped("zk", "containers", &no_containers("LOCK_ZK_ADDR"), &names);
-    }
-    if let (Via::Auto | Via::Env, Some(a)) = (via, env("LOCK_ZK_ADDR")) {
-        let mut results = Vec::new();
-        match targets::zk("zk", a) {
-            Ok(t) => results.extend(run_suite(t, None).await.results),
-            Err(e) => return failed("zk", "env LOCK_ZK_ADDR", e),
-        }
-        results.extend(zk_extra::run(None).await);
-        return Line {
-            backend: "zk".into(),
-            provider: "env LOCK_ZK_ADDR".into(),
-            results,
-        };
-    }
-    if via == Via::Env {
-        return skipped("zk", "env", "LOCK_ZK_ADDR is not set", &names);
-    }
     let mut results = Vec::new();
-    let mut provider = String::from("local");
+    let mut providers = Vec::new();
     for members in [1usize, 3] {
         let name = if members == 1 { "zk" } else { "zk-ensemble3" };
-        match tokio::task::spawn_blocking(move || ZooKeeper::start(members)).await {
-            Ok(Ok(zk)) => {
-                provider = "local zookeeper (1 and 3 members)".to_owned();
-                match targets::zk(name, zk.connect_string()) {
-                    Ok(t) => results.extend(run_suite(t, None).await.results),
-                    Err(e) => return failed("zk", &provider, e),
-                }
-                results.extend(zk_extra::run(Some(zk)).await);
-            }
-            Ok(Err(e)) => {
-                return skipped(
-                    "zk",
-                    "local",
-                    &format!("no ZooKeeper server: {e}; or set LOCK_ZK_ADDR"),
+        let run = Run {
+            // An ensemble needs its members to know each other: local processes (or
+            // servers the user runs, given by LOCK_ZK_ADDR) only.
+            via: if members == 3 && r.via == Via::Auto {
+                Via::Local
+            } else {
+                r.via
+            },
+            images: r.images.clone(),
+        };
+        if members == 3 && r.via == Via::Containers {
+            results.extend(
+                skipped(
+                    name,
+                    "containers",
+                    "a three-node ensemble is provisioned by the local provider only (its members must know each other's addresses)",
                     &names,
                 )
-            }
-            Err(e) => return failed("zk", "local", e.to_string()),
+                .results,
+            );
+            continue;
         }
+        if members == 3 && env("LOCK_ZK_ADDR").is_some() && r.via != Via::Local {
+            // The user's servers ran as the first topology.
+            continue;
+        }
+        let p = match provision(&run, Kind::ZooKeeper, 1, "LOCK_ZK_ADDR", move || {
+            let s = ZooKeeper::start(members)?;
+            Ok((
+                vec![s.connect_string()],
+                format!("local zookeeper x{members}"),
+                Box::new(s) as Box<dyn Any + Send>,
+            ))
+        })
+        .await
+        {
+            Ok(p) => p,
+            Err((prov, why)) => {
+                results.extend(
+                    skipped(name, &prov, &format!("no ZooKeeper server: {why}"), &names).results,
+                );
+                continue;
+            }
+        };
+        // Containers give `host:port`; env and local give connect strings already.
+        let connect = p.urls.join(",");
+        match targets::zk(name, connect) {
+            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Err(e) => return failed("zk", &p.provider, e),
+        }
+        let server = p
+            .local
+            .and_then(|b| b.downcast::<ZooKeeper>().ok())
+            .map(|b| *b);
+        results.extend(zk_extra::run(server).await);
+        providers.push(p.provider);
     }
     Line {
         backend: "zk".into(),
-        provider,
+        provider: if providers.is_empty() {
+            "none".into()
+        } else {
+            providers.join(" + ")
+        },
         results,
     }
 }
 
 /// Why MongoDB is skipped on a machine like this one.
-const NO_MONGO: &str = "no MongoDB server: install mongod, run Docker with the mongo image (--via containers), or set LOCK_MONGO_URL; none can be obtained on this machine (not in Debian, PyPI or crates.io, and no image registry is reachable)";
+const NO_MONGO: &str = "no MongoDB server can be obtained on this machine (not in Debian, PyPI or crates.io, and no image registry is reachable): install mongod, run Docker with the mongo image, or set LOCK_MONGO_URL";
 
-async fn mongo(via: Via) -> Line {
+async fn mongo(r: &Run) -> Line {
     let mut names = lock_conformance::case_names();
     names.extend(mongo_extra::CHECKS);
-    let url = match (via, env("LOCK_MONGO_URL")) {
-        (Via::Auto | Via::Env, Some(u)) => u,
-        (Via::Containers, _) => {
-            return skipped(
-                "mongo",
-                "containers",
-                &no_containers("LOCK_MONGO_URL"),
-                &names,
-            )
-        }
-        (Via::Env, None) => return skipped("mongo", "env", "LOCK_MONGO_URL is not set", &names),
-        _ if lock_tests::servers::have("mongod") => return skipped(
-            "mongo",
-            "local",
-            "mongod is installed but the local provider does not start it yet; set LOCK_MONGO_URL",
-            &names,
-        ),
-        _ => return skipped("mongo", "none", NO_MONGO, &names),
+    let p = match provision(r, Kind::Mongo, 1, "LOCK_MONGO_URL", || {
+        Err(if lock_tests::servers::have("mongod") {
+            "mongod is installed but the local provider does not start it".to_owned()
+        } else {
+            NO_MONGO.to_owned()
+        })
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err((prov, why)) => return skipped("mongo", &prov, &why, &names),
     };
-    let provider = "env LOCK_MONGO_URL".to_owned();
+    let url = p.urls[0].clone();
     let mut results = match targets::mongo(url.clone()) {
         Ok(t) => run_suite(t, None).await.results,
-        Err(e) => return failed("mongo", &provider, e),
+        Err(e) => return failed("mongo", &p.provider, e),
     };
     results.extend(mongo_extra::run(&url).await);
     Line {
         backend: "mongo".into(),
-        provider,
+        provider: p.provider,
         results,
     }
 }

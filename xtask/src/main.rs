@@ -2,12 +2,20 @@
 
 use std::process::{Command, ExitCode};
 
+mod chaos;
 mod demo;
+mod images;
 mod integration;
 
 const USAGE: &str = "usage: cargo xtask <command>
   integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers] [--require-all]
   demo        the inventory demo on every backend that can be provisioned
+  chaos [--quick] [--seed n] [redis|redlock|zk|pg-lease|pg-advisory...]
+              fault injection with worker processes, judged by the history checker
+  images [redis|postgres|zookeeper...]
+              build local server images from Debian packages (debootstrap + docker import)
+  bench [--quick] [redis|pg|zk...]
+              the speed report (release build): target/bench/report.{md,json}, chart.svg
   ci          fmt, clippy, tests, docs, package, then integration (the README's test command)";
 
 fn main() -> ExitCode {
@@ -26,7 +34,34 @@ fn main() -> ExitCode {
     let ok = match args.first().map(String::as_str) {
         Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
         Some("demo") => rt.block_on(interruptible(demo::run())),
-        Some("ci") => ci() && rt.block_on(interruptible(integration::run(&[]))),
+        Some("ci") => {
+            ci() && ctrl_c_leaves_nothing() && containers_image() && {
+                // One run, one summary: every backend through the default providers, and
+                // Redis once more through the containers provider (local image).
+                let args: Vec<String> = [
+                    "--also-containers",
+                    "redis",
+                    "--image",
+                    "redis=distlock/redis:local",
+                ]
+                .map(String::from)
+                .to_vec();
+                rt.block_on(interruptible(integration::run(&args)))
+            }
+        }
+        Some("images") => images::run_images(&args[1..]),
+        Some("chaos") => {
+            step(
+                "build chaos-worker",
+                cargo().args(["build", "--quiet", "-p", "xtask", "--bin", "chaos-worker"]),
+            ) && rt.block_on(interruptible(chaos::run(&args[1..])))
+        }
+        Some("bench") => step(
+            "bench",
+            cargo()
+                .args(["run", "--release", "--quiet", "-p", "lock-bench", "--"])
+                .args(&args[1..]),
+        ),
         _ => {
             eprintln!("{USAGE}");
             false
@@ -67,6 +102,68 @@ fn step(name: &str, cmd: &mut Command) -> bool {
             false
         }
     }
+}
+
+/// Builds the local Redis image the CI's containers leg runs.
+fn containers_image() -> bool {
+    println!("\n=== images: distlock/redis:local (debootstrap + docker import)");
+    images::run_images(&["redis".to_owned()])
+}
+
+/// Starts an integration run, interrupts it with SIGINT while its server runs, and checks
+/// that the server process it started is gone.
+fn ctrl_c_leaves_nothing() -> bool {
+    println!("\n=== Ctrl-C stops every server the run started");
+    let count = || {
+        Command::new("pgrep")
+            .args(["-c", "-x", "redis-server"])
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = count();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ctrl-c check: {e}");
+            return false;
+        }
+    };
+    let mut child = match Command::new(exe)
+        .args(["integration", "--backend", "redis", "--via", "local"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ctrl-c check: {e}");
+            return false;
+        }
+    };
+    let t = std::time::Instant::now();
+    while count() <= before && t.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let during = count();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = count();
+    let ok = during > before && after == before;
+    println!(
+        "redis-server processes: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    ok
 }
 
 fn ci() -> bool {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// One recorded event.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Event {
     /// An acquire was invoked.
@@ -68,7 +68,7 @@ pub enum Event {
 }
 
 /// An event and when it happened (microseconds since the history began).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Stamped {
     /// Microseconds since the history began, on the monotonic clock.
     pub at_us: u64,
@@ -138,6 +138,13 @@ impl History {
     pub fn check(&self, final_counters: &HashMap<String, u64>) -> CheckReport {
         check(&self.events(), final_counters)
     }
+}
+
+/// Checks a history recorded elsewhere (for example merged from several processes that
+/// stamped their events on the same host-wide monotonic clock). Events must be in time
+/// order.
+pub fn check_events(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckReport {
+    check(events, final_counters)
 }
 
 /// What the checker found.

@@ -116,7 +116,32 @@ impl<T: Clone> Fenced<T> {
         }
     }
 
-    /// The current value.
+    /// Reads the value for a read-modify-write under `token`, and raises the fence to
+    /// `token` first. Use this, not [`Fenced::read`], when the write will depend on what
+    /// was read: otherwise an older holder that is still running can write between this
+    /// holder's read and its write (its token is higher than anything written so far), and
+    /// one of the two updates is lost. Fails if a newer holder already came by.
+    pub fn read_with(&self, token: FencingToken) -> Result<T, FenceRejected> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        admit(&mut g.0, token)?;
+        Ok(g.1.clone())
+    }
+
+    /// Runs a read-modify-write under `token` atomically: `f` gets the current value and
+    /// returns the new one.
+    pub fn update(
+        &self,
+        token: FencingToken,
+        f: impl FnOnce(&T) -> T,
+    ) -> Result<(), FenceRejected> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        admit(&mut g.0, token)?;
+        g.1 = f(&g.1);
+        Ok(())
+    }
+
+    /// The current value (no fence check: for display, or for writes that do not depend
+    /// on it; see [`Fenced::read_with`]).
     pub fn read(&self) -> T {
         self.inner
             .lock()
@@ -142,6 +167,22 @@ impl<T: Clone> Fenced<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fenced_reads_stop_an_older_holder_between_read_and_write() {
+        let v = Fenced::new(10u32);
+        let (old, new) = (FencingToken::new(1), FencingToken::new(2));
+        let seen_old = v.read_with(old).unwrap();
+        // The newer holder reads: the fence rises to its token.
+        let seen_new = v.read_with(new).unwrap();
+        // The older holder's write, between the newer one's read and write, is refused.
+        assert!(v.write(old, seen_old + 1).is_err());
+        v.write(new, seen_new + 1).unwrap();
+        assert_eq!(v.read(), 11);
+        v.update(new, |x| x + 1).unwrap();
+        assert!(v.update(old, |x| x + 1).is_err());
+        assert_eq!(v.read(), 12);
+    }
 
     #[test]
     fn fence_refuses_lower_tokens_and_says_why() {

@@ -1,0 +1,715 @@
+//! `cargo xtask bench`: every backend against the raw round trip of its own store and
+//! against its peers, in ONE run on the same servers. Writes `target/bench/report.{md,json}`
+//! and `target/bench/chart.svg`.
+//!
+//! Method (see `docs/benchmarks.md`): sequential latencies are measured one operation at a
+//! time on a warmed connection; throughput runs N tasks over their own keys for a fixed
+//! window; a hand-off is the time from the moment a holder starts releasing to the moment
+//! the next waiter's acquire returns, with W waiters queued on one key. Every figure is
+//! reported as a ratio to the store's raw round trip measured in the same run.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::{LockClient, LockOptions, WaitPolicy};
+use lock_tests::servers::{Postgres, Redis, ZooKeeper};
+use serde::Serialize;
+use tokio::time::Instant;
+
+mod report;
+
+use report::{Report, Row};
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Sequential samples per latency figure.
+    samples: usize,
+    /// Throughput window.
+    window: Duration,
+    /// Hand-offs per waiter count.
+    handoffs: usize,
+}
+
+/// p50/p99 of a sample, in microseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Stats {
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) n: usize,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let pick = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    Stats {
+        p50_us: pick(0.5),
+        p99_us: pick(0.99),
+        n: v.len(),
+    }
+}
+
+type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxErr>;
+
+/// Times `n` sequential runs of `op` (after 20 warm-up runs).
+async fn latency<F, Fut>(n: usize, mut op: F) -> Res<Stats>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Res<()>>,
+{
+    for i in 0..20 {
+        op(i).await?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        op(i).await?;
+        v.push(t.elapsed());
+    }
+    Ok(stats(v))
+}
+
+/// Runs `op` in `tasks` tasks (task index given) for `window`; returns operations/s.
+async fn rate<F, Fut>(tasks: usize, window: Duration, op: F) -> Res<f64>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Res<()>> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicUsize::new(0));
+    let end = Instant::now() + window;
+    let mut hs = Vec::new();
+    for t in 0..tasks {
+        let (op, done) = (op.clone(), done.clone());
+        hs.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                op(t).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, BoxErr>(())
+        }));
+    }
+    for h in hs {
+        h.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / window.as_secs_f64())
+}
+
+/// Lock cycles (acquire + release) per second with `tasks` tasks over their own keys.
+async fn lock_rate(client: &LockClient, tasks: usize, window: Duration, tag: &str) -> Res<f64> {
+    let (c, tag) = (client.clone(), tag.to_owned());
+    rate(tasks, window, move |t| {
+        let (c, k) = (c.clone(), format!("{tag}-tp-{t}"));
+        async move {
+            c.acquire(&k).await?.release().await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Hand-off latency with `waiters` queued on one key: from the moment a holder starts
+/// releasing to the moment the next waiter holds the key.
+async fn handoff(client: &LockClient, waiters: usize, handoffs: usize, key: &str) -> Res<Stats> {
+    let opts = client
+        .options()
+        .clone()
+        .wait(WaitPolicy::Timeout(Duration::from_secs(120)));
+    let holder = client.acquire_with(key, &opts).await?;
+    let released_at = Arc::new(Mutex::new(Instant::now()));
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(handoffs)));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut hs = Vec::new();
+    for _ in 0..waiters {
+        let (c, o, k) = (client.clone(), opts.clone(), key.to_owned());
+        let (released_at, samples, count) = (released_at.clone(), samples.clone(), count.clone());
+        hs.push(tokio::spawn(async move {
+            loop {
+                let g = c.acquire_with(&k, &o).await?;
+                let now = Instant::now();
+                let since = *released_at.lock().unwrap_or_else(|p| p.into_inner());
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(now - since);
+                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                g.release().await?;
+                if n >= handoffs {
+                    return Ok::<_, BoxErr>(());
+                }
+            }
+        }));
+    }
+    // Let every waiter queue up.
+    tokio::time::sleep(Duration::from_millis(200 + 2 * waiters as u64)).await;
+    *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    holder.release().await?;
+    for h in hs {
+        h.await??;
+    }
+    let v = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(stats(v))
+}
+
+fn opts() -> LockOptions {
+    LockOptions::default()
+        .lease(Duration::from_secs(10))
+        .wait(WaitPolicy::Timeout(Duration::from_secs(30)))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
+    let plan = if quick {
+        Plan {
+            samples: 300,
+            window: Duration::from_secs(2),
+            handoffs: 100,
+        }
+    } else {
+        Plan {
+            samples: 2000,
+            window: Duration::from_secs(5),
+            handoffs: 400,
+        }
+    };
+    let mut report = Report::new(quick);
+    let want = |b: &str| only.is_empty() || only.contains(&b);
+    if want("redis") {
+        section(&mut report, "redis", redis(plan)).await;
+    }
+    if want("pg") {
+        section(&mut report, "pg", pg(plan)).await;
+    }
+    if want("zk") {
+        section(&mut report, "zk", zk(plan)).await;
+    }
+    report.note(
+        "mongo",
+        "SKIPPED: no MongoDB server can be obtained on this machine (not in Debian, PyPI or crates.io, no image registry); set LOCK_MONGO_URL on a machine with one",
+    );
+    match report.write() {
+        Ok(path) => {
+            println!("\n{}", report.markdown());
+            println!("written to {path}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot write the report: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn section(report: &mut Report, name: &str, f: impl Future<Output = Res<Vec<Row>>>) {
+    println!("=== {name}");
+    match f.await {
+        Ok(rows) => report.rows.extend(rows),
+        Err(e) => {
+            println!("{name}: FAILED: {e}");
+            report.note(name, &format!("FAILED: {e}"));
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Res<T> {
+    tokio::task::spawn_blocking(f)
+        .await?
+        .map_err(|e| -> BoxErr { e.into() })
+}
+
+/// The hand-off rows and the server-operation rows for waiters 1, 16, 256.
+async fn handoffs<O, Fut>(
+    b: &str,
+    client: &LockClient,
+    plan: Plan,
+    base_us: f64,
+    base_name: &str,
+    target: Option<f64>,
+    ops: O,
+) -> Res<Vec<Row>>
+where
+    O: Fn() -> Fut,
+    Fut: Future<Output = Res<u64>>,
+{
+    let mut rows = Vec::new();
+    for w in [1usize, 16, 256] {
+        let n = if w == 256 {
+            plan.handoffs.max(256)
+        } else {
+            plan.handoffs
+        };
+        let before = ops().await?;
+        let s = handoff(client, w, n, &format!("{b}-handoff-{w}-{}", rand_tag())).await?;
+        let after = ops().await?;
+        println!(
+            "{b} hand-off {w} waiters: p50 {:.0} us p99 {:.0} us",
+            s.p50_us, s.p99_us
+        );
+        rows.push(Row::latency(
+            b,
+            &format!("hand-off, {w} waiters"),
+            s,
+            base_us,
+            base_name,
+            if w == 1 { target } else { None },
+        ));
+        rows.push(Row::value(
+            b,
+            &format!("server ops per hand-off, {w} waiters"),
+            (after - before) as f64 / s.n as f64,
+            "ops",
+        ));
+    }
+    Ok(rows)
+}
+
+fn rand_tag() -> u32 {
+    std::process::id() ^ (Instant::now().elapsed().subsec_nanos())
+}
+
+async fn redis(plan: Plan) -> Res<Vec<Row>> {
+    let server = blocking(|| Redis::start(false)).await?;
+    let url = server.url();
+    let raw = redis::Client::open(url.as_str())?;
+    let conn = raw.get_multiplexed_async_connection().await?;
+    let mut rows = Vec::new();
+    let ping = latency(plan.samples, |_| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let base = ping.p50_us;
+    rows.push(Row::latency(
+        "redis",
+        "PING (baseline)",
+        ping,
+        base,
+        "PING",
+        None,
+    ));
+    let c2 = conn.clone();
+    let set_rate = rate(64, plan.window, move |t| {
+        let mut c = c2.clone();
+        async move {
+            redis::cmd("SET")
+                .arg(format!("raw-{t}"))
+                .arg("v")
+                .query_async::<()>(&mut c)
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::value(
+        "redis",
+        "raw SET rate (64 tasks)",
+        set_rate,
+        "ops/s",
+    ));
+    let limit = set_rate / 2.0;
+
+    let backend = lock_redis::RedisBackend::connect(&url).await?;
+    let ours = LockClient::new(backend).with_options(opts());
+    let s = latency(plan.samples, |_| {
+        let c = ours.clone();
+        async move {
+            c.acquire("ar").await?.release().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!(
+        "redis acquire+release p50 {:.0} us ({:.2} x PING)",
+        s.p50_us,
+        s.p50_us / base
+    );
+    rows.push(Row::latency(
+        "redis",
+        "acquire + release",
+        s,
+        base,
+        "PING",
+        Some(2.3),
+    ));
+    let mut ours_64 = 0.0;
+    for tasks in [1usize, 8, 64] {
+        let r = lock_rate(&ours, tasks, plan.window, "redis").await?;
+        println!("redis throughput {tasks} tasks: {r:.0}/s");
+        if tasks == 64 {
+            ours_64 = r;
+        }
+        rows.push(Row::rate(
+            "redis",
+            &format!("throughput, {tasks} tasks"),
+            r,
+            limit,
+            "SET rate / 2",
+            None,
+        ));
+    }
+    let srv = server.url();
+    rows.extend(
+        handoffs("redis", &ours, plan, base, "PING", Some(5.0), || {
+            let srv = srv.clone();
+            async move { redis_ops(&srv).await }
+        })
+        .await?,
+    );
+
+    // The peer: rslock 0.10 at its defaults, same server.
+    let rl = Arc::new(rslock::LockManager::new(vec![url.clone()]));
+    let ttl = Duration::from_secs(10);
+    let s = latency(plan.samples, |_| {
+        let rl = rl.clone();
+        async move {
+            let l = rl
+                .lock("rslock-ar", ttl)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            rl.unlock(&l).await;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::latency(
+        "rslock 0.10",
+        "acquire + release",
+        s,
+        base,
+        "PING",
+        None,
+    ));
+    let rl2 = rl.clone();
+    let peer_64 = rate(64, plan.window, move |t| {
+        let rl = rl2.clone();
+        async move {
+            let l = rl
+                .acquire_no_guard(format!("rslock-tp-{t}").as_str(), ttl)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            rl.unlock(&l).await;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::rate(
+        "rslock 0.10",
+        "throughput, 64 tasks",
+        peer_64,
+        limit,
+        "SET rate / 2",
+        None,
+    ));
+    rows.push(Row::compare(
+        "redis",
+        "throughput, 64 tasks vs rslock",
+        ours_64,
+        peer_64,
+        "rslock 0.10",
+        1.5,
+    ));
+    let peer_handoff = rslock_handoff(&rl, 16, plan.handoffs.min(100)).await?;
+    rows.push(Row::latency(
+        "rslock 0.10",
+        "hand-off, 16 waiters",
+        peer_handoff,
+        base,
+        "PING",
+        None,
+    ));
+    drop(server);
+    Ok(rows)
+}
+
+async fn redis_ops(url: &str) -> Res<u64> {
+    let c = redis::Client::open(url)?;
+    let mut conn = c.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await?;
+    let n = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or("no total_commands_processed in INFO")?;
+    Ok(n)
+}
+
+async fn rslock_handoff(
+    rl: &Arc<rslock::LockManager>,
+    waiters: usize,
+    handoffs: usize,
+) -> Res<Stats> {
+    let ttl = Duration::from_secs(10);
+    let key = format!("rslock-handoff-{}", rand_tag());
+    let first = rl
+        .acquire_no_guard(key.as_str(), ttl)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let released_at = Arc::new(Mutex::new(Instant::now()));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut hs = Vec::new();
+    for _ in 0..waiters {
+        let (rl, key) = (rl.clone(), key.clone());
+        let (released_at, samples, count) = (released_at.clone(), samples.clone(), count.clone());
+        hs.push(tokio::spawn(async move {
+            loop {
+                let l = rl
+                    .acquire_no_guard(key.as_str(), ttl)
+                    .await
+                    .map_err(|e| -> BoxErr { format!("{e:?}").into() })?;
+                let now = Instant::now();
+                let since = *released_at.lock().unwrap_or_else(|p| p.into_inner());
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(now - since);
+                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                rl.unlock(&l).await;
+                if n >= handoffs {
+                    return Ok::<_, BoxErr>(());
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    rl.unlock(&first).await;
+    for h in hs {
+        h.await??;
+    }
+    let v = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(stats(v))
+}
+
+async fn pg(plan: Plan) -> Res<Vec<Row>> {
+    let server =
+        blocking(|| Postgres::start_with(&["shared_preload_libraries=pg_stat_statements"])).await?;
+    let url = server.url();
+    let (raw, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    raw.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await?;
+    let raw = Arc::new(raw);
+    let mut rows = Vec::new();
+    let one = raw.prepare("SELECT 1").await?;
+    let s = latency(plan.samples, |_| {
+        let (raw, one) = (raw.clone(), one.clone());
+        async move {
+            raw.query_one(&one, &[]).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let base = s.p50_us;
+    rows.push(Row::latency(
+        "pg",
+        "SELECT 1 (baseline)",
+        s,
+        base,
+        "SELECT 1",
+        None,
+    ));
+    let lock = raw.prepare("SELECT pg_advisory_lock($1)").await?;
+    let unlock = raw.prepare("SELECT pg_advisory_unlock($1)").await?;
+    let s = latency(plan.samples, |_| {
+        let (raw, lock, unlock) = (raw.clone(), lock.clone(), unlock.clone());
+        async move {
+            raw.query_one(&lock, &[&42i64]).await?;
+            raw.query_one(&unlock, &[&42i64]).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::latency(
+        "pg",
+        "raw pg_advisory_lock + unlock (limit)",
+        s,
+        base,
+        "SELECT 1",
+        None,
+    ));
+    let raw2 = raw.clone();
+    let select_rate = rate(1, plan.window, move |_| {
+        let (raw, one) = (raw2.clone(), one.clone());
+        async move {
+            raw.query_one(&one, &[]).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let locks = lock_pg::PgLocks::connect_with(lock_pg::PgConfig::new(&url).pool_size(80)).await?;
+    let ops = || {
+        let raw = raw.clone();
+        async move {
+            let r = raw
+                .query_one(
+                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements",
+                    &[],
+                )
+                .await?;
+            Ok(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
+        }
+    };
+    for (mode, client, target) in [
+        ("pg advisory", LockClient::new(locks.advisory()), 2.3),
+        ("pg lease", LockClient::new(locks.lease_rows()), 3.0),
+        ("pg xact", LockClient::new(locks.transactional()), 2.3),
+    ] {
+        let client = client.with_options(opts());
+        let s = latency(plan.samples, |_| {
+            let c = client.clone();
+            async move {
+                c.acquire("ar").await?.release().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        println!(
+            "{mode} acquire+release p50 {:.0} us ({:.2} x SELECT 1)",
+            s.p50_us,
+            s.p50_us / base
+        );
+        rows.push(Row::latency(
+            mode,
+            "acquire + release",
+            s,
+            base,
+            "SELECT 1",
+            Some(target),
+        ));
+        for tasks in [1usize, 8, 64] {
+            let r = lock_rate(&client, tasks, plan.window, mode.replace(' ', "-").as_str()).await?;
+            rows.push(Row::rate(
+                mode,
+                &format!("throughput, {tasks} tasks"),
+                r,
+                select_rate / 2.0,
+                "SELECT 1 rate / 2 (1 connection)",
+                None,
+            ));
+        }
+        rows.extend(handoffs(mode, &client, plan, base, "SELECT 1", None, ops).await?);
+    }
+    drop(server);
+    Ok(rows)
+}
+
+async fn zk(plan: Plan) -> Res<Vec<Row>> {
+    use lock_zk::zookeeper_client as zkc;
+    let server = Arc::new(blocking(|| ZooKeeper::start(1)).await?);
+    let connect = server.connect_string();
+    let raw = zkc::Client::connect(&connect).await?;
+    let mut rows = Vec::new();
+    let s = latency(plan.samples, |_| {
+        let raw = raw.clone();
+        async move {
+            raw.check_stat("/").await?;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::latency(
+        "zk",
+        "exists (baseline)",
+        s,
+        s.p50_us,
+        "exists",
+        None,
+    ));
+    let base = s.p50_us;
+    let opts_dir = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
+    let _ = raw.create("/raw", &[], &opts_dir).await;
+    let seq = zkc::CreateMode::EphemeralSequential.with_acls(zkc::Acls::anyone_all());
+    let raw_cycle = latency(plan.samples, |_| {
+        let (raw, seq) = (raw.clone(), seq.clone());
+        async move {
+            let (_, n) = raw.create("/raw/n-", b"", &seq).await?;
+            raw.list_children("/raw").await?;
+            raw.delete(&format!("/raw/n-{n}"), None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let raw_us = raw_cycle.p50_us;
+    rows.push(Row::latency(
+        "zk",
+        "raw create + list + delete (limit)",
+        raw_cycle,
+        base,
+        "exists",
+        None,
+    ));
+    let backend = lock_zk::ZkBackend::connect(&connect).await?;
+    let client = LockClient::new(backend).with_options(opts());
+    let s = latency(plan.samples, |_| {
+        let c = client.clone();
+        async move {
+            c.acquire("ar").await?.release().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!(
+        "zk acquire+release p50 {:.0} us ({:.2} x raw create+list+delete)",
+        s.p50_us,
+        s.p50_us / raw_us
+    );
+    rows.push(Row::latency(
+        "zk",
+        "acquire + release",
+        s,
+        raw_us,
+        "raw create+list+delete",
+        Some(1.5),
+    ));
+    for tasks in [1usize, 8, 64] {
+        let r = lock_rate(&client, tasks, plan.window, "zk").await?;
+        rows.push(Row::value(
+            "zk",
+            &format!("throughput, {tasks} tasks"),
+            r,
+            "cycles/s",
+        ));
+    }
+    let srv = server.clone();
+    rows.extend(
+        handoffs("zk", &client, plan, base, "exists", None, || {
+            let srv = srv.clone();
+            async move {
+                let m = tokio::task::spawn_blocking(move || srv.four_letter(0, "mntr"))
+                    .await?
+                    .ok_or("no mntr reply")?;
+                let n = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("zk_packets_received"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or("no zk_packets_received in mntr")?;
+                Ok(n)
+            }
+        })
+        .await?,
+    );
+    Ok(rows)
+}
