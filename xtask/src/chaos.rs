@@ -365,7 +365,7 @@ struct Timing {
 fn timing(backend: &str, quick: bool) -> Timing {
     let lease_ms = 800;
     let expiry = match backend {
-        "zk" => Duration::from_secs(4),
+        "zk" => Duration::from_secs(2),
         "pg-advisory" => Duration::from_millis(2500),
         _ => Duration::from_millis(lease_ms),
     };
@@ -674,7 +674,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
 
 fn markdown(reports: &[ScenarioReport], seed: u64, quick: bool) -> String {
     let mut s = format!(
-        "Seed {seed}, {}. Three worker processes per scenario, lease 800 ms (ZooKeeper: 4 s session; PostgreSQL advisory: 2 s session).\n\n| backend | scenario | result | grants | accepted | refused | overlaps | recovery | note |\n|---|---|---|---|---|---|---|---|---|\n",
+        "Seed {seed}, {}. Three worker processes per scenario, lease 800 ms (ZooKeeper: 2 s session; PostgreSQL advisory: 2 s session, freed by the server after 2.5 s).\n\n| backend | scenario | result | grants | accepted | refused | overlaps | recovery | note |\n|---|---|---|---|---|---|---|---|---|\n",
         if quick { "--quick" } else { "full" }
     );
     for r in reports {

@@ -16,7 +16,8 @@ const USAGE: &str = "usage: cargo xtask <command>
               build local server images from Debian packages (debootstrap + docker import)
   bench [--quick] [redis|pg|zk...]
               the speed report (release build): target/bench/report.{md,json}, chart.svg
-  ci          fmt, clippy, tests, docs, package, then integration (the README's test command)";
+  ci          fmt, clippy, tests, docs, package, Ctrl-C check, the local Redis image,
+              chaos --quick, then integration (+ Redis via containers): the README's test command";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
         Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
-            ci() && ctrl_c_leaves_nothing() && containers_image() && {
+            ci() && ctrl_c_leaves_nothing() && containers_image() && chaos_quick(&rt) && {
                 // One run, one summary: every backend through the default providers, and
                 // Redis once more through the containers provider (local image).
                 let args: Vec<String> = [
@@ -102,6 +103,14 @@ fn step(name: &str, cmd: &mut Command) -> bool {
             false
         }
     }
+}
+
+/// `cargo xtask chaos --quick`: every scenario against every local backend.
+fn chaos_quick(rt: &tokio::runtime::Runtime) -> bool {
+    step(
+        "build chaos-worker",
+        cargo().args(["build", "--quiet", "-p", "xtask", "--bin", "chaos-worker"]),
+    ) && rt.block_on(interruptible(chaos::run(&["--quick".to_owned()])))
 }
 
 /// Builds the local Redis image the CI's containers leg runs.

@@ -46,7 +46,7 @@ async fn backend(kind: &str, url: &str) -> Result<Arc<dyn LockBackend>, String> 
         }
         "zk" => Arc::new(
             lock_zk::ZkBackend::connect_with(
-                lock_zk::ZkConfig::new(url).session_timeout(Duration::from_secs(4)),
+                lock_zk::ZkConfig::new(url).session_timeout(Duration::from_secs(2)),
             )
             .await
             .map_err(e)?,
