@@ -114,22 +114,40 @@ async fn lock_rate(client: &LockClient, tasks: usize, window: Duration, tag: &st
 }
 
 /// Hand-off latency with `waiters` queued on one key: from the moment a holder starts
-/// releasing to the moment the next waiter holds the key.
-async fn handoff(client: &LockClient, waiters: usize, handoffs: usize, key: &str) -> Res<Stats> {
+/// releasing to the moment the next waiter holds the key. Each waiter acquires once and
+/// releases at once, so a round of W waiters is W hand-offs; rounds repeat until
+/// `handoffs` samples are taken.
+///
+/// Server operations are counted from just before the holder's release to the end of the
+/// round: the hand-offs themselves (release, wake-up, the woken waiter's acquire and its
+/// release), not the queueing.
+async fn handoff<O, Fut>(
+    client: &LockClient,
+    waiters: usize,
+    handoffs: usize,
+    key: &str,
+    ops: &O,
+    probe_cost: u64,
+) -> Res<(Stats, f64)>
+where
+    O: Fn() -> Fut,
+    Fut: Future<Output = Res<u64>>,
+{
     let opts = client
         .options()
         .clone()
         .wait(WaitPolicy::Timeout(Duration::from_secs(120)));
-    let holder = client.acquire_with(key, &opts).await?;
     let released_at = Arc::new(Mutex::new(Instant::now()));
     let samples = Arc::new(Mutex::new(Vec::with_capacity(handoffs)));
-    let count = Arc::new(AtomicUsize::new(0));
-    let mut hs = Vec::new();
-    for _ in 0..waiters {
-        let (c, o, k) = (client.clone(), opts.clone(), key.to_owned());
-        let (released_at, samples, count) = (released_at.clone(), samples.clone(), count.clone());
-        hs.push(tokio::spawn(async move {
-            loop {
+    let rounds = handoffs.div_ceil(waiters).max(1);
+    let mut server_ops = 0u64;
+    for _ in 0..rounds {
+        let holder = client.acquire_with(key, &opts).await?;
+        let mut hs = Vec::new();
+        for _ in 0..waiters {
+            let (c, o, k) = (client.clone(), opts.clone(), key.to_owned());
+            let (released_at, samples) = (released_at.clone(), samples.clone());
+            hs.push(tokio::spawn(async move {
                 let g = c.acquire_with(&k, &o).await?;
                 let now = Instant::now();
                 let since = *released_at.lock().unwrap_or_else(|p| p.into_inner());
@@ -137,24 +155,26 @@ async fn handoff(client: &LockClient, waiters: usize, handoffs: usize, key: &str
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(now - since);
-                let n = count.fetch_add(1, Ordering::Relaxed) + 1;
                 *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 g.release().await?;
-                if n >= handoffs {
-                    return Ok::<_, BoxErr>(());
-                }
-            }
-        }));
-    }
-    // Let every waiter queue up.
-    tokio::time::sleep(Duration::from_millis(200 + 2 * waiters as u64)).await;
-    *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-    holder.release().await?;
-    for h in hs {
-        h.await??;
+                Ok::<_, BoxErr>(())
+            }));
+        }
+        // Let every waiter queue up.
+        tokio::time::sleep(Duration::from_millis(20 + 2 * waiters as u64)).await;
+        let before = ops().await?;
+        *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        holder.release().await?;
+        for h in hs {
+            h.await??;
+        }
+        server_ops += ops().await?.saturating_sub(before);
     }
     let v = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(stats(v))
+    let n = v.len().max(1) as f64;
+    // The counter reads themselves are not lock operations.
+    let per = (server_ops as f64 - (rounds as u64 * probe_cost) as f64) / n;
+    Ok((stats(v), per))
 }
 
 fn opts() -> LockOptions {
@@ -233,6 +253,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The hand-off rows and the server-operation rows for waiters 1, 16, 256.
+#[allow(clippy::too_many_arguments)]
 async fn handoffs<O, Fut>(
     b: &str,
     client: &LockClient,
@@ -241,6 +262,7 @@ async fn handoffs<O, Fut>(
     base_name: &str,
     target: Option<f64>,
     ops: O,
+    probe_cost: u64,
 ) -> Res<Vec<Row>>
 where
     O: Fn() -> Fut,
@@ -253,9 +275,15 @@ where
         } else {
             plan.handoffs
         };
-        let before = ops().await?;
-        let s = handoff(client, w, n, &format!("{b}-handoff-{w}-{}", rand_tag())).await?;
-        let after = ops().await?;
+        let (s, per) = handoff(
+            client,
+            w,
+            n,
+            &format!("{b}-handoff-{w}-{}", rand_tag()),
+            &ops,
+            probe_cost,
+        )
+        .await?;
         println!(
             "{b} hand-off {w} waiters: p50 {:.0} us p99 {:.0} us",
             s.p50_us, s.p99_us
@@ -271,7 +299,7 @@ where
         rows.push(Row::value(
             b,
             &format!("server ops per hand-off, {w} waiters"),
-            (after - before) as f64 / s.n as f64,
+            per,
             "ops",
         ));
     }
@@ -327,6 +355,36 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     let limit = set_rate / 2.0;
 
     let backend = lock_redis::RedisBackend::connect(&url).await?;
+    // The store's share alone: the backend's acquire and release scripts, no client
+    // machinery (no acquire task, no renewal task).
+    {
+        use lock_core::{AcquireRequest, HolderMeta, LockBackend, LockKey};
+        let key = LockKey::new("backend-ar")?;
+        let b = backend.clone();
+        let s = latency(plan.samples, |_| {
+            let (b, key) = (b.clone(), key.clone());
+            async move {
+                let req = AcquireRequest::new(
+                    key,
+                    Duration::from_secs(10),
+                    HolderMeta::default(),
+                    lock_core::Backoff::default(),
+                );
+                b.try_acquire(&req).await?;
+                b.release(&req.lease()).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(Row::latency(
+            "redis",
+            "backend only: try_acquire + release",
+            s,
+            base,
+            "PING",
+            None,
+        ));
+    }
     let ours = LockClient::new(backend).with_options(opts());
     let s = latency(plan.samples, |_| {
         let c = ours.clone();
@@ -367,10 +425,19 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     }
     let srv = server.url();
     rows.extend(
-        handoffs("redis", &ours, plan, base, "PING", Some(5.0), || {
-            let srv = srv.clone();
-            async move { redis_ops(&srv).await }
-        })
+        handoffs(
+            "redis",
+            &ours,
+            plan,
+            base,
+            "PING",
+            Some(5.0),
+            || {
+                let srv = srv.clone();
+                async move { redis_ops(&srv).await }
+            },
+            1,
+        )
         .await?,
     );
 
@@ -610,7 +677,7 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
                 None,
             ));
         }
-        rows.extend(handoffs(mode, &client, plan, base, "SELECT 1", None, ops).await?);
+        rows.extend(handoffs(mode, &client, plan, base, "SELECT 1", Some(5.0), ops, 1).await?);
     }
     drop(server);
     Ok(rows)
@@ -695,20 +762,29 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
     }
     let srv = server.clone();
     rows.extend(
-        handoffs("zk", &client, plan, base, "exists", None, || {
-            let srv = srv.clone();
-            async move {
-                let m = tokio::task::spawn_blocking(move || srv.four_letter(0, "mntr"))
-                    .await?
-                    .ok_or("no mntr reply")?;
-                let n = m
-                    .lines()
-                    .find_map(|l| l.strip_prefix("zk_packets_received"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or("no zk_packets_received in mntr")?;
-                Ok(n)
-            }
-        })
+        handoffs(
+            "zk",
+            &client,
+            plan,
+            base,
+            "exists",
+            None,
+            || {
+                let srv = srv.clone();
+                async move {
+                    let m = tokio::task::spawn_blocking(move || srv.four_letter(0, "mntr"))
+                        .await?
+                        .ok_or("no mntr reply")?;
+                    let n = m
+                        .lines()
+                        .find_map(|l| l.strip_prefix("zk_packets_received"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .ok_or("no zk_packets_received in mntr")?;
+                    Ok(n)
+                }
+            },
+            0,
+        )
         .await?,
     );
     Ok(rows)

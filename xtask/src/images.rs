@@ -35,7 +35,7 @@ fi
 exec runuser -u postgres -- "$BIN/postgres" -D "$PGDATA" -c listen_addresses='*' -c max_connections=400
 "#;
 
-const ZK_CFG: &str = "tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir=/var/lib/zookeeper\nclientPort=2181\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n4lw.commands.whitelist=*\nadmin.enableServer=false\n";
+const ZK_CFG: &str = "tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir=/var/lib/zk-data\nclientPort=2181\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n4lw.commands.whitelist=*\nadmin.enableServer=false\n";
 
 const SPECS: [Spec; 3] = [
     Spec {
@@ -57,7 +57,12 @@ const SPECS: [Spec; 3] = [
         packages: "zookeeper",
         port: 2181,
         cmd: r#"["java", "-Xmx256m", "-cp", "/etc/zookeeper/conf:/usr/share/java/*", "org.apache.zookeeper.server.quorum.QuorumPeerMain", "/etc/zookeeper/zoo-container.cfg"]"#,
-        files: &[("etc/zookeeper/zoo-container.cfg", ZK_CFG)],
+        // Not /var/lib/zookeeper: Debian leaves a placeholder myid there, which standalone
+        // mode would refuse to parse.
+        files: &[
+            ("etc/zookeeper/zoo-container.cfg", ZK_CFG),
+            ("var/lib/zk-data/.keep", ""),
+        ],
     },
 ];
 

@@ -24,6 +24,9 @@ struct Line {
     results: Vec<CaseResult>,
 }
 
+/// One leg of the run: a backend, its provider choice, and its image overrides.
+type Leg<'a> = (&'a str, Via, Vec<(String, String)>);
+
 /// The run's settings.
 struct Run {
     via: Via,
@@ -59,6 +62,8 @@ pub(crate) async fn run(args: &[String]) -> bool {
                     return false;
                 }
             },
+            // `--also-containers redis[=image],pg[=image]`: run these backends once more
+            // through the containers provider (with that image for that leg only).
             "--also-containers" => {
                 also_containers.extend(
                     it.next()
@@ -81,10 +86,24 @@ pub(crate) async fn run(args: &[String]) -> bool {
         eprintln!("unknown backend {backend}; one of {BACKENDS:?} or all");
         return false;
     };
-    let mut plan: Vec<(&str, Via)> = chosen.iter().map(|b| (*b, via)).collect();
-    for b in &also_containers {
-        match BACKENDS.iter().find(|x| **x == b.as_str()) {
-            Some(b) => plan.push((b, Via::Containers)),
+    let mut plan: Vec<Leg<'_>> = chosen.iter().map(|b| (*b, via, images.clone())).collect();
+    for spec in &also_containers {
+        let (b, image) = match spec.split_once('=') {
+            Some((b, i)) => (b, Some(i)),
+            None => (spec.as_str(), None),
+        };
+        match BACKENDS.iter().find(|x| **x == b) {
+            Some(b) => {
+                let mut imgs = images.clone();
+                if let Some(i) = image {
+                    let kind = match *b {
+                        "redis" | "redlock" => "redis",
+                        other => other,
+                    };
+                    imgs.insert(0, (kind.to_owned(), i.to_owned()));
+                }
+                plan.push((b, Via::Containers, imgs));
+            }
             None => {
                 eprintln!("unknown backend {b} in --also-containers");
                 return false;
@@ -92,12 +111,9 @@ pub(crate) async fn run(args: &[String]) -> bool {
         }
     }
     let mut lines = Vec::new();
-    for (b, via) in plan {
+    for (b, via, images) in plan {
         println!("\n=== {b} ({via:?})");
-        let r = Run {
-            via,
-            images: images.clone(),
-        };
+        let r = Run { via, images };
         let line = match b {
             "memory" => Line {
                 backend: b.into(),

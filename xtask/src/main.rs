@@ -39,14 +39,9 @@ fn main() -> ExitCode {
             ci() && ctrl_c_leaves_nothing() && containers_image() && chaos_quick(&rt) && {
                 // One run, one summary: every backend through the default providers, and
                 // Redis once more through the containers provider (local image).
-                let args: Vec<String> = [
-                    "--also-containers",
-                    "redis",
-                    "--image",
-                    "redis=distlock/redis:local",
-                ]
-                .map(String::from)
-                .to_vec();
+                let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
+                    .map(String::from)
+                    .to_vec();
                 rt.block_on(interruptible(integration::run(&args)))
             }
         }

@@ -296,20 +296,26 @@ async fn holder_that_stops_renewing_loses_key(c: Ctx) -> Result<String, String> 
     let opts = a.options().clone().lease(lease).auto_renew(false);
     let t = Instant::now();
     let g = a.acquire_with(&key, &opts).await.ctx("acquire")?;
-    let reason = tokio::time::timeout(lease * 3, g.lost())
-        .await
-        .map_err(|_| "no loss reported")?;
-    let lost_after = t.elapsed();
-    ensure!(reason.is_some(), "lost() resolved without a reason");
-    ensure!(
-        lost_after <= lease,
-        "loss reported after {lost_after:?}, later than the lease {lease:?}"
-    );
+    let lost = {
+        let h = g.handle();
+        tokio::spawn(async move {
+            let r = h.lost().await;
+            (r, Instant::now())
+        })
+    };
+    // The store's lease started no earlier than `t`: by `t + lease` the holder must know.
+    tokio::time::sleep_until(t + lease).await;
     ensure!(
         matches!(g.status(), LockStatus::Lost(_)),
-        "status is {:?}",
+        "status at the end of the lease is {:?}",
         g.status()
     );
+    let (reason, at) = tokio::time::timeout(lease * 3, lost)
+        .await
+        .map_err(|_| "lost() did not resolve")?
+        .ctx("lost task")?;
+    let lost_after = at - t;
+    ensure!(reason.is_some(), "lost() resolved without a reason");
     ensure!(g.check().is_err(), "check() passes on a lost lock");
     let opts_b = b.options().clone().wait(WaitPolicy::Timeout(lease * 4));
     let next = b

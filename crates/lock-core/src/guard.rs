@@ -107,9 +107,19 @@ impl LockHandle {
         &self.shared.lease.lease_id
     }
 
-    /// The current status.
+    /// The current status. Judged on the monotonic clock as well as from the renewal
+    /// task: once the safe deadline has passed, the lock is `Lost` even if that task has
+    /// not been scheduled yet (a starved runtime, a paused process that just woke up).
     pub fn status(&self) -> LockStatus {
-        self.status.borrow().clone()
+        let s = self.status.borrow().clone();
+        if matches!(s, LockStatus::Held | LockStatus::Uncertain)
+            && self.safe_until().is_some_and(|d| Instant::now() >= d)
+        {
+            self.shared
+                .set_status(LockStatus::Lost(LossReason::Expired));
+            return self.status.borrow().clone();
+        }
+        s
     }
 
     /// A receiver that sees every status change.
@@ -147,13 +157,34 @@ impl LockHandle {
         }
     }
 
-    /// Resolves when the lock is lost (or released), with the reason.
+    /// Resolves when the lock is lost (or released), with the reason; at the latest when
+    /// the safe deadline passes without a renewal.
     pub async fn lost(&self) -> Option<LossReason> {
         let mut rx = self.status.clone();
-        let seen = rx.wait_for(|s| s.is_final()).await;
-        match seen.as_deref() {
-            Ok(LockStatus::Lost(r)) => Some(r.clone()),
-            _ => None,
+        loop {
+            let changed = self.shared.safe_changed.notified();
+            let deadline = self.safe_until();
+            let wait_deadline = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                seen = rx.wait_for(|s| s.is_final()) => {
+                    return match seen.as_deref() {
+                        Ok(LockStatus::Lost(r)) => Some(r.clone()),
+                        _ => None,
+                    };
+                }
+                () = wait_deadline => {
+                    // status() turns Lost if the (current) deadline really passed.
+                    if let LockStatus::Lost(r) = self.status() {
+                        return Some(r);
+                    }
+                }
+                () = changed => {}
+            }
         }
     }
 }
