@@ -112,6 +112,12 @@ pub async fn run(zk: Option<ZooKeeper>) -> Vec<CaseResult> {
             watch_rearmed(&connect),
         )
         .await,
+        check(
+            name,
+            "digest_auth_creator_acl_and_chroot",
+            digest_chroot(&connect),
+        )
+        .await,
     ];
     if zk.ports.len() > 1 {
         out.push(
@@ -464,4 +470,66 @@ async fn watch_rearmed(connect: &str) -> Res<String> {
         return Err(format!("watch fired with {ev:?}"));
     }
     Ok("watch set before the reconnect fired NodeDeleted after it".into())
+}
+
+/// Digest authentication with a creator-only ACL, under a chroot: the lock works, its node
+/// lives under the chroot, a client with the same credentials sees it, and a client with
+/// other credentials can neither read nor delete it.
+async fn digest_chroot(connect: &str) -> Res<String> {
+    use lock_zk::zookeeper_client as zk;
+    use lock_zk::{ZkAcl, ZkConfig};
+    let chroot = format!("/app-{:08x}", rand::random::<u32>());
+    let admin = observer_client(connect).await?;
+    admin
+        .create(
+            &chroot,
+            b"",
+            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+        )
+        .await
+        .map_err(e2s)?;
+    let cfg = ZkConfig::new(format!("{connect}{chroot}"))
+        .session_timeout(ZK_SESSION)
+        .acl(ZkAcl::CreatorAll)
+        .digest_auth("locker:s3cret");
+    let b = ZkBackend::connect_with(cfg.clone()).await.map_err(e2s)?;
+    let c = LockClient::new(b.clone()).with_options(opts());
+    let k = key("auth");
+    let g = c.acquire(&k).await.map_err(e2s)?;
+    let parent = format!("{chroot}{}", b.key_path(&LockKey::new(&*k).map_err(e2s)?));
+    let same = zk::Client::connector()
+        .with_auth("digest", b"locker:s3cret")
+        .connect(connect)
+        .await
+        .map_err(e2s)?;
+    let nodes = same.list_children(&parent).await.map_err(e2s)?;
+    let node = nodes
+        .first()
+        .ok_or("no lock node under the chroot")?
+        .clone();
+    let stranger = zk::Client::connector()
+        .with_auth("digest", b"other:pw")
+        .connect(connect)
+        .await
+        .map_err(e2s)?;
+    let read = stranger.get_data(&format!("{parent}/{node}")).await;
+    let delete = stranger.delete(&format!("{parent}/{node}"), None).await;
+    let info = LockClient::new(ZkBackend::connect_with(cfg).await.map_err(e2s)?)
+        .inspect(&k)
+        .await
+        .map_err(e2s)?;
+    g.release().await.map_err(e2s)?;
+    let after = same.list_children(&parent).await.unwrap_or_default();
+    if !matches!(read, Err(zk::Error::NoAuth)) || !matches!(delete, Err(zk::Error::NoAuth)) {
+        return Err(format!(
+            "other credentials: read {:?}, delete {delete:?}",
+            read.map(|_| ())
+        ));
+    }
+    if info.is_none() || !after.is_empty() {
+        return Err(format!("inspect {info:?}; nodes after release {after:?}"));
+    }
+    Ok(format!(
+        "node {parent}/{node}: other credentials refused (NoAuth) for read and delete; same credentials inspect; released by its owner"
+    ))
 }

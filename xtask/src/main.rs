@@ -12,6 +12,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   demo        the inventory demo on every backend that can be provisioned
   chaos [--quick] [--seed n] [redis|redlock|zk|pg-lease|pg-advisory...]
               fault injection with worker processes, judged by the history checker
+  ctrl-c-check
+              SIGINT an integration run (local, then containers): nothing may be left
   images [redis|postgres|zookeeper...]
               build local server images from Debian packages (debootstrap + docker import)
   bench [--quick] [redis|pg|zk...]
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
         Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
-            ci() && ctrl_c_leaves_nothing() && containers_image() && chaos_quick(&rt) && {
+            ci() && containers_image() && ctrl_c_leaves_nothing() && chaos_quick(&rt) && {
                 // One run, one summary: every backend through the default providers, and
                 // Redis once more through the containers provider (local image).
                 let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
             }
         }
         Some("images") => images::run_images(&args[1..]),
+        Some("ctrl-c-check") => ctrl_c_leaves_nothing(),
         Some("chaos") => {
             step(
                 "build chaos-worker",
@@ -139,7 +142,7 @@ fn ctrl_c_leaves_nothing() -> bool {
             return false;
         }
     };
-    let mut child = match Command::new(exe)
+    let mut child = match Command::new(&exe)
         .args(["integration", "--backend", "redis", "--via", "local"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -165,6 +168,57 @@ fn ctrl_c_leaves_nothing() -> bool {
     let ok = during > before && after == before;
     println!(
         "redis-server processes: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
+        if ok { "ok" } else { "FAILED" }
+    );
+    ok && ctrl_c_leaves_no_container(&exe)
+}
+
+/// The same through the containers provider (needs the local Redis image): no container
+/// may be left after SIGINT.
+fn ctrl_c_leaves_no_container(exe: &std::path::Path) -> bool {
+    let containers = || {
+        Command::new("docker")
+            .args(["ps", "-aq"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    let before = containers();
+    let mut child = match Command::new(exe)
+        .args([
+            "integration",
+            "--backend",
+            "redis",
+            "--via",
+            "containers",
+            "--image",
+            "redis=distlock/redis:local",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ctrl-c check (containers): {e}");
+            return false;
+        }
+    };
+    let t = std::time::Instant::now();
+    while containers() <= before && t.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let during = containers();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let after = containers();
+    let ok = during > before && after == before;
+    println!(
+        "containers: {before} before, {during} during, {after} after SIGINT: {}",
         if ok { "ok" } else { "FAILED" }
     );
     ok

@@ -382,7 +382,13 @@ impl ZkBackend {
         let client = session.client()?;
         let parent = self.key_path(&req.key);
         if wait.is_none() {
-            // A try on a key with a queue cannot win: answer without writing.
+            // A try on a key with a queue cannot win: answer without writing. Reads may be
+            // served by a follower that lags behind a release another client already saw
+            // acknowledged; `sync` first, so a released key is never reported taken.
+            match self.timed("sync", client.sync(&parent)).await? {
+                Ok(()) | Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(map_err(e)),
+            }
             if self
                 .queue(&client, &parent)
                 .await?
