@@ -369,11 +369,16 @@ fn timing(backend: &str, quick: bool) -> Timing {
         "pg-advisory" => Duration::from_millis(2500),
         _ => Duration::from_millis(lease_ms),
     };
-    let base = if quick { 4 } else { 10 };
+    let base = if quick { 3 } else { 8 };
+    // Faults start after 1.5 s and the longest lasts 2 x expiry + 0.5 s: the workers must
+    // keep going well after it heals, or a fault at the end of the run tests nothing.
+    let fault = (expiry * 2 + Duration::from_millis(500))
+        .as_secs_f64()
+        .ceil() as u64;
     Timing {
         lease_ms,
         expiry,
-        seconds: base + expiry.as_secs() * 2,
+        seconds: base + fault + 2,
     }
 }
 
