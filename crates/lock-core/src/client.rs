@@ -92,8 +92,14 @@ impl LockClient {
         let started = Instant::now();
         let span = tracing::debug_span!("lock.acquire", backend = name, key = %req.key, lease = %req.lease_id);
         let (tx, rx) = oneshot::channel();
+        let mut answer = Answer {
+            rx,
+            backend: backend.clone(),
+            lease: lease.clone(),
+            op_timeout: opts.op_timeout,
+        };
         tokio::spawn(run_acquire(backend, req, opts.clone(), started, tx));
-        let res = match rx.await {
+        let res = match (&mut answer.rx).await {
             Ok(r) => r,
             Err(_) => Err(LockError::Protocol(
                 "the acquire task ended without an answer".into(),
@@ -189,6 +195,40 @@ impl LockClient {
     }
 }
 
+/// The caller's end of an acquire: if the caller goes away after the task has sent a grant
+/// but before the caller read it (the answer can land between two polls of the caller's
+/// own timeout), the grant would be dropped unread and the lease would outlive everyone
+/// who knew it. Dropping this releases such an unread grant.
+struct Answer {
+    rx: oneshot::Receiver<Result<Grant, LockError>>,
+    backend: Arc<dyn LockBackend>,
+    lease: crate::backend::LeaseRef,
+    op_timeout: std::time::Duration,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // After close() no send can succeed: the task sees the closed channel and cleans
+        // up itself. A grant sent before close() is still readable here.
+        self.rx.close();
+        if let Ok(Ok(_unread)) = self.rx.try_recv() {
+            let (backend, lease, op) = (self.backend.clone(), self.lease.clone(), self.op_timeout);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        if !matches!(timeout(op, backend.release(&lease)).await, Ok(Ok(_))) {
+                            tracing::warn!(key = %lease.key, lease = %lease.lease_id, "releasing an unread grant failed; the lease will expire");
+                        }
+                    });
+                }
+                Err(_) => {
+                    tracing::warn!(key = %lease.key, lease = %lease.lease_id, "an unread grant was dropped outside a runtime; the lease will expire");
+                }
+            }
+        }
+    }
+}
+
 /// The acquire request, run as its own task so that a caller that goes away cannot cut it
 /// in half: whatever it may have created is released by lease id.
 async fn run_acquire(
@@ -258,5 +298,49 @@ async fn run_acquire(
             }
             let _ = tx.send(Err(e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::memory::MemoryStore;
+
+    /// The grant lands in the channel, then the caller drops its future without reading
+    /// it (as a caller's own timeout can, between two polls): the lease must be released,
+    /// not left to expire.
+    #[tokio::test]
+    async fn unread_grant_is_released() {
+        let store = MemoryStore::new();
+        let client = LockClient::new(store.connect());
+        let opts = LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .wait(WaitPolicy::Timeout(Duration::from_secs(10)));
+        let first = client.acquire_with("k", &opts).await.expect("first");
+        let mut waiting = Box::pin(client.acquire_with("k", &opts));
+        assert!(timeout(Duration::from_millis(20), &mut waiting)
+            .await
+            .is_err());
+        first.release().await.expect("release");
+        // Let the acquire task receive the grant and send it; the caller never reads it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(waiting);
+        let mut free = false;
+        for _ in 0..50 {
+            match client.try_acquire("k").await {
+                Ok(g) => {
+                    g.release().await.expect("release");
+                    free = true;
+                    break;
+                }
+                Err(LockError::Contended { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(free, "the unread grant was left to expire (30 s lease)");
     }
 }
