@@ -2,11 +2,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
 
-use crate::backend::{AcquireRequest, Grant, LockBackend, LockInfo};
+use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
 use crate::guard::{LockGuard, LockHandle, LockStatus};
 use crate::key::LockKey;
@@ -74,9 +74,10 @@ impl LockClient {
     /// Acquires `key` with explicit options.
     ///
     /// Cancellation-safe: dropping the returned future at any point leaves no lease and no
-    /// queue entry behind. The request runs in a task; if the caller has gone when it ends
-    /// (or while it waits), the task releases whatever the request may have created, by
-    /// the acquisition's lease id.
+    /// queue entry behind. The request runs in the caller's task (no hop through another
+    /// task on the fast path); if the future is dropped before it has returned the guard,
+    /// a background task releases whatever the request may have created, by the
+    /// acquisition's lease id.
     pub async fn acquire_with(
         &self,
         key: &str,
@@ -91,20 +92,31 @@ impl LockClient {
         let lease = req.lease();
         let started = Instant::now();
         let span = tracing::debug_span!("lock.acquire", backend = name, key = %req.key, lease = %req.lease_id);
-        let (tx, rx) = oneshot::channel();
-        let mut answer = Answer {
-            rx,
-            backend: backend.clone(),
+        // Armed while the request is in flight: a caller that goes away mid-request (its
+        // own timeout, a select, a dropped task) cannot leave a lease or a queue entry behind.
+        let mut pending = Pending {
+            backend: Some(backend.clone()),
             lease: lease.clone(),
             op_timeout: opts.op_timeout,
         };
-        tokio::spawn(run_acquire(backend, req, opts.clone(), started, tx));
-        let res = match (&mut answer.rx).await {
-            Ok(r) => r,
-            Err(_) => Err(LockError::Protocol(
-                "the acquire task ended without an answer".into(),
-            )),
-        };
+        let res = run_acquire(&*backend, &req, opts, started).await;
+        if let Err(e) = &res {
+            // Errors that leave the outcome unknown may have created a lease or a queue
+            // entry: remove it before answering, so the caller sees a clean slate. A
+            // `Timeout` is definite: the backend contract has it leave nothing behind.
+            let unknown = !matches!(
+                e,
+                LockError::Contended { .. }
+                    | LockError::Timeout { .. }
+                    | LockError::InvalidKey { .. }
+                    | LockError::InvalidOptions(_)
+                    | LockError::InvalidConfig(_)
+            );
+            if unknown {
+                cleanup(&*backend, &lease, opts.op_timeout).await;
+            }
+        }
+        pending.backend = None;
         let _enter = span.enter();
         let waited = started.elapsed().as_secs_f64();
         metrics::histogram!("lock_wait_seconds", "backend" => name).record(waited);
@@ -195,109 +207,65 @@ impl LockClient {
     }
 }
 
-/// The caller's end of an acquire: if the caller goes away after the task has sent a grant
-/// but before the caller read it (the answer can land between two polls of the caller's
-/// own timeout), the grant would be dropped unread and the lease would outlive everyone
-/// who knew it. Dropping this releases such an unread grant.
-struct Answer {
-    rx: oneshot::Receiver<Result<Grant, LockError>>,
-    backend: Arc<dyn LockBackend>,
-    lease: crate::backend::LeaseRef,
-    op_timeout: std::time::Duration,
+/// An acquire request in flight. Dropped while armed (the caller went away before the
+/// backend answered, or before the caller saw the answer), it releases whatever the request
+/// may have created, by lease id, in a task of its own.
+struct Pending {
+    backend: Option<Arc<dyn LockBackend>>,
+    lease: LeaseRef,
+    op_timeout: Duration,
 }
 
-impl Drop for Answer {
+impl Drop for Pending {
     fn drop(&mut self) {
-        // After close() no send can succeed: the task sees the closed channel and cleans
-        // up itself. A grant sent before close() is still readable here.
-        self.rx.close();
-        if let Ok(Ok(_unread)) = self.rx.try_recv() {
-            let (backend, lease, op) = (self.backend.clone(), self.lease.clone(), self.op_timeout);
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(async move {
-                        if !matches!(timeout(op, backend.release(&lease)).await, Ok(Ok(_))) {
-                            tracing::warn!(key = %lease.key, lease = %lease.lease_id, "releasing an unread grant failed; the lease will expire");
-                        }
-                    });
-                }
-                Err(_) => {
-                    tracing::warn!(key = %lease.key, lease = %lease.lease_id, "an unread grant was dropped outside a runtime; the lease will expire");
-                }
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        let (lease, op) = (self.lease.clone(), self.op_timeout);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { cleanup(&*backend, &lease, op).await });
+            }
+            Err(_) => {
+                tracing::warn!(key = %lease.key, lease = %lease.lease_id, "an acquire was abandoned outside a runtime; its lease, if any, will expire");
             }
         }
     }
 }
 
-/// The acquire request, run as its own task so that a caller that goes away cannot cut it
-/// in half: whatever it may have created is released by lease id.
+async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
+    if !matches!(timeout(op, backend.release(lease)).await, Ok(Ok(_))) {
+        tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
+    }
+}
+
+/// The request itself, bounded by the wait policy plus one operation timeout.
 async fn run_acquire(
-    backend: Arc<dyn LockBackend>,
-    req: AcquireRequest,
-    opts: LockOptions,
+    backend: &dyn LockBackend,
+    req: &AcquireRequest,
+    opts: &LockOptions,
     started: Instant,
-    mut tx: oneshot::Sender<Result<Grant, LockError>>,
-) {
-    let name = backend.name();
+) -> Result<Grant, LockError> {
     let (deadline, limit) = match opts.wait {
         WaitPolicy::NoWait => (None, Some(opts.op_timeout)),
         WaitPolicy::Timeout(t) => (Some(started + t), Some(t + opts.op_timeout)),
         WaitPolicy::Forever => (None, None),
     };
-    let attempt = async {
-        let fut = async {
-            match opts.wait {
-                WaitPolicy::NoWait => backend.try_acquire(&req).await,
-                _ => backend.acquire(&req, deadline).await,
-            }
-        };
-        match limit {
-            Some(l) => timeout(l, fut)
-                .await
-                .unwrap_or(Err(LockError::OperationTimeout {
-                    backend: name,
-                    op: "acquire",
-                    after: l,
-                })),
-            None => fut.await,
+    let fut = async {
+        match opts.wait {
+            WaitPolicy::NoWait => backend.try_acquire(req).await,
+            _ => backend.acquire(req, deadline).await,
         }
     };
-    let outcome = tokio::select! {
-        res = attempt => Some(res),
-        _ = tx.closed() => None,
-    };
-    let lease = req.lease();
-    let cleanup = async {
-        let r = timeout(opts.op_timeout, backend.release(&lease)).await;
-        if !matches!(r, Ok(Ok(_))) {
-            tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
-        }
-    };
-    match outcome {
-        // The caller went away while the request was in flight or waiting.
-        None => cleanup.await,
-        Some(Ok(grant)) => {
-            if tx.send(Ok(grant)).is_err() {
-                cleanup.await;
-            }
-        }
-        Some(Err(e)) => {
-            // Errors that leave the outcome unknown may have created a lease or a queue
-            // entry: remove it before answering, so the caller sees a clean slate. A
-            // `Timeout` is definite: the backend contract has it leave nothing behind.
-            let unknown = !matches!(
-                e,
-                LockError::Contended { .. }
-                    | LockError::Timeout { .. }
-                    | LockError::InvalidKey { .. }
-                    | LockError::InvalidOptions(_)
-                    | LockError::InvalidConfig(_)
-            );
-            if unknown {
-                cleanup.await;
-            }
-            let _ = tx.send(Err(e));
-        }
+    match limit {
+        Some(l) => timeout(l, fut)
+            .await
+            .unwrap_or(Err(LockError::OperationTimeout {
+                backend: backend.name(),
+                op: "acquire",
+                after: l,
+            })),
+        None => fut.await,
     }
 }
 

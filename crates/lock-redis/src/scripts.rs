@@ -39,10 +39,17 @@ if holder then
   enqueue()
   return {0, 0, redis.call('PTTL', KEYS[1])}
 end
+-- Whether this lease may sit in the queue (only a waiting acquire enqueues), so that the
+-- uncontended path runs no queue commands beyond one look at the head.
+local queued = ARGV[4] == '1'
 if ARGV[5] == '1' then
   while true do
     local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-    if (not head) or head == lease then break end
+    if not head then
+      queued = false
+      break
+    end
+    if head == lease then break end
     if redis.call('EXISTS', wprefix .. head) == 1 then
       enqueue()
       return {0, 0, -1}
@@ -58,8 +65,9 @@ local stok = string.format('%d', tok)
 redis.call('SET', KEYS[2], stok)
 redis.call('HSET', KEYS[1], 'id', lease, 'tok', stok, 'meta', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[3], lease)
-redis.call('DEL', wprefix .. lease)
+if queued and redis.call('ZREM', KEYS[3], lease) == 1 then
+  redis.call('DEL', wprefix .. lease)
+end
 return {1, tok, tonumber(ARGV[2])}
 "#;
 
@@ -76,13 +84,19 @@ return 0
 /// or queued) and, if the key is now free, wakes exactly one live waiter.
 pub(crate) const RELEASE: &str = r#"
 local released = 0
+local free
 if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then
+  -- A holder left the queue when it was granted: nothing of it to remove there.
   redis.call('DEL', KEYS[1])
   released = 1
+  free = true
+else
+  if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+    redis.call('DEL', ARGV[2] .. ARGV[1])
+  end
+  free = redis.call('EXISTS', KEYS[1]) == 0
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', ARGV[2] .. ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if free then
   while true do
     local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
     if not head then break end
