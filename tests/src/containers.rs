@@ -110,6 +110,14 @@ pub fn ensure_image(image: &str) -> Result<(), String> {
     }
 }
 
+/// One member of a containerised ZooKeeper ensemble.
+struct Member {
+    network: String,
+    name: String,
+    id: usize,
+    servers: String,
+}
+
 /// A running server container; dropping it removes the container.
 #[derive(Debug)]
 pub struct Server {
@@ -124,6 +132,46 @@ pub struct Server {
 impl Server {
     /// Starts `kind` from `image` and waits until it answers.
     pub async fn start(kind: Kind, image: &str) -> Result<Self, String> {
+        let me = Self::launch(kind, image, None).await?;
+        me.wait_ready().await?;
+        Ok(me)
+    }
+
+    /// Starts a ZooKeeper ensemble of `members` containers from `image` on a network of
+    /// its own (the members find each other by container name), and waits until every
+    /// member serves. The image must honour `ZOO_MY_ID` and `ZOO_SERVERS` as the official
+    /// one does (`cargo xtask images` builds one that does).
+    pub async fn start_zk_ensemble(image: &str, members: usize) -> Result<Vec<Self>, String> {
+        let tag = format!("distlock-zk-{:08x}", rand::random::<u32>());
+        let servers = (1..=members)
+            .map(|i| format!("server.{i}={tag}-{i}:2888:3888;2181"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut started = Vec::new();
+        for i in 1..=members {
+            let member = Member {
+                network: tag.clone(),
+                name: format!("{tag}-{i}"),
+                id: i,
+                servers: servers.clone(),
+            };
+            started.push(Self::launch(Kind::ZooKeeper, image, Some(member)).await?);
+        }
+        for s in &started {
+            s.wait_ready().await?;
+            let addr: std::net::SocketAddr = ([127, 0, 0, 1], s.port).into();
+            let mode = crate::servers::ask(addr, b"srvr").unwrap_or_default();
+            if !(mode.contains("Mode: leader") || mode.contains("Mode: follower")) {
+                return Err(format!(
+                    "ensemble member on :{} is not in a quorum: {mode}",
+                    s.port
+                ));
+            }
+        }
+        Ok(started)
+    }
+
+    async fn launch(kind: Kind, image: &str, member: Option<Member>) -> Result<Self, String> {
         ensure_image(image)?;
         let (name, tag) = image.rsplit_once(':').unwrap_or((image, "latest"));
         let base = GenericImage::new(name, tag)
@@ -135,6 +183,16 @@ impl Server {
             Kind::Mongo => base.with_cmd(["mongod", "--replSet", "rs0", "--bind_ip_all"]),
             Kind::Redis => base.into(),
         };
+        let req = match member {
+            Some(m) => req
+                .with_network(m.network)
+                .with_container_name(m.name.clone())
+                .with_hostname(m.name)
+                .with_env_var("ZOO_MY_ID", m.id.to_string())
+                .with_env_var("ZOO_SERVERS", m.servers)
+                .with_env_var("ZOO_STANDALONE_ENABLED", "false"),
+            None => req,
+        };
         let container = req
             .with_startup_timeout(Duration::from_secs(120))
             .start()
@@ -144,14 +202,12 @@ impl Server {
             .get_host_port_ipv4(kind.port().tcp())
             .await
             .map_err(|e| format!("port of {image}: {e}"))?;
-        let me = Self {
+        Ok(Self {
             container,
             image: image.to_owned(),
             port,
             kind,
-        };
-        me.wait_ready().await?;
-        Ok(me)
+        })
     }
 
     /// The URL (or connect string) of the server.

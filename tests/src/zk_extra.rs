@@ -56,13 +56,13 @@ use lock_conformance::record_statuses as record;
 
 /// Runs every ZooKeeper-specific check against `zk` (None: servers given by the
 /// environment, so the checks that need control of the servers are skipped).
-pub async fn run(zk: Option<ZooKeeper>) -> Vec<CaseResult> {
+pub async fn run(zk: Option<ZooKeeper>, target: &str) -> Vec<CaseResult> {
     let Some(mut zk) = zk else {
         let r = CaseResult {
-            target: "zk".into(),
+            target: target.into(),
             case: "server_control_checks".into(),
             outcome: Outcome::Skipped {
-                reason: "need servers this run started (LOCK_ZK_ADDR given)".into(),
+                reason: "these checks control server processes the local provider started; this run used servers from the environment or containers".into(),
             },
             millis: 0,
         };

@@ -37,6 +37,23 @@ exec runuser -u postgres -- "$BIN/postgres" -D "$PGDATA" -c listen_addresses='*'
 
 const ZK_CFG: &str = "tickTime=500\ninitLimit=20\nsyncLimit=10\ndataDir=/var/lib/zk-data\nclientPort=2181\nmaxSessionTimeout=60000\nminSessionTimeout=1000\n4lw.commands.whitelist=*\nadmin.enableServer=false\n";
 
+/// Standalone by default; like the official image, `ZOO_MY_ID` and `ZOO_SERVERS`
+/// (`server.1=host:2888:3888;2181 server.2=...`) make the container an ensemble member.
+const ZK_ENTRYPOINT: &str = r#"#!/bin/sh
+set -e
+CFG=/etc/zookeeper/zoo-container.cfg
+if [ -n "$ZOO_MY_ID" ] && [ -n "$ZOO_SERVERS" ]; then
+  CFG=/tmp/zoo-ensemble.cfg
+  cp /etc/zookeeper/zoo-container.cfg "$CFG"
+  echo "$ZOO_MY_ID" > /var/lib/zk-data/myid
+  echo "standaloneEnabled=false" >> "$CFG"
+  echo "reconfigEnabled=false" >> "$CFG"
+  echo "quorumListenOnAllIPs=true" >> "$CFG"
+  for s in $ZOO_SERVERS; do echo "$s" >> "$CFG"; done
+fi
+exec java -Xmx256m -cp "/etc/zookeeper/conf:/usr/share/java/*" org.apache.zookeeper.server.quorum.QuorumPeerMain "$CFG"
+"#;
+
 const SPECS: [Spec; 3] = [
     Spec {
         name: "redis",
@@ -56,11 +73,12 @@ const SPECS: [Spec; 3] = [
         name: "zookeeper",
         packages: "zookeeper",
         port: 2181,
-        cmd: r#"["java", "-Xmx256m", "-cp", "/etc/zookeeper/conf:/usr/share/java/*", "org.apache.zookeeper.server.quorum.QuorumPeerMain", "/etc/zookeeper/zoo-container.cfg"]"#,
+        cmd: r#"["/usr/local/bin/zk-entrypoint.sh"]"#,
         // Not /var/lib/zookeeper: Debian leaves a placeholder myid there, which standalone
         // mode would refuse to parse.
         files: &[
             ("etc/zookeeper/zoo-container.cfg", ZK_CFG),
+            ("usr/local/bin/zk-entrypoint.sh", ZK_ENTRYPOINT),
             ("var/lib/zk-data/.keep", ""),
         ],
     },

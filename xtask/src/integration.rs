@@ -236,15 +236,27 @@ where
         match usable {
             Ok(()) => {
                 let mut servers = Vec::new();
-                for _ in 0..count {
+                if kind == Kind::ZooKeeper && count > 1 {
+                    // Members of one ensemble, not independent servers.
+                    match containers::Server::start_zk_ensemble(&image, count).await {
+                        Ok(s) => servers = s,
+                        Err(e) => return Err(("containers".into(), e)),
+                    }
+                }
+                while servers.len() < count {
                     match containers::Server::start(kind, &image).await {
                         Ok(s) => servers.push(s),
                         Err(e) => return Err(("containers".into(), e)),
                     }
                 }
+                let what = if kind == Kind::ZooKeeper && count > 1 {
+                    "ensemble of"
+                } else {
+                    "x"
+                };
                 return Ok(Provisioned {
                     urls: servers.iter().map(containers::Server::url).collect(),
-                    provider: format!("containers {count} x {image}"),
+                    provider: format!("containers {count} {what} {image}"),
                     local: None,
                     _containers: servers,
                 });
@@ -390,33 +402,20 @@ async fn zk(r: &Run) -> Line {
     let mut providers = Vec::new();
     for members in [1usize, 3] {
         let name = if members == 1 { "zk" } else { "zk-ensemble3" };
-        let run = Run {
-            // An ensemble needs its members to know each other: local processes (or
-            // servers the user runs, given by LOCK_ZK_ADDR) only.
-            via: if members == 3 && r.via == Via::Auto {
-                Via::Local
-            } else {
-                r.via
-            },
-            images: r.images.clone(),
-        };
-        if members == 3 && r.via == Via::Containers {
+        if members == 3 && env("LOCK_ZK_ADDR").is_some() && r.via != Via::Local {
+            // The user's servers ran as the first topology; say so rather than pass quietly.
             results.extend(
                 skipped(
                     name,
-                    "containers",
-                    "a three-node ensemble is provisioned by the local provider only (its members must know each other's addresses)",
+                    "env",
+                    "LOCK_ZK_ADDR is set: the given servers ran as the first topology; unset it (or pass --via local) for the local three-node ensemble",
                     &names,
                 )
                 .results,
             );
             continue;
         }
-        if members == 3 && env("LOCK_ZK_ADDR").is_some() && r.via != Via::Local {
-            // The user's servers ran as the first topology.
-            continue;
-        }
-        let p = match provision(&run, Kind::ZooKeeper, 1, "LOCK_ZK_ADDR", move || {
+        let p = match provision(r, Kind::ZooKeeper, members, "LOCK_ZK_ADDR", move || {
             let s = ZooKeeper::start(members)?;
             Ok((
                 vec![s.connect_string()],
@@ -444,7 +443,7 @@ async fn zk(r: &Run) -> Line {
             .local
             .and_then(|b| b.downcast::<ZooKeeper>().ok())
             .map(|b| *b);
-        results.extend(zk_extra::run(server).await);
+        results.extend(zk_extra::run(server, name).await);
         providers.push(p.provider);
     }
     Line {
