@@ -245,10 +245,9 @@ fn ci() -> bool {
                 .env("RUSTDOCFLAGS", "-D warnings"),
         )
         && step(
-            "package",
+            "package (each crate packaged and built on its own)",
             cargo().args([
                 "package",
-                "--no-verify",
                 "-p",
                 "lock-core",
                 "-p",
