@@ -99,7 +99,23 @@ impl LockClient {
             lease: lease.clone(),
             op_timeout: opts.op_timeout,
         };
-        let res = run_acquire(&*backend, &req, opts, started).await;
+        let mut res = run_acquire(&*backend, &req, opts, started).await;
+        while matches!(&res, Ok(g) if arrived_late(g, opts)) {
+            // A grant whose reply took most of the lease to arrive (a slow network, a
+            // paused client): the holder would have no time to use it, and the store may
+            // already be handing the key on. Give it back; a waiting acquire tries again.
+            tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
+            cleanup(&*backend, &lease, opts.op_timeout).await;
+            res = if matches!(opts.wait, WaitPolicy::NoWait) {
+                Err(LockError::backend(
+                    name,
+                    true,
+                    "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
+                ))
+            } else {
+                run_acquire(&*backend, &req, opts, started).await
+            };
+        }
         if let Err(e) = &res {
             // Errors that leave the outcome unknown may have created a lease or a queue
             // entry: remove it before answering, so the caller sees a clean slate. A
@@ -239,6 +255,15 @@ async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
     }
 }
 
+/// Whether a TTL grant has under a tenth of its lease left (after the drift margin) on
+/// arrival.
+fn arrived_late(grant: &Grant, opts: &LockOptions) -> bool {
+    grant.lease_deadline.is_some_and(|d| {
+        d.checked_sub(opts.drift())
+            .is_none_or(|safe| safe < Instant::now() + opts.lease / 10)
+    })
+}
+
 /// The request itself, bounded by the wait policy plus one operation timeout.
 async fn run_acquire(
     backend: &dyn LockBackend,
@@ -310,5 +335,89 @@ mod tests {
             }
         }
         assert!(free, "the unread grant was left to expire (30 s lease)");
+    }
+
+    /// Hands out grants whose reply "arrived" with the lease nearly over, `late` times.
+    #[derive(Debug)]
+    struct LateReplies {
+        inner: crate::memory::MemoryBackend,
+        late: std::sync::atomic::AtomicUsize,
+        acquires: std::sync::atomic::AtomicUsize,
+    }
+
+    impl LateReplies {
+        fn delay(&self, mut g: Grant) -> Grant {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.acquires.fetch_add(1, SeqCst);
+            if self.late.load(SeqCst) > 0 {
+                self.late.fetch_sub(1, SeqCst);
+                g.lease_deadline = Some(Instant::now() + Duration::from_millis(5));
+            }
+            g
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl LockBackend for LateReplies {
+        fn name(&self) -> &'static str {
+            "late"
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+        async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+            self.inner.try_acquire(req).await.map(|g| self.delay(g))
+        }
+        async fn acquire(
+            &self,
+            req: &AcquireRequest,
+            deadline: Option<Instant>,
+        ) -> Result<Grant, LockError> {
+            self.inner
+                .acquire(req, deadline)
+                .await
+                .map(|g| self.delay(g))
+        }
+        async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &LeaseRef) -> Result<crate::ReleaseOutcome, LockError> {
+            self.inner.release(lease).await
+        }
+        async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+            self.inner.inspect(key).await
+        }
+    }
+
+    /// A grant that arrives with its lease nearly over is given back: a waiting acquire
+    /// tries again and gets a fresh lease; a try reports a retryable error and leaves the
+    /// key free.
+    #[tokio::test]
+    async fn late_grant_is_given_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let backend = Arc::new(LateReplies {
+            inner: MemoryStore::new().connect(),
+            late: 1.into(),
+            acquires: 0.into(),
+        });
+        let client = LockClient::from_arc(backend.clone());
+        let opts = LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .wait(WaitPolicy::Timeout(Duration::from_secs(5)));
+        let g = client.acquire_with("k", &opts).await.expect("second try");
+        assert_eq!(backend.acquires.load(SeqCst), 2);
+        assert!(g.safe_until().expect("ttl") > Instant::now() + Duration::from_secs(20));
+        g.release().await.expect("release");
+
+        backend.late.store(1, SeqCst);
+        match client.try_acquire("k").await {
+            Err(e) => assert!(e.is_retryable(), "{e}"),
+            Ok(_) => panic!("a late grant was handed to the caller"),
+        }
+        let again = client
+            .try_acquire("k")
+            .await
+            .expect("the late grant was given back");
+        again.release().await.expect("release");
     }
 }
