@@ -1,4 +1,4 @@
-//! `cargo xtask chaos [--quick] [--seed n] [backend...]`: fault injection against real
+//! `cargo xtask chaos [--quick] [--seed n] [--only scenario] [backend...]`: fault injection against real
 //! servers. Three worker PROCESSES per run (`chaos-worker`) acquire one key, do a
 //! read-modify-write of a counter on a fenced store held by this harness, and release;
 //! every lock event (from the workers) and every write (from the store) is stamped on the
@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lock_conformance::history::{check_events, Event, Stamped};
+use lock_conformance::history::{check_events, lease_findings, Event, LeaseFindings, Stamped};
 use lock_conformance::proxy::Proxy;
 use lock_tests::servers::{signal, Postgres, Redis, ZooKeeper};
 use lock_tests::targets::addr_of;
@@ -46,6 +46,11 @@ enum Fault {
     RuntimeStarved,
     CancelLoop,
     BackendTerminated,
+    ServerRestartPersistent,
+    FailoverNoAck,
+    FailoverAck,
+    ClockSkew,
+    PauseInFlight,
 }
 
 impl Fault {
@@ -62,11 +67,26 @@ impl Fault {
             Fault::RuntimeStarved => "renewal_starvation",
             Fault::CancelLoop => "acquire_cancel_release_loop",
             Fault::BackendTerminated => "pg_backend_terminated",
+            Fault::ServerRestartPersistent => "server_killed_and_restarted_persistent",
+            Fault::FailoverNoAck => "control_failover_without_replica_ack",
+            Fault::FailoverAck => "failover_with_replica_ack",
+            Fault::ClockSkew => "client_clock_skew",
+            Fault::PauseInFlight => "client_paused_with_replies_in_flight",
         }
     }
 
+    /// Negative controls: the run must flag them.
     fn control(self) -> bool {
-        self == Fault::ClientPauseUnfenced
+        matches!(self, Fault::ClientPauseUnfenced | Fault::FailoverNoAck)
+    }
+
+    /// The lease the workers take (a failover needs time for the promotion and the
+    /// reconnect to happen inside the first holder's lease).
+    fn lease_ms(self) -> u64 {
+        match self {
+            Fault::FailoverNoAck | Fault::FailoverAck => 3000,
+            _ => 800,
+        }
     }
 }
 
@@ -81,12 +101,21 @@ fn scenarios(backend: &str) -> Vec<Fault> {
         PartitionLong,
         RuntimeStarved,
         CancelLoop,
+        ClockSkew,
     ];
     match backend {
-        "redis" => v.extend([ServerPaused, ServerRestart, ReplyLost]),
-        "redlock" => v.extend([ServerPaused, ServerRestart]),
+        "redis" => v.extend([
+            ServerPaused,
+            ServerRestart,
+            ServerRestartPersistent,
+            ReplyLost,
+            PauseInFlight,
+            FailoverNoAck,
+            FailoverAck,
+        ]),
+        "redlock" => v.extend([ServerPaused, ServerRestart, PauseInFlight]),
         "zk" => v.extend([ServerPaused, ReplyLost]),
-        "pg-lease" => v.extend([ServerRestart, ReplyLost]),
+        "pg-lease" => v.extend([ServerRestart, ReplyLost, PauseInFlight]),
         "pg-advisory" => v.extend([ServerRestart, BackendTerminated]),
         _ => {}
     }
@@ -94,8 +123,21 @@ fn scenarios(backend: &str) -> Vec<Fault> {
 }
 
 /// Servers of one backend, kept for the backend's scenarios.
+// A handful exist at a time: the size of the failover variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Servers {
     Redis(Vec<Redis>),
+    /// A primary and its replica; workers reach the primary (and, after a failover, the
+    /// promoted replica) through one proxy each.
+    RedisPair {
+        primary: Redis,
+        replica: Redis,
+        /// A replica of the replica: after the promotion the new primary still has a
+        /// replica to acknowledge grants.
+        _spare: Redis,
+        /// The replication link primary -> replica, through a proxy that can freeze it.
+        link: Proxy,
+    },
     Zk(ZooKeeper),
     Pg(Postgres),
 }
@@ -104,6 +146,7 @@ impl Servers {
     fn addrs(&self) -> Vec<SocketAddr> {
         match self {
             Servers::Redis(v) => v.iter().map(Redis::addr).collect(),
+            Servers::RedisPair { primary, .. } => vec![primary.addr()],
             Servers::Zk(z) => z
                 .ports
                 .iter()
@@ -116,7 +159,7 @@ impl Servers {
     /// The URL a worker uses to reach the servers through `via` (one proxy per server).
     fn url_via(&self, via: &[SocketAddr]) -> String {
         match self {
-            Servers::Redis(_) => via
+            Servers::Redis(_) | Servers::RedisPair { .. } => via
                 .iter()
                 .map(|a| format!("redis://{a}"))
                 .collect::<Vec<_>>()
@@ -134,6 +177,7 @@ impl Servers {
     fn pause_pids(&self) -> Vec<u32> {
         match self {
             Servers::Redis(v) => v.first().and_then(|r| r.proc.pid()).into_iter().collect(),
+            Servers::RedisPair { primary, .. } => primary.proc.pid().into_iter().collect(),
             Servers::Zk(z) => z.procs.first().and_then(|p| p.pid()).into_iter().collect(),
             Servers::Pg(_) => Vec::new(),
         }
@@ -142,6 +186,7 @@ impl Servers {
     fn restart(&mut self) -> Result<(), String> {
         match self {
             Servers::Redis(v) => v.first_mut().ok_or("no server")?.restart(),
+            Servers::RedisPair { primary, .. } => primary.restart(),
             Servers::Pg(p) => p.restart(),
             Servers::Zk(_) => Err("not supported".into()),
         }
@@ -246,10 +291,16 @@ struct ScenarioReport {
     scenario: &'static str,
     control: bool,
     passed: bool,
+    /// Why the scenario could not run here, if it could not.
+    skipped: Option<String>,
     grants: usize,
     accepted_writes: usize,
     refused_writes: usize,
     belief_overlaps: usize,
+    /// TTL backends: grants of the key inside another client's running lease.
+    double_grants: Option<usize>,
+    /// TTL backends: grants delivered after a grant with a higher token.
+    stale_deliveries: Option<usize>,
     recovery_ms: Option<u64>,
     violations: Vec<String>,
     note: String,
@@ -300,6 +351,23 @@ async fn spawn_worker(
     if fault == Fault::RuntimeStarved && i == 0 {
         cmd.args(["--starve-every", "3"]);
     }
+    if fault == Fault::FailoverAck {
+        cmd.args(["--replica-acks", "1"]);
+    }
+    if matches!(fault, Fault::FailoverAck | Fault::FailoverNoAck) {
+        // Hold the lock for most of a lease (3 s): the failover happens while the
+        // unreplicated holder still works.
+        cmd.args(["--work-ms", "2500"]);
+    }
+    if fault == Fault::ClockSkew && i < 2 {
+        // libfaketime fakes the clocks the worker reads through libc, monotonic included
+        // (the library's deadlines and timers); the history stamps (rustix, vDSO) stay
+        // true. w1's clock runs at half speed; w2's is an hour ahead.
+        let lib = faketime_lib().ok_or("libfaketime is not installed")?;
+        cmd.env("LD_PRELOAD", lib)
+            .env("FAKETIME", if i == 0 { "+0 x0.5" } else { "+1h" })
+            .env("FAKETIME_DONT_RESET", "1");
+    }
     if matches!(fault, Fault::ClientPause | Fault::ClientPauseUnfenced) && i == 0 {
         // The worker stops itself between its read and its write, holding the lock.
         cmd.args(["--pause-after-read", "3"]);
@@ -337,6 +405,56 @@ async fn spawn_worker(
     })
 }
 
+/// libfaketime's preload library (Debian's `faketime` package), if installed.
+fn faketime_lib() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Waits until some worker reports a grant stamped after `after_us` (or `limit` passes);
+/// returns its index.
+async fn until_granted_after(workers: &[Worker], after_us: u64, limit: Duration) -> Option<usize> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        for (i, w) in workers.iter().enumerate() {
+            let evs = w.events.lock().unwrap_or_else(|p| p.into_inner());
+            if evs
+                .iter()
+                .rev()
+                .any(|e| e.at_us > after_us && matches!(e.event, Event::Granted { .. }))
+            {
+                return Some(i);
+            }
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    None
+}
+
+/// Waits until worker `w` invokes an acquire stamped after `after_us`.
+async fn until_invoked_after(w: &Worker, after_us: u64, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if w.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .any(|e| e.at_us > after_us && matches!(e.event, Event::AcquireInvoked { .. }))
+        {
+            return true;
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    false
+}
+
 /// Whether process `pid` is stopped (state T in /proc).
 fn stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -362,8 +480,8 @@ struct Timing {
     seconds: u64,
 }
 
-fn timing(backend: &str, quick: bool) -> Timing {
-    let lease_ms = 800;
+fn timing(backend: &str, fault_kind: Fault, quick: bool) -> Timing {
+    let lease_ms = fault_kind.lease_ms();
     let expiry = match backend {
         "zk" => Duration::from_secs(2),
         "pg-advisory" => Duration::from_millis(2500),
@@ -375,10 +493,16 @@ fn timing(backend: &str, quick: bool) -> Timing {
     let fault = (expiry * 2 + Duration::from_millis(500))
         .as_secs_f64()
         .ceil() as u64;
+    // Scenarios whose fault takes longer than the others (see `scenario`).
+    let extra = match fault_kind {
+        Fault::PauseInFlight => 5,
+        Fault::FailoverNoAck | Fault::FailoverAck => 8,
+        _ => 0,
+    };
     Timing {
         lease_ms,
         expiry,
-        seconds: base + fault + 2,
+        seconds: base + fault + 2 + extra,
     }
 }
 
@@ -389,8 +513,8 @@ async fn scenario(
     quick: bool,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<ScenarioReport, String> {
-    let t = timing(backend, quick);
-    let store = Store::start(!fault.control())
+    let t = timing(backend, fault, quick);
+    let store = Store::start(fault != Fault::ClientPauseUnfenced)
         .await
         .map_err(|e| e.to_string())?;
     let mut workers = Vec::new();
@@ -493,6 +617,104 @@ async fn scenario(
             note = "the holder's PostgreSQL backend terminated".into();
             Some(now_us())
         }
+        Fault::ServerRestartPersistent => {
+            until_holding(&workers[victim]).await;
+            tokio::task::block_in_place(|| servers.restart())?;
+            note = "server (appendonly, fsync always) killed while a worker held the lock, restarted with its data".into();
+            Some(now_us())
+        }
+        Fault::FailoverNoAck | Fault::FailoverAck => {
+            let Servers::RedisPair {
+                primary,
+                replica,
+                link,
+                ..
+            } = servers
+            else {
+                return Err("a failover needs a primary and a replica".into());
+            };
+            // Freeze replication at a grant: the replica keeps that holder's lock, and
+            // nothing the primary does from now on (renewals, the release, the next grant)
+            // reaches it.
+            let start = now_us();
+            let first = until_granted_after(&workers, start, Duration::from_secs(10)).await;
+            link.set_cut(true);
+            let frozen = now_us();
+            let granted = if fault == Fault::FailoverNoAck {
+                // The next holder's grant exists on the primary only.
+                until_granted_after(&workers, frozen, Duration::from_secs(8)).await
+            } else {
+                // With acknowledgement every grant now waits for the frozen replica,
+                // fails, and is given back; give the workers time to try.
+                sleep(Duration::from_millis(3000)).await;
+                until_granted_after(&workers, frozen, Duration::ZERO).await
+            };
+            if first.is_none() {
+                return Err("no grant to freeze replication at".into());
+            }
+            primary.proc.kill9();
+            link.reset_all();
+            let promoted = tokio::task::block_in_place(|| {
+                lock_tests::servers::ask(replica.addr(), b"REPLICAOF NO ONE\r\nQUIT\r\n")
+            })
+            .unwrap_or_default();
+            if !promoted.starts_with("+OK") {
+                return Err(format!("promoting the replica failed: {promoted:?}"));
+            }
+            for w in &workers {
+                for p in &w.proxies {
+                    p.set_upstream(replica.addr());
+                    p.reset_all();
+                }
+            }
+            note = format!(
+                "replication frozen; {}; primary killed -9, replica promoted, clients redirected",
+                match granted {
+                    Some(i) => format!("w{} granted after the freeze", i + 1),
+                    None => "no grant after the freeze".into(),
+                }
+            );
+            Some(now_us())
+        }
+        Fault::ClockSkew => {
+            note = "w1's clock (monotonic and wall, via libfaketime) runs at half speed; w2's is an hour ahead".into();
+            None
+        }
+        Fault::PauseInFlight => {
+            let others: Vec<u32> = workers[1..].iter().filter_map(|w| w.child.id()).collect();
+            let me = workers[0].child.id().ok_or("w1 has no pid")?;
+            for p in &workers[0].proxies {
+                p.set_reply_delay(Duration::from_millis(400));
+            }
+            // Stop the others so that w1's next acquire is granted at once: their queue
+            // entries and leases run out meanwhile.
+            for p in &others {
+                signal(*p, "STOP")?;
+            }
+            sleep(Duration::from_millis(3500)).await;
+            let t0 = now_us();
+            let invoked = until_invoked_after(&workers[0], t0, Duration::from_secs(5)).await;
+            // The request is out and applied; its reply is held in the proxy.
+            sleep(Duration::from_millis(50)).await;
+            let stopped_me = signal(me, "STOP");
+            for p in &others {
+                let _ = signal(*p, "CONT");
+            }
+            stopped_me?;
+            sleep(beyond).await;
+            let _ = signal(me, "CONT");
+            for p in &workers[0].proxies {
+                p.set_reply_delay(Duration::ZERO);
+            }
+            if !invoked {
+                return Err("w1 did not invoke an acquire while the others were stopped".into());
+            }
+            note = format!(
+                "w1's replies delayed 400 ms; w1 paused {} ms right after sending an acquire, the others running",
+                beyond.as_millis()
+            );
+            Some(now_us())
+        }
         Fault::RuntimeStarved => {
             note = "w1 blocks its only runtime thread for 2 leases after every 3rd grant".into();
             None
@@ -544,8 +766,46 @@ async fn scenario(
         .iter()
         .map(|(k, v)| (k.clone(), v.0))
         .collect();
+    // The whole history, for whoever wants to read a failure (or a flagged control).
+    let _ = std::fs::create_dir_all("target/chaos/histories");
+    let _ = std::fs::write(
+        format!("target/chaos/histories/{backend}-{}.jsonl", fault.name()),
+        events
+            .iter()
+            .filter_map(|e| serde_json::to_string(e).ok())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
     let report = check_events(&events, &finals);
-    let flagged = !report.ok();
+    // TTL backends: what the lease lets us conclude (sessions end on the server's schedule,
+    // so no such bound holds for zk and pg-advisory).
+    let ttl = matches!(backend, "redis" | "redlock" | "pg-lease");
+    let lease = if ttl {
+        lease_findings(&events, Duration::from_millis(t.lease_ms))
+    } else {
+        LeaseFindings::default()
+    };
+    let mut violations = report.violations.clone();
+    let mut flagged = !report.ok();
+    match fault {
+        // The known limit: a grant the replica never saw is lost in the failover, and the
+        // key is granted again inside the first lease.
+        Fault::FailoverNoAck => {
+            flagged |= !lease.double_grants.is_empty();
+            violations.extend(lease.double_grants.iter().take(1).cloned());
+        }
+        // The store keeps its grants through these faults: a double grant is a failure.
+        Fault::FailoverAck | Fault::ServerRestartPersistent => {
+            flagged |= !lease.double_grants.is_empty();
+            violations.extend(lease.double_grants.iter().take(2).cloned());
+        }
+        // A grant whose reply arrived after the lease must never reach the caller.
+        Fault::PauseInFlight => {
+            flagged |= !lease.stale_deliveries.is_empty();
+            violations.extend(lease.stale_deliveries.iter().take(2).cloned());
+        }
+        _ => {}
+    }
     let passed = if fault.control() {
         flagged
     } else {
@@ -553,7 +813,7 @@ async fn scenario(
     };
     if fault.control() {
         note.push_str(if flagged {
-            "; the checker flagged it, as it must"
+            "; flagged, as it must be"
         } else {
             "; NOT flagged: the control failed"
         });
@@ -566,14 +826,58 @@ async fn scenario(
         scenario: fault.name(),
         control: fault.control(),
         passed,
+        skipped: None,
         grants: report.grants,
         accepted_writes: report.accepted_writes,
         refused_writes: report.refused_writes,
         belief_overlaps: report.belief_overlaps,
+        double_grants: ttl.then_some(lease.double_grants.len()),
+        stale_deliveries: ttl.then_some(lease.stale_deliveries.len()),
         recovery_ms,
-        violations: report.violations.into_iter().take(3).collect(),
+        violations: violations.into_iter().take(3).collect(),
         note,
     })
+}
+
+/// A primary, its replica (replicating through a proxy that can freeze the link), and a
+/// replica of the replica.
+async fn failover_servers() -> Result<Servers, String> {
+    let primary = tokio::task::spawn_blocking(|| Redis::start(false))
+        .await
+        .map_err(|e| e.to_string())??;
+    let link = Proxy::start(primary.addr())
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = link.addr().port();
+    let (replica, spare) = tokio::task::spawn_blocking(move || {
+        let replica = Redis::start_replica(port)?;
+        wait_replica_synced(&replica)?;
+        let spare = Redis::start_replica(replica.port)?;
+        wait_replica_synced(&spare)?;
+        Ok::<_, String>((replica, spare))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(Servers::RedisPair {
+        primary,
+        replica,
+        _spare: spare,
+        link,
+    })
+}
+
+/// Waits until a replica has finished its initial sync with its primary.
+fn wait_replica_synced(replica: &Redis) -> Result<(), String> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let info = lock_tests::servers::ask(replica.addr(), b"INFO replication\r\nQUIT\r\n")
+            .unwrap_or_default();
+        if info.contains("master_link_status:up") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("the replica did not sync within 10 s".into())
 }
 
 async fn servers_for(backend: &str) -> Result<Servers, String> {
@@ -599,6 +903,12 @@ pub(crate) async fn run(args: &[String]) -> bool {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    // `--only s`: the scenarios whose name contains `s`.
+    let only: Option<&str> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let all = ["redis", "redlock", "zk", "pg-lease", "pg-advisory"];
     let named: Vec<&str> = args
         .iter()
@@ -629,24 +939,68 @@ pub(crate) async fn run(args: &[String]) -> bool {
             }
         };
         for fault in scenarios(b) {
-            let r = match scenario(b, &mut servers, fault, quick, &mut rng).await {
-                Ok(r) => r,
-                Err(e) => ScenarioReport {
+            if only.is_some_and(|o| !fault.name().contains(o)) {
+                continue;
+            }
+            let blank =
+                |passed: bool, skipped: Option<String>, violations: Vec<String>| ScenarioReport {
                     backend: b.into(),
                     scenario: fault.name(),
                     control: fault.control(),
-                    passed: false,
+                    passed,
+                    skipped,
                     grants: 0,
                     accepted_writes: 0,
                     refused_writes: 0,
                     belief_overlaps: 0,
+                    double_grants: None,
+                    stale_deliveries: None,
                     recovery_ms: None,
-                    violations: vec![format!("harness error: {e}")],
+                    violations,
                     note: String::new(),
-                },
+                };
+            if fault == Fault::ClockSkew && faketime_lib().is_none() {
+                let r = blank(
+                    false,
+                    Some("libfaketime is not installed (apt-get install faketime)".into()),
+                    Vec::new(),
+                );
+                println!(
+                    "SKIPPED {b}/{}: {}",
+                    r.scenario,
+                    r.skipped.as_deref().unwrap_or("")
+                );
+                reports.push(r);
+                continue;
+            }
+            // Scenarios that need servers of their own (persistence, a replica).
+            let own = match fault {
+                Fault::ServerRestartPersistent => Some(
+                    tokio::task::spawn_blocking(|| {
+                        Redis::start(true).map(|r| Servers::Redis(vec![r]))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r),
+                ),
+                Fault::FailoverNoAck | Fault::FailoverAck => Some(failover_servers().await),
+                _ => None,
+            };
+            let res = match own {
+                Some(Ok(mut own)) => scenario(b, &mut own, fault, quick, &mut rng).await,
+                Some(Err(e)) => Err(format!("cannot start this scenario's servers: {e}")),
+                None => scenario(b, &mut servers, fault, quick, &mut rng).await,
+            };
+            let r = match res {
+                Ok(r) => r,
+                Err(e) => blank(false, None, vec![format!("harness error: {e}")]),
+            };
+            let lease = match (r.double_grants, r.stale_deliveries) {
+                (Some(d), Some(s)) => format!(", {d} double grants, {s} stale deliveries"),
+                _ => String::new(),
             };
             println!(
-                "{} {b}/{}: {} grants, {} accepted, {} refused, {} overlaps, recovery {}; {}{}",
+                "{} {b}/{}: {} grants, {} accepted, {} refused, {} overlaps{lease}, recovery {}; {}{}",
                 if r.passed { "PASS" } else { "FAIL" },
                 r.scenario,
                 r.grants,
@@ -672,32 +1026,42 @@ pub(crate) async fn run(args: &[String]) -> bool {
     );
     let _ = std::fs::write("target/chaos/report.md", markdown(&reports, seed, quick));
     let passed = reports.iter().filter(|r| r.passed).count();
-    let failed = reports.len() - passed;
-    println!("\nchaos: {passed} passed, {failed} failed");
+    let skipped = reports.iter().filter(|r| r.skipped.is_some()).count();
+    let failed = reports.len() - passed - skipped;
+    println!("\nchaos: {passed} passed, {failed} failed, {skipped} skipped");
     failed == 0
 }
 
 fn markdown(reports: &[ScenarioReport], seed: u64, quick: bool) -> String {
     let mut s = format!(
-        "Seed {seed}, {}. Three worker processes per scenario, lease 800 ms (ZooKeeper: 2 s session; PostgreSQL advisory: 2 s session, freed by the server after 2.5 s).\n\n| backend | scenario | result | grants | accepted | refused | overlaps | recovery | note |\n|---|---|---|---|---|---|---|---|---|\n",
+        "Seed {seed}, {}. Three worker processes per scenario, lease 800 ms (failover scenarios: 3 s; ZooKeeper: 2 s session; PostgreSQL advisory: 2 s session, freed by the server after 2.5 s). Double grants and stale deliveries are computed for TTL backends only.\n\n| backend | scenario | result | grants | accepted | refused | overlaps | double grants | stale deliveries | recovery | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         if quick { "--quick" } else { "full" }
     );
+    let opt = |v: Option<usize>| v.map_or(String::new(), |n| n.to_string());
     for r in reports {
+        let result = match (&r.skipped, r.passed, r.control) {
+            (Some(_), _, _) => "skipped",
+            (None, true, true) => "flagged (control)",
+            (None, true, false) => "pass",
+            (None, false, _) => "**FAIL**",
+        };
+        let note = match &r.skipped {
+            Some(why) => why.clone(),
+            None => r.note.clone(),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.backend,
             r.scenario,
-            match (r.passed, r.control) {
-                (true, true) => "flagged (control)",
-                (true, false) => "pass",
-                (false, _) => "**FAIL**",
-            },
+            result,
             r.grants,
             r.accepted_writes,
             r.refused_writes,
             r.belief_overlaps,
+            opt(r.double_grants),
+            opt(r.stale_deliveries),
             r.recovery_ms.map_or(String::new(), |m| format!("{m} ms")),
-            r.note.replace('|', "/")
+            note.replace('|', "/")
         ));
     }
     s

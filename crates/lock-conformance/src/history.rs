@@ -43,6 +43,19 @@ pub enum Event {
         /// Operation id.
         op: u64,
     },
+    /// What the holder's client knows of a TTL grant's lease: it runs on the store at
+    /// least until `until_us` (the grant's safe deadline, measured from before the request
+    /// that won it was sent), unless released earlier.
+    LeaseBound {
+        /// Client id.
+        client: String,
+        /// Key.
+        key: String,
+        /// Token.
+        token: u64,
+        /// The lower bound of the lease's end, on the history's clock.
+        until_us: u64,
+    },
     /// The holder started releasing (its belief of holding ends here).
     ReleaseInvoked {
         /// Client id.
@@ -250,7 +263,9 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
                     )),
                 }
             }
-            Event::AcquireFailed { .. } | Event::AcquireUnknown { .. } => {}
+            Event::AcquireFailed { .. }
+            | Event::AcquireUnknown { .. }
+            | Event::LeaseBound { .. } => {}
         }
     }
     for ((key, _), (from, client)) in open {
@@ -300,6 +315,103 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
     report
 }
 
+/// What a TTL lease lets us conclude from a history, beyond the checker's invariants.
+#[derive(Debug, Default, Serialize)]
+pub struct LeaseFindings {
+    /// The store granted a key to a second client while the first client's lease was
+    /// certainly still running (before the first acquire was invoked plus one lease) and
+    /// before the first holder began to release: the store lost or ignored the first grant
+    /// (a failover without replica acknowledgement, a restart without persistence).
+    pub double_grants: Vec<String>,
+    /// A grant reached its client after a grant with a higher token had reached its
+    /// client: it was delivered after the store had moved on (its lease was over).
+    pub stale_deliveries: Vec<String>,
+}
+
+/// Checks a history whose grants are TTL leases of `lease` (the same for every client)
+/// for double grants and stale deliveries (see [`LeaseFindings`]). Both conclusions are
+/// sound: a lease on the store starts no earlier than its acquire was invoked (nor ends
+/// before the client's [`Event::LeaseBound`]), and a grant with a lower token was issued
+/// earlier.
+pub fn lease_findings(events: &[Stamped], lease: Duration) -> LeaseFindings {
+    let lease_us = lease.as_micros() as u64;
+    let mut out = LeaseFindings::default();
+    let mut invoked: HashMap<u64, u64> = HashMap::new();
+    // Per key: (invoked, granted, token, client).
+    let mut grants: BTreeMap<String, Vec<(u64, u64, u64, String)>> = BTreeMap::new();
+    let mut released: HashMap<(String, u64), u64> = HashMap::new();
+    let mut bound: HashMap<(String, u64), u64> = HashMap::new();
+    for st in events {
+        match &st.event {
+            Event::AcquireInvoked { op, .. } => {
+                invoked.insert(*op, st.at_us);
+            }
+            Event::Granted {
+                op,
+                client,
+                key,
+                token,
+            } => {
+                let inv = invoked.get(op).copied().unwrap_or(st.at_us);
+                grants.entry(key.clone()).or_default().push((
+                    inv,
+                    st.at_us,
+                    *token,
+                    client.clone(),
+                ));
+            }
+            Event::ReleaseInvoked { key, token, .. } => {
+                released.entry((key.clone(), *token)).or_insert(st.at_us);
+            }
+            Event::LeaseBound {
+                key,
+                token,
+                until_us,
+                ..
+            } => {
+                bound.insert((key.clone(), *token), *until_us);
+            }
+            _ => {}
+        }
+    }
+    for (key, mut gs) in grants {
+        gs.sort_by_key(|g| g.1);
+        let mut highest: Option<&(u64, u64, u64, String)> = None;
+        for (i, a) in gs.iter().enumerate() {
+            if let Some(h) = highest.filter(|h| h.2 > a.2) {
+                out.stale_deliveries.push(format!(
+                    "key {key}: token {} reached {} at {} us, after token {} had reached {} at {} us",
+                    a.2, a.3, a.1, h.2, h.3, h.1
+                ));
+            }
+            if highest.is_none_or(|h| a.2 > h.2) {
+                highest = Some(a);
+            }
+            // The lease ran at least until the client's own bound, or else (no bound
+            // recorded) until the acquire's invocation plus one lease.
+            let lease_end = bound
+                .get(&(key.clone(), a.2))
+                .copied()
+                .unwrap_or(0)
+                .max(a.0 + lease_us);
+            let a_end = released
+                .get(&(key.clone(), a.2))
+                .copied()
+                .unwrap_or(u64::MAX)
+                .min(lease_end);
+            for b in &gs[i + 1..] {
+                if b.3 != a.3 && b.1 < a_end {
+                    out.double_grants.push(format!(
+                        "key {key}: {} granted token {} at {} us while {}'s lease of token {} (acquire invoked at {} us) still ran and it had not released",
+                        b.3, b.2, b.1, a.3, a.2, a.0
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Formats a duration in milliseconds with one decimal.
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
@@ -344,6 +456,90 @@ mod tests {
         assert!(r.ok(), "{:?}", r.violations);
         assert_eq!((r.accepted_writes, r.refused_writes), (2, 1));
         assert_eq!(r.belief_overlaps, 1);
+    }
+
+    fn at(at_us: u64, event: Event) -> Stamped {
+        Stamped { at_us, event }
+    }
+
+    fn granted(op: u64, client: &str, token: u64) -> Event {
+        Event::Granted {
+            op,
+            client: client.into(),
+            key: "k".into(),
+            token,
+        }
+    }
+
+    fn invoked(op: u64, client: &str) -> Event {
+        Event::AcquireInvoked {
+            op,
+            client: client.into(),
+            key: "k".into(),
+        }
+    }
+
+    fn release(client: &str, token: u64) -> Event {
+        Event::ReleaseInvoked {
+            client: client.into(),
+            key: "k".into(),
+            token,
+        }
+    }
+
+    #[test]
+    fn lease_findings_catch_double_grants_and_stale_deliveries() {
+        let lease = Duration::from_millis(100);
+        // Clean: b is granted after a released, c after a's lease ran out.
+        let clean = [
+            at(0, invoked(1, "a")),
+            at(10, granted(1, "a", 1)),
+            at(50, release("a", 1)),
+            at(20, invoked(2, "b")),
+            at(60, granted(2, "b", 2)),
+            at(70, invoked(3, "c")),
+            at(200_000, granted(3, "c", 3)),
+        ];
+        let mut clean = clean.to_vec();
+        clean.sort_by_key(|e| e.at_us);
+        let f = lease_findings(&clean, lease);
+        assert!(f.double_grants.is_empty(), "{:?}", f.double_grants);
+        assert!(f.stale_deliveries.is_empty(), "{:?}", f.stale_deliveries);
+        // b granted 50 ms into a's lease, a never released: a double grant. Then a's
+        // older grant 2 reaches c after b's 3: a stale delivery.
+        let bad = [
+            at(0, invoked(1, "a")),
+            at(1_000, granted(1, "a", 1)),
+            at(2_000, invoked(2, "c")),
+            at(3_000, invoked(3, "b")),
+            at(50_000, granted(3, "b", 3)),
+            at(300_000, granted(2, "c", 2)),
+        ];
+        let f = lease_findings(&bad, lease);
+        assert_eq!(f.double_grants.len(), 1, "{:?}", f.double_grants);
+        assert_eq!(f.stale_deliveries.len(), 1, "{:?}", f.stale_deliveries);
+        // A waiter invoked long before its grant: only its own lease bound shows that b's
+        // grant came inside a's lease.
+        let waited = [
+            at(0, invoked(1, "a")),
+            at(500_000, granted(1, "a", 1)),
+            at(
+                500_001,
+                Event::LeaseBound {
+                    client: "a".into(),
+                    key: "k".into(),
+                    token: 1,
+                    until_us: 590_000,
+                },
+            ),
+            at(550_000, invoked(2, "b")),
+            at(560_000, granted(2, "b", 2)),
+        ];
+        let f = lease_findings(&waited, lease);
+        assert_eq!(f.double_grants.len(), 1, "{:?}", f.double_grants);
+        let mut without = waited.to_vec();
+        without.remove(2);
+        assert!(lease_findings(&without, lease).double_grants.is_empty());
     }
 
     #[test]

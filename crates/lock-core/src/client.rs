@@ -249,10 +249,24 @@ impl Drop for Pending {
     }
 }
 
+/// Releases what an abandoned or failed acquire may have left (a lease, a queue entry).
+/// Retryable failures (the store unreachable for a moment, as in a failover) are retried
+/// for up to one operation timeout: a queue entry left behind would make later waiters
+/// wait for it to expire.
 async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
-    if !matches!(timeout(op, backend.release(lease)).await, Ok(Ok(_))) {
-        tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match timeout(op, backend.release(lease)).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) if e.is_retryable() && started.elapsed() + delay < op => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(op / 4);
+            }
+            _ => break,
+        }
     }
+    tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
 }
 
 /// Whether a TTL grant has under a tenth of its lease left (after the drift margin) on

@@ -5,7 +5,7 @@
 //! processes and check them. Being a real process, it can be paused (SIGSTOP) and killed.
 //!
 //! Usage: `chaos-worker <backend> <url> <key> <client> <store addr> <lease ms> <seconds>
-//! [--cancel-rate p] [--starve-every n] [--pause-after-read n]`.
+//! [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n] [--pause-after-read n]`.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -32,10 +32,24 @@ fn emit(event: Event) {
     let _ = out.flush();
 }
 
-async fn backend(kind: &str, url: &str) -> Result<Arc<dyn LockBackend>, String> {
+async fn backend(
+    kind: &str,
+    url: &str,
+    replica_acks: usize,
+) -> Result<Arc<dyn LockBackend>, String> {
     let e = |e: lock_core::LockError| e.to_string();
     Ok(match kind {
-        "redis" => Arc::new(lock_redis::RedisBackend::connect(url).await.map_err(e)?),
+        "redis" => {
+            let mut cfg = lock_redis::RedisConfig::new(url);
+            if replica_acks > 0 {
+                cfg = cfg.replica_acks(replica_acks, Duration::from_millis(300));
+            }
+            Arc::new(
+                lock_redis::RedisBackend::connect_with(cfg)
+                    .await
+                    .map_err(e)?,
+            )
+        }
         "redlock" => {
             let urls: Vec<&str> = url.split(',').collect();
             Arc::new(
@@ -114,7 +128,7 @@ fn main() -> std::process::ExitCode {
 async fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 7 {
-        return Err("usage: chaos-worker <backend> <url> <key> <client> <store> <lease ms> <seconds> [--cancel-rate p] [--starve-every n]".into());
+        return Err("usage: chaos-worker <backend> <url> <key> <client> <store> <lease ms> <seconds> [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n]".into());
     }
     let (kind, url, key, client, store_addr) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
     let lease = Duration::from_millis(args[5].parse().map_err(|e| format!("lease: {e}"))?);
@@ -122,11 +136,17 @@ async fn run() -> Result<(), String> {
     let mut cancel_rate = 0.0f64;
     let mut starve_every = 0u64;
     let mut pause_after_read = 0u64;
+    let mut replica_acks = 0usize;
+    let mut work = Duration::from_millis(20);
     let mut it = args[7..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--cancel-rate" => cancel_rate = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0),
             "--starve-every" => starve_every = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "--work-ms" => {
+                work = Duration::from_millis(it.next().and_then(|v| v.parse().ok()).unwrap_or(20))
+            }
+            "--replica-acks" => replica_acks = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--pause-after-read" => {
                 pause_after_read = it.next().and_then(|v| v.parse().ok()).unwrap_or(0)
             }
@@ -137,7 +157,7 @@ async fn run() -> Result<(), String> {
         .trim_start_matches(|c: char| !c.is_ascii_digit())
         .parse()
         .unwrap_or(0);
-    let b = backend(kind, url).await?;
+    let b = backend(kind, url, replica_acks).await?;
     let locks = LockClient::from_arc(b).with_options(
         LockOptions::default()
             .lease(lease)
@@ -194,6 +214,19 @@ async fn run() -> Result<(), String> {
             key: key.clone(),
             token,
         });
+        // Not under libfaketime: a faked clock would misstate the bound.
+        if let Some(safe) = g
+            .safe_until()
+            .filter(|_| std::env::var_os("FAKETIME").is_none())
+        {
+            let left = safe.saturating_duration_since(tokio::time::Instant::now());
+            emit(Event::LeaseBound {
+                client: client.clone(),
+                key: key.clone(),
+                token,
+                until_us: now_us() + left.as_micros() as u64,
+            });
+        }
         if starve_every > 0 && n % starve_every == 0 {
             // Block the only runtime thread: renewals cannot run.
             std::thread::sleep(lease * 2);
@@ -209,7 +242,7 @@ async fn run() -> Result<(), String> {
             );
         }
         // The "work" between the read and the write.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(work).await;
         // A refused read (a newer holder came by) is not followed by a write.
         if let Ok(v) = read.parse::<u64>() {
             let _ = store
