@@ -571,8 +571,14 @@ async fn scenario(
             until_holding(&workers[victim]).await;
             let r = tokio::task::block_in_place(|| servers.restart());
             r?;
-            note =
-                "server killed while a worker held the lock, restarted (Redis: data lost)".into();
+            note = format!(
+                "server killed while a worker held the lock, restarted{}",
+                if matches!(backend, "redis" | "redlock") {
+                    " without persistence: its data lost"
+                } else {
+                    ""
+                }
+            );
             Some(now_us())
         }
         Fault::PartitionShort | Fault::PartitionLong => {
@@ -684,7 +690,8 @@ async fn scenario(
             let others: Vec<u32> = workers[1..].iter().filter_map(|w| w.child.id()).collect();
             let me = workers[0].child.id().ok_or("w1 has no pid")?;
             for p in &workers[0].proxies {
-                p.set_reply_delay(Duration::from_millis(400));
+                // Redlock needs two rounds within the lease: keep the delay well under half.
+                p.set_reply_delay(Duration::from_millis(150));
             }
             // Stop the others so that w1's next acquire is granted at once: their queue
             // entries and leases run out meanwhile.
@@ -701,7 +708,21 @@ async fn scenario(
                 let _ = signal(*p, "CONT");
             }
             stopped_me?;
-            sleep(beyond).await;
+            // Who holds the key on the store now: w1's paused request, if it was granted.
+            sleep(Duration::from_millis(100)).await;
+            let direct = servers.url_via(&servers.addrs());
+            let holder = match crate::worker_backend::backend(backend, &direct, 0).await {
+                Ok(b) => {
+                    let key = lock_core::LockKey::new(KEY).map_err(|e| e.to_string())?;
+                    b.inspect(&key)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|i| i.meta.pid)
+                }
+                Err(_) => None,
+            };
+            sleep(beyond.saturating_sub(Duration::from_millis(100))).await;
             let _ = signal(me, "CONT");
             for p in &workers[0].proxies {
                 p.set_reply_delay(Duration::ZERO);
@@ -710,8 +731,13 @@ async fn scenario(
                 return Err("w1 did not invoke an acquire while the others were stopped".into());
             }
             note = format!(
-                "w1's replies delayed 400 ms; w1 paused {} ms right after sending an acquire, the others running",
-                beyond.as_millis()
+                "w1's replies delayed 150 ms; w1 paused {} ms right after sending an acquire, the others running; {}",
+                beyond.as_millis(),
+                if holder == Some(me) {
+                    "the store had granted that request while w1 was paused"
+                } else {
+                    "that request was not a grant (queued or refused)"
+                }
             );
             Some(now_us())
         }
@@ -758,6 +784,9 @@ async fn scenario(
     });
     for e in &mut events {
         e.at_us -= start;
+        if let Event::LeaseBound { until_us, .. } = &mut e.event {
+            *until_us = until_us.saturating_sub(start);
+        }
     }
     let finals: HashMap<String, u64> = store
         .values

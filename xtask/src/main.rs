@@ -6,6 +6,7 @@ mod chaos;
 mod demo;
 mod images;
 mod integration;
+mod worker_backend;
 
 const USAGE: &str = "usage: cargo xtask <command>
   integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers] [--require-all]

@@ -16,6 +16,10 @@ use lock_core::{LockBackend, LockClient, LockOptions, WaitPolicy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+#[path = "../worker_backend.rs"]
+mod worker_backend;
+use worker_backend::backend;
+
 fn now_us() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1000
@@ -30,57 +34,6 @@ fn emit(event: Event) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-async fn backend(
-    kind: &str,
-    url: &str,
-    replica_acks: usize,
-) -> Result<Arc<dyn LockBackend>, String> {
-    let e = |e: lock_core::LockError| e.to_string();
-    Ok(match kind {
-        "redis" => {
-            let mut cfg = lock_redis::RedisConfig::new(url);
-            if replica_acks > 0 {
-                cfg = cfg.replica_acks(replica_acks, Duration::from_millis(300));
-            }
-            Arc::new(
-                lock_redis::RedisBackend::connect_with(cfg)
-                    .await
-                    .map_err(e)?,
-            )
-        }
-        "redlock" => {
-            let urls: Vec<&str> = url.split(',').collect();
-            Arc::new(
-                lock_redis::RedlockBackend::connect(&urls)
-                    .await
-                    .map_err(e)?,
-            )
-        }
-        "zk" => Arc::new(
-            lock_zk::ZkBackend::connect_with(
-                lock_zk::ZkConfig::new(url).session_timeout(Duration::from_secs(2)),
-            )
-            .await
-            .map_err(e)?,
-        ),
-        "pg-lease" | "pg-advisory" => {
-            let locks = lock_pg::PgLocks::connect_with(
-                lock_pg::PgConfig::new(url)
-                    .pool_size(4)
-                    .session(Duration::from_millis(400), Duration::from_secs(2)),
-            )
-            .await
-            .map_err(e)?;
-            if kind == "pg-lease" {
-                Arc::new(locks.lease_rows())
-            } else {
-                Arc::new(locks.advisory())
-            }
-        }
-        other => return Err(format!("unknown backend {other}")),
-    })
 }
 
 /// One line-protocol connection to the fenced store.

@@ -1,0 +1,59 @@
+//! The backends the chaos workers run, built the same way in the workers and in the
+//! harness (which inspects the key during a fault).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::LockBackend;
+
+/// The backend `kind` on `url`, configured as the chaos workers use it.
+pub(crate) async fn backend(
+    kind: &str,
+    url: &str,
+    replica_acks: usize,
+) -> Result<Arc<dyn LockBackend>, String> {
+    let e = |e: lock_core::LockError| e.to_string();
+    Ok(match kind {
+        "redis" => {
+            let mut cfg = lock_redis::RedisConfig::new(url);
+            if replica_acks > 0 {
+                cfg = cfg.replica_acks(replica_acks, Duration::from_millis(300));
+            }
+            Arc::new(
+                lock_redis::RedisBackend::connect_with(cfg)
+                    .await
+                    .map_err(e)?,
+            )
+        }
+        "redlock" => {
+            let urls: Vec<&str> = url.split(',').collect();
+            Arc::new(
+                lock_redis::RedlockBackend::connect(&urls)
+                    .await
+                    .map_err(e)?,
+            )
+        }
+        "zk" => Arc::new(
+            lock_zk::ZkBackend::connect_with(
+                lock_zk::ZkConfig::new(url).session_timeout(Duration::from_secs(2)),
+            )
+            .await
+            .map_err(e)?,
+        ),
+        "pg-lease" | "pg-advisory" => {
+            let locks = lock_pg::PgLocks::connect_with(
+                lock_pg::PgConfig::new(url)
+                    .pool_size(4)
+                    .session(Duration::from_millis(400), Duration::from_secs(2)),
+            )
+            .await
+            .map_err(e)?;
+            if kind == "pg-lease" {
+                Arc::new(locks.lease_rows())
+            } else {
+                Arc::new(locks.advisory())
+            }
+        }
+        other => return Err(format!("unknown backend {other}")),
+    })
+}
