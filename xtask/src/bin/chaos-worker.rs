@@ -8,11 +8,10 @@
 //! [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n] [--pause-after-read n]`.
 
 use std::io::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use lock_conformance::history::{Event, Stamped};
-use lock_core::{LockBackend, LockClient, LockOptions, WaitPolicy};
+use lock_core::{LockClient, LockOptions, WaitPolicy};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
