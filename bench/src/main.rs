@@ -354,6 +354,24 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     ));
     let limit = set_rate / 2.0;
 
+    // What a server-side script costs by itself: the smallest script, same connection.
+    let trivial = redis::Script::new("return 1");
+    let s = latency(plan.samples, |_| {
+        let (mut c, script) = (conn.clone(), trivial.clone());
+        async move {
+            let _: i64 = script.invoke_async(&mut c).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    rows.push(Row::latency(
+        "redis",
+        "raw EVALSHA of `return 1`",
+        s,
+        base,
+        "PING",
+        None,
+    ));
     let backend = lock_redis::RedisBackend::connect(&url).await?;
     // The store's share alone: the backend's acquire and release scripts, no client
     // machinery (no acquire task, no renewal task).
@@ -666,7 +684,7 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             "SELECT 1",
             Some(target),
         ));
-        for tasks in [1usize, 8, 64] {
+        for tasks in [1usize, 8, 32, 64] {
             let r = lock_rate(&client, tasks, plan.window, mode.replace(' ', "-").as_str()).await?;
             rows.push(Row::rate(
                 mode,
@@ -752,12 +770,30 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
         Some(1.5),
     ));
     for tasks in [1usize, 8, 64] {
+        // The limit: the same three operations, raw, each task under a parent of its own.
+        let (raw2, dir, seq2) = (raw.clone(), opts_dir.clone(), seq.clone());
+        for t in 0..tasks {
+            let _ = raw2.create(&format!("/raw-{t}"), &[], &dir).await;
+        }
+        let limit = rate(tasks, plan.window, move |t| {
+            let (raw, seq) = (raw2.clone(), seq2.clone());
+            async move {
+                let parent = format!("/raw-{t}");
+                let (_, n) = raw.create(&format!("{parent}/n-"), b"", &seq).await?;
+                raw.list_children(&parent).await?;
+                raw.delete(&format!("{parent}/n-{n}"), None).await?;
+                Ok(())
+            }
+        })
+        .await?;
         let r = lock_rate(&client, tasks, plan.window, "zk").await?;
-        rows.push(Row::value(
+        rows.push(Row::rate(
             "zk",
             &format!("throughput, {tasks} tasks"),
             r,
-            "cycles/s",
+            limit,
+            "raw create+list+delete rate",
+            None,
         ));
     }
     let srv = server.clone();

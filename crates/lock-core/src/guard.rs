@@ -9,6 +9,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::backend::{LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
 use crate::error::{LockError, LossReason};
+use crate::keeper::{Scheduler, Ticket};
 use crate::key::{LeaseId, LockKey};
 use crate::options::LockOptions;
 use crate::token::FencingToken;
@@ -46,9 +47,46 @@ pub(crate) struct Shared {
     safe_changed: Notify,
     pub(crate) opts: LockOptions,
     granted_at: Instant,
+    keeper: Mutex<Keeper>,
+}
+
+/// The guard's background work: renewal (TTL) or the session watch.
+#[derive(Debug)]
+enum Keeper {
+    /// Nothing to do (no deadline, no session).
+    Idle,
+    /// The renewal task starts when its first renewal comes due (see `keeper.rs`).
+    Scheduled(Ticket),
+    Running(JoinHandle<()>),
+    Stopped,
 }
 
 impl Shared {
+    /// Starts the renewal task now, if it is still only scheduled; its first renewal is
+    /// due at `first`.
+    pub(crate) fn start_keeper(sh: &Arc<Shared>, first: Instant) {
+        let mut k = sh.keeper.lock().unwrap_or_else(|p| p.into_inner());
+        if let Keeper::Scheduled(_) = &*k {
+            if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Stopped) {
+                ticket.cancel();
+            }
+            *k = Keeper::Running(tokio::spawn(keep_alive(sh.clone(), first)));
+        }
+    }
+
+    /// Stops the background work; returns the task if one was running.
+    fn stop_keeper(&self) -> Option<JoinHandle<()>> {
+        let mut k = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *k, Keeper::Stopped) {
+            Keeper::Scheduled(ticket) => {
+                ticket.cancel();
+                None
+            }
+            Keeper::Running(task) => Some(task),
+            Keeper::Idle | Keeper::Stopped => None,
+        }
+    }
+
     fn set_status(&self, new: LockStatus) {
         let backend = self.backend.name();
         self.status.send_if_modified(|cur| {
@@ -199,7 +237,6 @@ impl LockHandle {
 #[derive(Debug)]
 pub struct LockGuard {
     handle: LockHandle,
-    keeper: Option<JoinHandle<()>>,
     done: bool,
 }
 
@@ -220,18 +257,31 @@ impl LockGuard {
             safe_changed: Notify::new(),
             opts,
             granted_at: Instant::now(),
+            keeper: Mutex::new(Keeper::Idle),
         });
         let keeper = match (grant.lease_deadline, grant.session) {
-            (_, Some(session)) => tokio::spawn(watch_session(shared.clone(), session)),
+            (_, Some(session)) => {
+                Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
+            }
             (Some(deadline), None) => {
                 shared.set_safe_until(deadline);
-                tokio::spawn(keep_alive(shared.clone()))
+                let safe = shared.safe_until().unwrap_or(deadline);
+                let due = if shared.opts.auto_renew {
+                    (Instant::now() + shared.opts.renewal_period()).min(safe)
+                } else {
+                    safe
+                };
+                match Scheduler::current() {
+                    Some(sched) => Keeper::Scheduled(sched.schedule(due, Arc::downgrade(&shared))),
+                    // Not reachable from the async acquire; without a runtime nothing renews.
+                    None => Keeper::Idle,
+                }
             }
-            (None, None) => tokio::spawn(async {}),
+            (None, None) => Keeper::Idle,
         };
+        *shared.keeper.lock().unwrap_or_else(|p| p.into_inner()) = keeper;
         Self {
             handle: LockHandle { shared, status: rx },
-            keeper: Some(keeper),
             done: false,
         }
     }
@@ -302,6 +352,8 @@ impl LockGuard {
             Ok(deadline) => {
                 sh.set_safe_until(deadline);
                 sh.set_status(LockStatus::Held);
+                // The schedule was made for the old deadline: start renewing from here.
+                Shared::start_keeper(sh, Instant::now() + sh.opts.renewal_period());
                 Ok(())
             }
             Err(e @ LockError::NotHeld { .. }) => {
@@ -318,7 +370,7 @@ impl LockGuard {
     /// expired or been taken over.
     pub async fn release(mut self) -> Result<ReleaseOutcome, LockError> {
         self.done = true;
-        if let Some(keeper) = self.keeper.take() {
+        if let Some(keeper) = self.handle.shared.stop_keeper() {
             keeper.abort();
             let _ = keeper.await;
         }
@@ -354,7 +406,7 @@ impl Drop for LockGuard {
         if self.done {
             return;
         }
-        if let Some(keeper) = self.keeper.take() {
+        if let Some(keeper) = self.handle.shared.stop_keeper() {
             keeper.abort();
         }
         let sh = self.handle.shared.clone();
@@ -393,10 +445,10 @@ async fn bounded<T>(
 /// Keeps a TTL lease alive (or, with renewal off, watches its deadline). Marks the lock
 /// `Uncertain` while renewals fail and `Lost` when the safe deadline passes, which is
 /// before the store's own expiry by the drift margin.
-async fn keep_alive(sh: Arc<Shared>) {
+async fn keep_alive(sh: Arc<Shared>, first: Instant) {
     let period = sh.opts.renewal_period();
     let retry = (period / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut next = Instant::now() + period;
+    let mut next = first;
     let mut last_error: Option<String> = None;
     loop {
         let Some(safe) = sh.safe_until() else { return };

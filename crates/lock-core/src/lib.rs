@@ -40,6 +40,7 @@ pub mod backend;
 mod client;
 pub mod error;
 mod guard;
+mod keeper;
 pub mod key;
 pub mod keyed;
 pub mod memory;
