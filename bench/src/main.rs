@@ -194,8 +194,8 @@ async fn main() -> std::process::ExitCode {
         .collect();
     let plan = if quick {
         Plan {
-            samples: 300,
-            window: Duration::from_secs(2),
+            samples: 250,
+            window: Duration::from_millis(1200),
             handoffs: 100,
         }
     } else {
