@@ -363,6 +363,37 @@ impl Postgres {
         })
     }
 
+    /// The postmaster's pid and its children's (the backends and background workers): all
+    /// of them must be stopped to pause the server.
+    pub fn server_pids(&self) -> Vec<u32> {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let Some(postmaster) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![postmaster];
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let ppid = std::fs::read_to_string(e.path().join("stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit_once(") ")
+                            .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+                    })
+                    .and_then(|p| p.parse::<u32>().ok());
+                if ppid == Some(postmaster) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
     /// Fast shutdown: SIGINT to the postmaster itself (its pid from `postmaster.pid`; the
     /// process we started may be `runuser`, which would turn SIGINT into SIGTERM, a "smart"
     /// shutdown that waits for every client), then reap what we started.

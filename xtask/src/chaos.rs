@@ -113,10 +113,16 @@ fn scenarios(backend: &str) -> Vec<Fault> {
             FailoverNoAck,
             FailoverAck,
         ]),
-        "redlock" => v.extend([ServerPaused, ServerRestart, PauseInFlight]),
-        "zk" => v.extend([ServerPaused, ReplyLost]),
-        "pg-lease" => v.extend([ServerRestart, ReplyLost, PauseInFlight]),
-        "pg-advisory" => v.extend([ServerRestart, BackendTerminated]),
+        "redlock" => v.extend([ServerPaused, ServerRestart, ReplyLost, PauseInFlight]),
+        "zk" => v.extend([ServerPaused, ReplyLost, PauseInFlight]),
+        "pg-lease" => v.extend([ServerPaused, ServerRestart, ReplyLost, PauseInFlight]),
+        "pg-advisory" => v.extend([
+            ServerPaused,
+            ServerRestart,
+            ReplyLost,
+            PauseInFlight,
+            BackendTerminated,
+        ]),
         _ => {}
     }
     v
@@ -179,7 +185,7 @@ impl Servers {
             Servers::Redis(v) => v.first().and_then(|r| r.proc.pid()).into_iter().collect(),
             Servers::RedisPair { primary, .. } => primary.proc.pid().into_iter().collect(),
             Servers::Zk(z) => z.procs.first().and_then(|p| p.pid()).into_iter().collect(),
-            Servers::Pg(_) => Vec::new(),
+            Servers::Pg(p) => p.server_pids(),
         }
     }
 
@@ -301,6 +307,8 @@ struct ScenarioReport {
     double_grants: Option<usize>,
     /// TTL backends: grants delivered after a grant with a higher token.
     stale_deliveries: Option<usize>,
+    /// For a failure or a flagged control: the history around the first violation.
+    excerpt: Vec<String>,
     recovery_ms: Option<u64>,
     violations: Vec<String>,
     note: String,
@@ -840,6 +848,16 @@ async fn scenario(
     } else {
         !flagged && report.grants > 0
     };
+    // For a failure, or a flagged control: the stretch of history around the first
+    // violation (the full history is in target/chaos/histories/).
+    let excerpt = if flagged {
+        violations
+            .first()
+            .map(|v| excerpt_around(&events, v, t.lease_ms))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     if fault.control() {
         note.push_str(if flagged {
             "; flagged, as it must be"
@@ -864,8 +882,37 @@ async fn scenario(
         stale_deliveries: ttl.then_some(lease.stale_deliveries.len()),
         recovery_ms,
         violations: violations.into_iter().take(3).collect(),
+        excerpt,
         note,
     })
+}
+
+/// The events within one lease before and 100 ms after the first time (`.. at N us`) a
+/// violation message names, at most 40 of them, closest to that time, in order.
+fn excerpt_around(events: &[Stamped], violation: &str, lease_ms: u64) -> Vec<String> {
+    let at = violation
+        .split(" us")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    let Some(at) = at else { return Vec::new() };
+    let from = at.saturating_sub(lease_ms * 1000);
+    let mut near: Vec<&Stamped> = events
+        .iter()
+        .filter(|e| e.at_us >= from && e.at_us <= at + 100_000)
+        .collect();
+    near.sort_by_key(|e| e.at_us.abs_diff(at));
+    near.truncate(40);
+    near.sort_by_key(|e| e.at_us);
+    near.iter()
+        .map(|e| {
+            format!(
+                "{} us {}",
+                e.at_us,
+                serde_json::to_string(&e.event).unwrap_or_default()
+            )
+        })
+        .collect()
 }
 
 /// A primary, its replica (replicating through a proxy that can freeze the link), and a
@@ -984,6 +1031,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
                     belief_overlaps: 0,
                     double_grants: None,
                     stale_deliveries: None,
+                    excerpt: Vec::new(),
                     recovery_ms: None,
                     violations,
                     note: String::new(),
@@ -1044,6 +1092,12 @@ pub(crate) async fn run(args: &[String]) -> bool {
                     format!("\n      {}", r.violations.join("\n      "))
                 }
             );
+            if !r.passed && !r.excerpt.is_empty() {
+                println!("      history around the first violation:");
+                for line in &r.excerpt {
+                    println!("        {line}");
+                }
+            }
             reports.push(r);
         }
         drop(servers);
