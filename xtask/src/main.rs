@@ -11,7 +11,7 @@ mod worker_backend;
 const USAGE: &str = "usage: cargo xtask <command>
   integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers] [--require-all]
   demo        the inventory demo on every backend that can be provisioned
-  chaos [--quick] [--seed n] [--only scenario] [redis|redlock|zk|pg-lease|pg-advisory...]
+  chaos [--quick] [--seed n] [--only scenario] [redis|redlock|zk|pg-lease|pg-advisory|mongo...]
               fault injection with worker processes, judged by the history checker
   ctrl-c-check
               SIGINT an integration run (local, then containers): nothing may be left
