@@ -631,16 +631,35 @@ async fn scenario(
         }
         Fault::ReplyLost => {
             let d = Duration::from_millis(rng.random_range(100..400));
+            // Start while the victim holds: its release (sent after its 20 ms of work) is
+            // applied by the store, its reply lost, and the release retried after the reset.
+            until_holding(&workers[victim]).await;
+            let from = now_us();
             for p in &workers[victim].proxies {
                 p.set_drop_replies(true);
             }
             sleep(d).await;
+            let to = now_us();
             for p in &workers[victim].proxies {
                 p.set_drop_replies(false);
                 p.reset_all();
             }
+            let (mut releases, mut acquires) = (0, 0);
+            for e in workers[victim]
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|e| e.at_us >= from && e.at_us <= to)
+            {
+                match e.event {
+                    Event::ReleaseInvoked { .. } => releases += 1,
+                    Event::AcquireInvoked { .. } => acquires += 1,
+                    _ => {}
+                }
+            }
             note = format!(
-                "w{}'s replies dropped for {} ms, then its connections reset",
+                "w{} holding; its replies dropped for {} ms (meanwhile it sent {releases} release(s) and {acquires} acquire(s): applied by the store, their replies lost), then its connections reset",
                 victim + 1,
                 d.as_millis()
             );
