@@ -1,6 +1,7 @@
 //! `cargo xtask`: integration runs against real servers, the demo, and CI.
 
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 mod chaos;
 mod demo;
@@ -122,20 +123,6 @@ fn containers_image() -> bool {
 /// that the server process it started is gone.
 fn ctrl_c_leaves_nothing() -> bool {
     println!("\n=== Ctrl-C stops every server the run started");
-    let count = || {
-        Command::new("pgrep")
-            .args(["-c", "-x", "redis-server"])
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .parse::<u32>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
-    let before = count();
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -143,40 +130,20 @@ fn ctrl_c_leaves_nothing() -> bool {
             return false;
         }
     };
-    let mut child = match Command::new(&exe)
-        .args(["integration", "--backend", "redis", "--via", "local"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ctrl-c check: {e}");
-            return false;
-        }
+    let redis_servers = || {
+        Command::new("pgrep")
+            .args(["-c", "-x", "redis-server"])
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or(0)
     };
-    let t = std::time::Instant::now();
-    while count() <= before && t.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let during = count();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let status = child.wait();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let after = count();
-    let ok = during > before && after == before;
-    println!(
-        "redis-server processes: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
-        if ok { "ok" } else { "FAILED" }
-    );
-    ok && ctrl_c_leaves_no_container(&exe)
-}
-
-/// The same through the containers provider (needs the local Redis image): no container
-/// may be left after SIGINT.
-fn ctrl_c_leaves_no_container(exe: &std::path::Path) -> bool {
+    // The same through the containers provider (needs the local Redis image).
     let containers = || {
         Command::new("docker")
             .args(["ps", "-aq"])
@@ -184,42 +151,68 @@ fn ctrl_c_leaves_no_container(exe: &std::path::Path) -> bool {
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
             .unwrap_or(0)
     };
-    let before = containers();
-    let mut child = match Command::new(exe)
-        .args([
-            "integration",
-            "--backend",
-            "redis",
+    sigint_leaves_nothing(
+        &exe,
+        "redis-server processes",
+        &["--via", "local"],
+        redis_servers,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    ) && sigint_leaves_nothing(
+        &exe,
+        "containers",
+        &[
             "--via",
             "containers",
             "--image",
             "redis=distlock/redis:local",
-        ])
+        ],
+        containers,
+        Duration::from_secs(60),
+        Duration::from_millis(1500),
+    )
+}
+
+/// Starts `cargo xtask integration --backend redis <via>`, waits until `count` (of server
+/// processes or containers) grows, sends SIGINT after `settle`, and checks that `count` is
+/// back where it was.
+fn sigint_leaves_nothing(
+    exe: &std::path::Path,
+    what: &str,
+    via: &[&str],
+    count: impl Fn() -> usize,
+    appear_within: Duration,
+    settle: Duration,
+) -> bool {
+    let before = count();
+    let mut child = match Command::new(exe)
+        .args(["integration", "--backend", "redis"])
+        .args(via)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ctrl-c check (containers): {e}");
+            eprintln!("ctrl-c check ({what}): {e}");
             return false;
         }
     };
     let t = std::time::Instant::now();
-    while containers() <= before && t.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    while count() <= before && t.elapsed() < appear_within {
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let during = containers();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let during = count();
+    std::thread::sleep(settle);
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
-    let _ = child.wait();
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let after = containers();
+    let status = child.wait();
+    std::thread::sleep(settle + Duration::from_millis(500));
+    let after = count();
     let ok = during > before && after == before;
     println!(
-        "containers: {before} before, {during} during, {after} after SIGINT: {}",
+        "{what}: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
         if ok { "ok" } else { "FAILED" }
     );
     ok
