@@ -70,7 +70,216 @@ pub async fn run() -> Vec<CaseResult> {
             redlock_paused_node(),
         )
         .await,
+        check(
+            "redis-extra",
+            "batched_operations_stay_exclusive_and_isolated",
+            batched_exact(),
+        )
+        .await,
+        check(
+            "redis-extra",
+            "abandoned_batched_acquires_leave_nothing",
+            batched_abandoned(),
+        )
+        .await,
+        check(
+            "redis-extra",
+            "batched_grant_whose_caller_left_is_given_back",
+            batched_caller_gone(),
+        )
+        .await,
     ]
+}
+
+/// A fresh server (no persistence) and a default backend on it.
+async fn server_and_backend() -> Result<(Redis, RedisBackend), String> {
+    let server = tokio::task::spawn_blocking(|| Redis::start(false))
+        .await
+        .map_err(|e| e.to_string())??;
+    let b = RedisBackend::connect(&server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((server, b))
+}
+
+/// The `calls=` count of `cmd` in an `INFO commandstats` reply.
+fn calls(stats: &str, cmd: &str) -> u64 {
+    stats
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn commandstats(
+    conn: &mut lock_redis::redis::aio::ConnectionManager,
+) -> Result<String, String> {
+    lock_redis::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// 64 tasks on one backend: their acquires and releases share scripts (batches). Each
+/// grant must still be exclusive, tokens must grow per key in grant order, and an op on a
+/// key of the wrong type must fail alone, with the server's error, in the same batches.
+async fn batched_exact() -> Result<String, String> {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let (server, b) = server_and_backend().await?;
+    let mut conn = b.connection();
+    // A key of the wrong type where a lock would be.
+    let _: i64 = lock_redis::redis::cmd("HSET")
+        .arg("lock:clobbered")
+        .arg("x")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = LockClient::new(b).with_options(opts().wait(WaitPolicy::NoWait));
+    let before = calls(&commandstats(&mut conn).await?, "evalsha");
+    let held: Arc<Vec<AtomicBool>> = Arc::new((0..4).map(|_| AtomicBool::new(false)).collect());
+    let last: Arc<Mutex<HashMap<usize, u64>>> = Arc::default();
+    let (grants, refusals, wrong_type) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for t in 0..64usize {
+        let (c, held, last) = (c.clone(), held.clone(), last.clone());
+        let (grants, refusals, wrong_type) = (grants.clone(), refusals.clone(), wrong_type.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..150usize {
+                if t == 0 && i % 3 == 0 {
+                    match c.acquire("clobbered").await {
+                        Err(e) if e.to_string().contains("WRONGTYPE") => {
+                            wrong_type.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        other => {
+                            return Err(format!(
+                                "an acquire of a key of the wrong type gave {other:?}"
+                            ))
+                        }
+                    }
+                }
+                let k = (t + i) % 4;
+                let g = match c.acquire(&format!("shared-{k}")).await {
+                    Ok(g) => g,
+                    Err(LockError::Contended { .. }) => {
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => return Err(format!("acquire: {e}")),
+                };
+                if held[k].swap(true, Ordering::SeqCst) {
+                    return Err(format!("shared-{k} granted while held"));
+                }
+                {
+                    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                    let prev = last.insert(k, g.token().get()).unwrap_or(0);
+                    if g.token().get() <= prev {
+                        return Err(format!("shared-{k}: token {} after {prev}", g.token()));
+                    }
+                }
+                grants.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                held[k].store(false, Ordering::SeqCst);
+                g.release().await.map_err(|e| format!("release: {e}"))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let scripts = calls(&commandstats(&mut conn).await?, "evalsha") - before;
+    let (g, r, w) = (
+        grants.load(Ordering::Relaxed),
+        refusals.load(Ordering::Relaxed),
+        wrong_type.load(Ordering::Relaxed),
+    );
+    let ops = 2 * g + r + w;
+    for k in 0..4 {
+        if c.inspect(&format!("shared-{k}"))
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            return Err(format!("shared-{k} still held at the end"));
+        }
+    }
+    if g == 0 || w != 50 {
+        return Err(format!("{g} grants, {w} wrong-type errors (expected 50)"));
+    }
+    if scripts >= ops {
+        return Err(format!(
+            "{scripts} scripts for {ops} operations: the operations were not batched"
+        ));
+    }
+    drop(server);
+    Ok(format!(
+        "{g} grants, {r} refusals, {w} wrong-type errors; {ops} operations in {scripts} scripts ({:.1} per script)",
+        ops as f64 / scripts.max(1) as f64
+    ))
+}
+
+/// Acquires abandoned by their callers at random points (queued, in a batch on the wire,
+/// answered but unread) leave no lease and no queue entry behind.
+async fn batched_abandoned() -> Result<String, String> {
+    let (server, b) = server_and_backend().await?;
+    let mut conn = b.connection();
+    let c = LockClient::new(b).with_options(opts());
+    let blocker = c.acquire("ab-held").await.map_err(|e| e.to_string())?;
+    let mut tasks = Vec::new();
+    for t in 0..128u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            // Free keys and the held one; the callers give up after 0 to 630 µs.
+            let key = if t % 8 == 0 {
+                "ab-held".to_owned()
+            } else {
+                format!("ab-{t}")
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_micros((t * 37) % 640), c.acquire(&key)).await;
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())?;
+    }
+    blocker.release().await.map_err(|e| e.to_string())?;
+    // The clean-ups run in the background; leases are 2 s, so a leak shows well inside.
+    let t = Instant::now();
+    loop {
+        let keys: Vec<String> = lock_redis::redis::cmd("KEYS")
+            .arg("lock:ab-*")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Wake notes for waiters that left expire on their own (10 s); fences stay.
+        let left: Vec<&String> = keys
+            .iter()
+            .filter(|k| !k.ends_with(":fence") && !k.contains(":wake:"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        if t.elapsed() > Duration::from_millis(1200) {
+            return Err(format!("left behind after 1.2 s: {left:?}"));
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    drop(server);
+    Ok(format!(
+        "128 abandoned acquires; nothing left after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ))
 }
 
 async fn restart_losing_data() -> Result<String, String> {
@@ -161,15 +370,7 @@ async fn herd() -> Result<String, String> {
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
-    let calls = |cmd: &str| -> u64 {
-        stats
-            .lines()
-            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
-            .and_then(|l| l.split("calls=").nth(1))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let calls = |cmd: &str| calls(&stats, cmd);
     let wakes = calls("rpush");
     // 64 hand-offs (the holder's release, then each waiter's release): each wakes one
     // waiter, except the last, which finds the queue empty.
@@ -312,12 +513,7 @@ async fn redlock_restart_empty() -> Result<String, String> {
 }
 
 async fn fenced_set() -> Result<String, String> {
-    let server = tokio::task::spawn_blocking(|| Redis::start(false))
-        .await
-        .map_err(|e| e.to_string())??;
-    let b = RedisBackend::connect(&server.url())
-        .await
-        .map_err(|e| e.to_string())?;
+    let (_server, b) = server_and_backend().await?;
     let c = LockClient::new(b.clone())
         .with_options(opts().lease(Duration::from_millis(300)).auto_renew(false));
     let old = c.acquire("stock").await.map_err(|e| e.to_string())?;
@@ -422,4 +618,117 @@ async fn start_nodes(n: usize) -> Result<Vec<Redis>, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// The batcher's own clean-up, without lock-core's: replies are delayed 200 ms by a proxy,
+/// so two acquires fill both slots and 16 more queue; those go out as one batch when a slot
+/// frees, and their callers (plain backend calls) give up while it is on the wire. The
+/// grants it brings back must be released by the batcher, not left to their 10 s leases.
+async fn batched_caller_gone() -> Result<String, String> {
+    use lock_conformance::proxy::Proxy;
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
+    let server = tokio::task::spawn_blocking(|| Redis::start(false))
+        .await
+        .map_err(|e| e.to_string())??;
+    let addr = crate::targets::addr_of(&server.url())?;
+    let proxy = Proxy::start(addr).await.map_err(|e| e.to_string())?;
+    let via = crate::targets::with_addr(&server.url(), proxy.addr())?;
+    let b = RedisBackend::connect(&via)
+        .await
+        .map_err(|e| e.to_string())?;
+    let direct = RedisBackend::connect(&server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = |k: &str| -> Result<AcquireRequest, String> {
+        Ok(AcquireRequest::new(
+            LockKey::new(k).map_err(|e| e.to_string())?,
+            Duration::from_secs(10),
+            HolderMeta::default(),
+            Backoff::default(),
+        ))
+    };
+    // Load the script first: a NOSCRIPT retry would add two delayed round trips.
+    let warm = req("warm")?;
+    b.try_acquire(&warm).await.map_err(|e| e.to_string())?;
+    b.release(&warm.lease()).await.map_err(|e| e.to_string())?;
+    proxy.set_reply_delay(Duration::from_millis(200));
+    let mut slots = Vec::new();
+    for i in 0..2 {
+        let (b, r) = (b.clone(), req(&format!("slot-{i}"))?);
+        slots.push(tokio::spawn(
+            async move { b.try_acquire(&r).await.map(|_| r) },
+        ));
+    }
+    sleep(Duration::from_millis(30)).await;
+    let mut gone = Vec::new();
+    for i in 0..16 {
+        let (b, r) = (b.clone(), req(&format!("gone-{i}"))?);
+        gone.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(300), b.try_acquire(&r))
+                .await
+                .is_err()
+        }));
+    }
+    let mut left_early = 0;
+    for g in gone {
+        if g.await.map_err(|e| e.to_string())? {
+            left_early += 1;
+        }
+    }
+    for s in slots {
+        let r = s
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("slot acquire: {e}"))?;
+        b.release(&r.lease()).await.map_err(|e| e.to_string())?;
+    }
+    if left_early != 16 {
+        return Err(format!(
+            "{left_early} of 16 callers timed out; the delay did not hold them as planned"
+        ));
+    }
+    proxy.set_reply_delay(Duration::ZERO);
+    // The batch did reach the server: each key got a token.
+    let mut conn = direct.connection();
+    let fences: Vec<String> = lock_redis::redis::cmd("KEYS")
+        .arg("lock:gone-*:fence")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if fences.len() != 16 {
+        return Err(format!(
+            "{} of the 16 abandoned acquires reached the server before their callers left",
+            fences.len()
+        ));
+    }
+    let t = Instant::now();
+    loop {
+        let mut held = Vec::new();
+        for i in 0..16 {
+            let k = LockKey::new(format!("gone-{i}")).map_err(|e| e.to_string())?;
+            if direct
+                .inspect(&k)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                held.push(i);
+            }
+        }
+        if held.is_empty() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            return Err(format!(
+                "gone-{held:?} still held 2 s after their callers left (leases are 10 s)"
+            ));
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    drop(proxy);
+    drop(server);
+    Ok(format!(
+        "16 callers left while their batch was on the wire; all grants given back within {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    ))
 }

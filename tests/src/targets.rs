@@ -21,7 +21,8 @@ pub fn addr_of(url: &str) -> Result<SocketAddr, String> {
     hostport.parse().map_err(|e| format!("{url}: {e}"))
 }
 
-fn with_addr(url: &str, addr: SocketAddr) -> Result<String, String> {
+/// `url` with its host and port replaced by `addr`.
+pub fn with_addr(url: &str, addr: SocketAddr) -> Result<String, String> {
     let old = addr_of(url)?;
     let (scheme, rest) = url.split_once("://").ok_or("not a URL")?;
     let rest = rest.replace("localhost", "127.0.0.1");

@@ -1,126 +1,151 @@
 //! The server-side scripts. Each lock operation is one script, so one round trip, and
 //! atomic on the server.
 //!
-//! Keys, for a lock key `k` under namespace `ns`:
-//! - `ns k`: hash `{id, tok, meta}` with the lease as its expiry;
+//! Keys, for a lock key `k` under namespace `ns` (the scripts derive the related keys from
+//! the lock key by suffix, so they need a standalone server or Redlock's independent nodes,
+//! not Redis Cluster):
+//! - `ns k`: a string `lease:token:meta` with the lease as its expiry (one `SET`, one `GET`:
+//!   the cheapest shape for the uncontended path);
 //! - `ns k :fence`: the last token issued; never expires;
 //! - `ns k :q`: sorted set of waiting lease ids, ordered by arrival;
 //! - `ns k :w: <lease>`: a waiter's liveness key, refreshed while it waits, expiring if it dies;
 //! - `ns k :wake: <lease>`: the list a waiter blocks on; release pushes to the first live one.
 //!
-//! Tokens: `max(last + 1, server time in microseconds)`. The counter alone would restart at
-//! 1 after the server lost its data; the clock term keeps tokens increasing across such a
-//! restart, on the assumption that the server's clock does not step back across the
-//! restart by more than the restart took, and that a key is not granted more than a
-//! million times a second (each grant may push the counter one microsecond ahead of the
-//! clock). Lua numbers are doubles: microsecond time stays exact below 2^53 (year 2255).
+//! Tokens: `max(last + 1, server time in microseconds)`, issued by one `SET fence now GET`
+//! (a second `SET` only when the clock has not moved past the last token). The counter
+//! alone would restart at 1 after the server lost its data; the clock term keeps tokens
+//! increasing across such a restart, on the assumption that the server's clock does not
+//! step back across the restart by more than the restart took, and that a key is not
+//! granted more than a million times a second (each grant may push the counter one
+//! microsecond ahead of the clock). Lua numbers are doubles: microsecond time stays exact
+//! below 2^53 (year 2255).
 
 use redis::Script;
 
-/// `KEYS`: lock, fence, queue. `ARGV`: lease, ttl_ms, meta, wait (0/1), fair (0/1),
-/// waiter prefix, waiter ttl ms. Returns `{granted, token, pttl}`.
-pub(crate) const ACQUIRE: &str = r#"
-local lease = ARGV[1]
-local wprefix = ARGV[6]
-local function enqueue()
-  if ARGV[4] ~= '1' then return end
-  if not redis.call('ZSCORE', KEYS[3], lease) then
-    local t = redis.call('TIME')
-    redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000000 + tonumber(t[2]), lease)
-  end
-  redis.call('SET', wprefix .. lease, '1', 'PX', ARGV[7])
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[7]) * 4)
+/// Acquires and releases, several per call: `KEYS[i]` is op i's lock key; `ARGV` is
+/// `fair (0/1), waiter ttl ms`, then four per op: `op (t try, w wait, r release), lease,
+/// ttl_ms, meta`. Ops run in order, each as it would alone; one op's error (a key of the
+/// wrong type) is its own reply and does not stop the others. Replies, per op: acquire
+/// `{granted, token, pttl}`, release `{released}`, error `{-1, message}`.
+pub(crate) const OPS: &str = r#"
+local fair = ARGV[1] == '1'
+local wttl = ARGV[2]
+local function holds(v, lease)
+  return string.sub(v, 1, #lease + 1) == lease .. ':'
 end
-local holder = redis.call('HGET', KEYS[1], 'id')
-if holder == lease then
-  return {1, tonumber(redis.call('HGET', KEYS[1], 'tok')), redis.call('PTTL', KEYS[1])}
-end
-if holder then
-  enqueue()
-  return {0, 0, redis.call('PTTL', KEYS[1])}
-end
--- Whether this lease may sit in the queue (only a waiting acquire enqueues), so that the
--- uncontended path runs no queue commands beyond one look at the head.
-local queued = ARGV[4] == '1'
-if ARGV[5] == '1' then
+-- The first live waiter in `q`, dropping dead ones on the way; nil if none.
+local function head(q, wp)
+  if redis.call('EXISTS', q) == 0 then return nil end
   while true do
-    local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-    if not head then
-      queued = false
-      break
+    local h = redis.call('ZRANGE', q, 0, 0)[1]
+    if not h or redis.call('EXISTS', wp .. h) == 1 then return h end
+    redis.call('ZREM', q, h)
+  end
+end
+local function enqueue(q, wp, lease)
+  if not redis.call('ZSCORE', q, lease) then
+    local t = redis.call('TIME')
+    redis.call('ZADD', q, tonumber(t[1]) * 1000000 + tonumber(t[2]), lease)
+  end
+  redis.call('SET', wp .. lease, '1', 'PX', wttl)
+  redis.call('PEXPIRE', q, tonumber(wttl) * 4)
+end
+local function acquire(k, lease, ttl, meta, wait)
+  local cur = redis.call('GET', k)
+  if cur then
+    if holds(cur, lease) then
+      local b = string.find(cur, ':', #lease + 2, true)
+      return {1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)}
     end
-    if head == lease then break end
-    if redis.call('EXISTS', wprefix .. head) == 1 then
-      enqueue()
+    if wait then enqueue(k .. ':q', k .. ':w:', lease) end
+    return {0, 0, redis.call('PTTL', k)}
+  end
+  local q, wp = k .. ':q', k .. ':w:'
+  -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
+  local queued = wait
+  if fair then
+    local h = head(q, wp)
+    if not h then
+      -- head() dropped every dead entry on its way: the queue is empty.
+      queued = false
+    elseif h ~= lease then
+      if wait then enqueue(q, wp, lease) end
       return {0, 0, -1}
     end
-    redis.call('ZREM', KEYS[3], head)
+  end
+  if queued and redis.call('ZREM', q, lease) == 1 then
+    redis.call('DEL', wp .. lease)
+  end
+  local t = redis.call('TIME')
+  local tok = t[1] .. string.format('%06d', tonumber(t[2]))
+  local prev = redis.call('SET', k .. ':fence', tok, 'GET')
+  if prev and tonumber(prev) >= tonumber(tok) then
+    tok = string.format('%d', tonumber(prev) + 1)
+    redis.call('SET', k .. ':fence', tok)
+  end
+  redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
+  return {1, tonumber(tok), tonumber(ttl)}
+end
+local function release(k, lease)
+  local released = 0
+  local cur = redis.call('GET', k)
+  local q, wp = k .. ':q', k .. ':w:'
+  if cur and holds(cur, lease) then
+    -- A holder left the queue when it was granted: nothing of it to remove there.
+    redis.call('DEL', k)
+    released = 1
+    cur = nil
+  elseif redis.call('ZREM', q, lease) == 1 then
+    redis.call('DEL', wp .. lease)
+  end
+  if not cur then
+    local h = head(q, wp)
+    if h then
+      redis.call('RPUSH', k .. ':wake:' .. h, '1')
+      redis.call('PEXPIRE', k .. ':wake:' .. h, 10000)
+    end
+  end
+  return {released}
+end
+local out = {}
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 4
+  local op, lease = ARGV[b + 1], ARGV[b + 2]
+  local ok, r
+  if op == 'r' then
+    ok, r = pcall(release, KEYS[i], lease)
+  else
+    ok, r = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
+  end
+  if ok then
+    out[i] = r
+  else
+    if type(r) == 'table' then r = r.err end
+    out[i] = {-1, tostring(r)}
   end
 end
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tok = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
-if now_us > tok then tok = now_us end
-local stok = string.format('%d', tok)
-redis.call('SET', KEYS[2], stok)
-redis.call('HSET', KEYS[1], 'id', lease, 'tok', stok, 'meta', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if queued and redis.call('ZREM', KEYS[3], lease) == 1 then
-  redis.call('DEL', wprefix .. lease)
-end
-return {1, tok, tonumber(ARGV[2])}
+return out
 "#;
 
 /// `KEYS`: lock. `ARGV`: lease, ttl_ms. Extends only this lease; never creates one.
 pub(crate) const RENEW: &str = r#"
-if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 "#;
 
-/// `KEYS`: lock, queue. `ARGV`: lease, waiter prefix, wake prefix. Removes this lease (held
-/// or queued) and, if the key is now free, wakes exactly one live waiter.
-pub(crate) const RELEASE: &str = r#"
-local released = 0
-local free
-if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then
-  -- A holder left the queue when it was granted: nothing of it to remove there.
-  redis.call('DEL', KEYS[1])
-  released = 1
-  free = true
-else
-  if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-    redis.call('DEL', ARGV[2] .. ARGV[1])
-  end
-  free = redis.call('EXISTS', KEYS[1]) == 0
-end
-if free then
-  while true do
-    local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-    if not head then break end
-    if redis.call('EXISTS', ARGV[2] .. head) == 1 then
-      redis.call('RPUSH', ARGV[3] .. head, '1')
-      redis.call('PEXPIRE', ARGV[3] .. head, 10000)
-      break
-    end
-    redis.call('ZREM', KEYS[2], head)
-  end
-end
-return released
-"#;
-
-/// `KEYS`: lock, queue, waiter prefix is ARGV[1]. Returns `{id, tok, meta, pttl, waiters}`
-/// or an empty array.
+/// `KEYS`: lock. Returns `{value, pttl, live waiters}` or an empty array.
 pub(crate) const INSPECT: &str = r#"
-local h = redis.call('HMGET', KEYS[1], 'id', 'tok', 'meta')
-if not h[1] then return {} end
+local v = redis.call('GET', KEYS[1])
+if not v then return {} end
 local live = 0
-for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if redis.call('EXISTS', ARGV[1] .. w) == 1 then live = live + 1 end
+for _, w in ipairs(redis.call('ZRANGE', KEYS[1] .. ':q', 0, -1)) do
+  if redis.call('EXISTS', KEYS[1] .. ':w:' .. w) == 1 then live = live + 1 end
 end
-return {h[1], h[2], h[3] or '', redis.call('PTTL', KEYS[1]), live}
+return {v, redis.call('PTTL', KEYS[1]), live}
 "#;
 
 /// `KEYS`: fence. `ARGV`: token. Raises the token floor (Redlock's second round).
@@ -144,9 +169,8 @@ return {1, tok}
 /// The compiled scripts (hashes computed once).
 #[derive(Debug)]
 pub(crate) struct Scripts {
-    pub(crate) acquire: Script,
+    pub(crate) ops: Script,
     pub(crate) renew: Script,
-    pub(crate) release: Script,
     pub(crate) inspect: Script,
     pub(crate) raise_floor: Script,
     pub(crate) fenced_set: Script,
@@ -155,9 +179,8 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
-            acquire: Script::new(ACQUIRE),
+            ops: Script::new(OPS),
             renew: Script::new(RENEW),
-            release: Script::new(RELEASE),
             inspect: Script::new(INSPECT),
             raise_floor: Script::new(RAISE_FLOOR),
             fenced_set: Script::new(FENCED_SET),

@@ -12,6 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use tokio::time::Instant;
 
+use crate::batch::{Batcher, Kind, Op};
 use crate::config::RedisConfig;
 use crate::scripts::Scripts;
 
@@ -57,6 +58,8 @@ struct Inner {
     conn: ConnectionManager,
     cfg: RedisConfig,
     scripts: Scripts,
+    /// Acquires and releases, batched under load.
+    batch: Arc<Batcher>,
     /// Connections for blocking waits (BLPOP blocks the connection it runs on).
     blockers: Mutex<Vec<MultiplexedConnection>>,
 }
@@ -96,12 +99,20 @@ impl RedisBackend {
             after: cfg.op_timeout * 2,
         })?
         .map_err(map_err)?;
+        let scripts = Scripts::new();
+        let batch = Arc::new(Batcher::new(
+            conn.clone(),
+            scripts.ops.clone(),
+            cfg.fair,
+            WAITER_TTL,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 conn,
                 cfg,
-                scripts: Scripts::new(),
+                scripts,
+                batch,
                 blockers: Mutex::new(Vec::new()),
             }),
         })
@@ -126,25 +137,17 @@ impl RedisBackend {
         req: &AcquireRequest,
         wait: bool,
     ) -> Result<Attempt, LockError> {
-        let k = self.lock_key(&req.key);
-        let mut conn = self.inner.conn.clone();
-        let reply: Vec<i64> = self
+        let reply = self
             .inner
-            .scripts
-            .acquire
-            .key(&k)
-            .key(format!("{k}:fence"))
-            .key(format!("{k}:q"))
-            .arg(req.lease_id.as_str())
-            .arg(req.ttl.as_millis() as u64)
-            .arg(req.meta.encode())
-            .arg(if wait { "1" } else { "0" })
-            .arg(if self.inner.cfg.fair { "1" } else { "0" })
-            .arg(format!("{k}:w:"))
-            .arg(WAITER_TTL.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(map_err)?;
+            .batch
+            .submit(Op {
+                kind: if wait { Kind::Wait } else { Kind::Try },
+                key: self.lock_key(&req.key),
+                lease: req.lease_id.as_str().to_owned(),
+                ttl_ms: req.ttl.as_millis() as u64,
+                meta: req.meta.encode(),
+            })
+            .await?;
         match reply[..] {
             [g, t, p] if t >= 0 => Ok(Attempt {
                 granted: g == 1,
@@ -362,70 +365,59 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
-        let k = self.lock_key(&lease.key);
-        let mut conn = self.inner.conn.clone();
-        let released: i64 = self
+        let reply = self
             .inner
-            .scripts
-            .release
-            .key(&k)
-            .key(format!("{k}:q"))
-            .arg(lease.lease_id.as_str())
-            .arg(format!("{k}:w:"))
-            .arg(format!("{k}:wake:"))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(map_err)?;
-        Ok(if released == 1 {
-            ReleaseOutcome::Released
-        } else {
-            ReleaseOutcome::NotHeld
-        })
+            .batch
+            .submit(Op {
+                kind: Kind::Release,
+                key: self.lock_key(&lease.key),
+                lease: lease.lease_id.as_str().to_owned(),
+                ttl_ms: 0,
+                meta: String::new(),
+            })
+            .await?;
+        match reply[..] {
+            [1] => Ok(ReleaseOutcome::Released),
+            [0] => Ok(ReleaseOutcome::NotHeld),
+            _ => Err(LockError::Protocol(format!(
+                "release script returned {reply:?}"
+            ))),
+        }
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
-        let k = self.lock_key(key);
         let mut conn = self.inner.conn.clone();
         let reply: Vec<Value> = self
             .inner
             .scripts
             .inspect
-            .key(&k)
-            .key(format!("{k}:q"))
-            .arg(format!("{k}:w:"))
+            .key(self.lock_key(key))
             .invoke_async(&mut conn)
             .await
             .map_err(map_err)?;
         if reply.is_empty() {
             return Ok(None);
         }
-        let text = |v: &Value| -> Option<String> {
-            match v {
-                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-                Value::SimpleString(s) => Some(s.clone()),
-                Value::Int(i) => Some(i.to_string()),
-                _ => None,
-            }
-        };
-        let int = |v: &Value| match v {
-            Value::Int(i) => Some(*i),
-            other => text(other).and_then(|s| s.parse().ok()),
-        };
         let bad = || LockError::Protocol(format!("inspect returned {reply:?}"));
-        let [id, tok, meta, pttl, live] = &reply[..] else {
+        let [Value::BulkString(v), Value::Int(pttl), Value::Int(live)] = &reply[..] else {
             return Err(bad());
         };
-        let lease_id = LeaseId::parse(&text(id).ok_or_else(bad)?)?;
-        let token = int(tok).filter(|t| *t > 0).ok_or_else(bad)?;
-        let pttl = int(pttl).ok_or_else(bad)?;
+        // `lease:token:meta`; the meta may itself hold colons.
+        let v = std::str::from_utf8(v).map_err(|_| bad())?;
+        let mut parts = v.splitn(3, ':');
+        let (Some(id), Some(tok), meta) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
+        let lease_id = LeaseId::parse(id)?;
+        let token = tok.parse::<u64>().ok().filter(|t| *t > 0).ok_or_else(bad)?;
         Ok(Some(
             LockInfo::new(
                 lease_id,
-                FencingToken::new(token as u64),
-                HolderMeta::decode(&text(meta).unwrap_or_default()),
+                FencingToken::new(token),
+                HolderMeta::decode(meta.unwrap_or_default()),
             )
-            .remaining((pttl > 0).then(|| Duration::from_millis(pttl as u64)))
-            .waiters(int(live).map(|n| n.max(0) as usize)),
+            .remaining((*pttl > 0).then(|| Duration::from_millis(*pttl as u64)))
+            .waiters(Some((*live).max(0) as usize)),
         ))
     }
 }

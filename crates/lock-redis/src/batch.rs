@@ -1,0 +1,305 @@
+//! Acquires and releases go to the server through one script that takes several at once.
+//!
+//! A call that finds a free slot (fewer than [`MAX_IN_FLIGHT`] scripts on their way) runs
+//! at once, in the caller's task, as a script of one op: an uncontended client pays
+//! nothing for batching. A call that finds every slot busy joins a queue; when a slot frees,
+//! the whole queue (up to [`MAX_BATCH`] ops) goes out as one script. Under load the fixed
+//! cost of a script call (parsing, running the Lua interpreter, the reply) is shared by all
+//! the ops it carries, on the server and in the client.
+//!
+//! Each op keeps its own semantics: the script runs them in order, each as it would run
+//! alone, and one op's error is its own reply. Ops from a cancelled caller are dropped if
+//! they have not gone out; a reply that finds its caller gone (an acquire that was sent, then
+//! abandoned) is undone by a release of that lease, so an abandoned acquire never leaves
+//! a grant or a queue entry behind, whichever way it raced with the caller's own clean-up.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lock_core::LockError;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use tokio::sync::oneshot;
+
+use crate::single::{map_err, NAME};
+
+/// Scripts on their way at once. Two keep the connection busy while the next batch fills.
+pub(crate) const MAX_IN_FLIGHT: usize = 2;
+/// Ops per script at most, so that one script never holds the server for long (a few
+/// microseconds per op).
+pub(crate) const MAX_BATCH: usize = 128;
+
+/// What an op does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Acquire if free; never queue.
+    Try,
+    /// Acquire if free (and first in line when fair); else join the queue.
+    Wait,
+    /// Release a held lease or leave the queue; wake the next live waiter.
+    Release,
+}
+
+impl Kind {
+    fn code(self) -> &'static str {
+        match self {
+            Kind::Try => "t",
+            Kind::Wait => "w",
+            Kind::Release => "r",
+        }
+    }
+}
+
+/// One acquire or release.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub(crate) kind: Kind,
+    /// The full lock key (namespace included).
+    pub(crate) key: String,
+    pub(crate) lease: String,
+    pub(crate) ttl_ms: u64,
+    pub(crate) meta: String,
+}
+
+/// An op's reply: the integers the script returned for it.
+pub(crate) type Reply = Result<Vec<i64>, LockError>;
+
+struct Queued {
+    op: Op,
+    tx: oneshot::Sender<Reply>,
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    queue: Vec<Queued>,
+}
+
+/// The batching executor of one backend (one connection).
+pub(crate) struct Batcher {
+    conn: ConnectionManager,
+    script: Script,
+    fair: bool,
+    waiter_ttl: Duration,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("Batcher")
+            .field("in_flight", &st.in_flight)
+            .field("queued", &st.queue.len())
+            .finish()
+    }
+}
+
+impl Batcher {
+    pub(crate) fn new(
+        conn: ConnectionManager,
+        script: Script,
+        fair: bool,
+        waiter_ttl: Duration,
+    ) -> Self {
+        Self {
+            conn,
+            script,
+            fair,
+            waiter_ttl,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op`, alone or in a batch, and returns its reply.
+    pub(crate) async fn submit(self: &Arc<Self>, op: Op) -> Reply {
+        let rx = match self.enter(op) {
+            Entry::Alone(op) => {
+                let slot = Slot(self.clone());
+                let reply = self.run(std::slice::from_ref(&op)).await;
+                drop(slot);
+                return reply.and_then(|mut v| v.pop().unwrap_or_else(|| Err(short(0, 1))));
+            }
+            Entry::Queued(rx) => rx,
+        };
+        rx.await.unwrap_or_else(|_| {
+            Err(LockError::backend(
+                NAME,
+                true,
+                "the batch carrying this operation was abandoned (its runtime shut down)",
+            ))
+        })
+    }
+
+    /// Takes a free slot for `op`, or queues it (and starts the queue if a slot is free).
+    fn enter(self: &Arc<Self>, op: Op) -> Entry {
+        let mut st = self.lock();
+        if st.in_flight < MAX_IN_FLIGHT && st.queue.is_empty() {
+            st.in_flight += 1;
+            return Entry::Alone(op);
+        }
+        let (tx, rx) = oneshot::channel();
+        st.queue.push(Queued { op, tx });
+        if st.in_flight < MAX_IN_FLIGHT {
+            st.in_flight += 1;
+            let batch = take(&mut st.queue);
+            drop(st);
+            self.spawn_drain(batch);
+        }
+        Entry::Queued(rx)
+    }
+
+    /// Sends `ops` as one script and returns one reply per op.
+    async fn run(&self, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(if self.fair { "1" } else { "0" })
+            .arg(self.waiter_ttl.as_millis() as u64);
+        for op in ops {
+            inv.key(&op.key)
+                .arg(op.kind.code())
+                .arg(&op.lease)
+                .arg(op.ttl_ms)
+                .arg(&op.meta);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(map_err)?;
+        if reply.len() != ops.len() {
+            return Err(short(reply.len(), ops.len()));
+        }
+        Ok(reply.into_iter().map(parse).collect())
+    }
+
+    /// Starts a task that sends `batch`, then whatever queued meanwhile, until the queue is
+    /// empty; the caller has counted it in `in_flight`.
+    fn spawn_drain(self: &Arc<Self>, batch: Vec<Queued>) {
+        let this = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No runtime to run it on: fail the ops (their callers see a retryable error).
+            self.lock().in_flight -= 1;
+            return;
+        };
+        rt.spawn(async move {
+            let mut batch = batch;
+            loop {
+                this.send(batch).await;
+                match this.next_batch() {
+                    Some(b) => batch = b,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// The next batch for a draining task, or `None` (and its slot freed) if none is queued.
+    fn next_batch(&self) -> Option<Vec<Queued>> {
+        let mut st = self.lock();
+        if st.queue.is_empty() {
+            st.in_flight -= 1;
+            return None;
+        }
+        Some(take(&mut st.queue))
+    }
+
+    /// Sends one batch and hands out the replies; undoes acquires whose caller left.
+    async fn send(self: &Arc<Self>, batch: Vec<Queued>) {
+        // An acquire whose caller already left is not sent at all.
+        let batch: Vec<Queued> = batch
+            .into_iter()
+            .filter(|q| q.op.kind == Kind::Release || !q.tx.is_closed())
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let (ops, txs): (Vec<Op>, Vec<_>) = batch.into_iter().map(|q| (q.op, q.tx)).unzip();
+        let replies = match self.run(&ops).await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = e.to_string();
+                let retryable = e.is_retryable();
+                ops.iter()
+                    .map(|_| Err(LockError::backend(NAME, retryable, why.clone())))
+                    .collect()
+            }
+        };
+        let mut undo = Vec::new();
+        for ((op, tx), reply) in ops.into_iter().zip(txs).zip(replies) {
+            let sent_back = reply.is_ok();
+            if tx.send(reply).is_err() && sent_back && op.kind != Kind::Release {
+                undo.push(Op {
+                    kind: Kind::Release,
+                    ttl_ms: 0,
+                    meta: String::new(),
+                    ..op
+                });
+            }
+        }
+        if !undo.is_empty() {
+            tracing::debug!(ops = undo.len(), "releasing acquires whose callers left");
+            // Best effort: a lease not released here still ends at its expiry, and a queue
+            // entry when its waiter key does.
+            let _ = self.run(&undo).await;
+        }
+    }
+}
+
+enum Entry {
+    Alone(Op),
+    Queued(oneshot::Receiver<Reply>),
+}
+
+/// A slot held by an op running in its caller's task; freeing it starts the queue.
+struct Slot(Arc<Batcher>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        if st.queue.is_empty() {
+            st.in_flight -= 1;
+            return;
+        }
+        let batch = take(&mut st.queue);
+        drop(st);
+        self.0.spawn_drain(batch);
+    }
+}
+
+fn take(queue: &mut Vec<Queued>) -> Vec<Queued> {
+    if queue.len() <= MAX_BATCH {
+        std::mem::take(queue)
+    } else {
+        queue.drain(..MAX_BATCH).collect()
+    }
+}
+
+fn short(got: usize, want: usize) -> LockError {
+    LockError::Protocol(format!(
+        "batch script returned {got} replies for {want} operations"
+    ))
+}
+
+/// One op's reply: integers, or `{-1, message}` for its own error.
+fn parse(v: Value) -> Reply {
+    let Value::Array(items) = v else {
+        return Err(LockError::Protocol(format!("batch reply item {v:?}")));
+    };
+    if let [Value::Int(-1), msg] = &items[..] {
+        let msg = match msg {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        return Err(LockError::backend(NAME, false, msg));
+    }
+    items
+        .iter()
+        .map(|i| match i {
+            Value::Int(n) => Ok(*n),
+            other => Err(LockError::Protocol(format!(
+                "batch reply item holds {other:?}"
+            ))),
+        })
+        .collect()
+}
