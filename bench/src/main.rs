@@ -177,6 +177,39 @@ where
     Ok((stats(v), per))
 }
 
+/// One backend's `try_acquire` + `release` on a fresh lease each time, without the client
+/// (no guard, no renewal): the store's share of a lock cycle.
+async fn backend_only<B>(b: &B, who: &str, plan: Plan, base: f64, to: &str) -> Res<Row>
+where
+    B: lock_core::LockBackend + Clone + 'static,
+{
+    use lock_core::{AcquireRequest, HolderMeta, LockKey};
+    let key = LockKey::new("backend-ar")?;
+    let s = latency(plan.samples, |_| {
+        let (b, key) = (b.clone(), key.clone());
+        async move {
+            let req = AcquireRequest::new(
+                key,
+                Duration::from_secs(10),
+                HolderMeta::default(),
+                lock_core::Backoff::default(),
+            );
+            b.try_acquire(&req).await?;
+            b.release(&req.lease()).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(Row::latency(
+        who,
+        "backend only: try_acquire + release",
+        s,
+        base,
+        to,
+        None,
+    ))
+}
+
 fn opts() -> LockOptions {
     LockOptions::default()
         .lease(Duration::from_secs(10))
@@ -374,35 +407,8 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     ));
     let backend = lock_redis::RedisBackend::connect(&url).await?;
     // The store's share alone: the backend's acquire and release scripts, no client
-    // machinery (no acquire task, no renewal task).
-    {
-        use lock_core::{AcquireRequest, HolderMeta, LockBackend, LockKey};
-        let key = LockKey::new("backend-ar")?;
-        let b = backend.clone();
-        let s = latency(plan.samples, |_| {
-            let (b, key) = (b.clone(), key.clone());
-            async move {
-                let req = AcquireRequest::new(
-                    key,
-                    Duration::from_secs(10),
-                    HolderMeta::default(),
-                    lock_core::Backoff::default(),
-                );
-                b.try_acquire(&req).await?;
-                b.release(&req.lease()).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        rows.push(Row::latency(
-            "redis",
-            "backend only: try_acquire + release",
-            s,
-            base,
-            "PING",
-            None,
-        ));
-    }
+    // machinery.
+    rows.push(backend_only(&backend, "redis", plan, base, "PING").await?);
     let ours = LockClient::new(backend).with_options(opts());
     let s = latency(plan.samples, |_| {
         let c = ours.clone();
@@ -657,6 +663,9 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             Ok(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
         }
     };
+    // The store's share alone: the advisory backend's acquire and release, no client
+    // machinery.
+    rows.push(backend_only(&locks.advisory(), "pg advisory", plan, base, "SELECT 1").await?);
     for (mode, client, target) in [
         ("pg advisory", LockClient::new(locks.advisory()), 2.3),
         ("pg lease", LockClient::new(locks.lease_rows()), 3.0),

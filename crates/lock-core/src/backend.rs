@@ -211,6 +211,10 @@ pub struct Grant {
     pub lease_deadline: Option<Instant>,
     /// Session health updates, for session backends.
     pub session: Option<watch::Receiver<SessionHealth>>,
+    /// For session backends: the channel does not change before this instant (the
+    /// backend's first check of the session is not due sooner), so the guard starts
+    /// watching it only then. `None`: watch from the grant on.
+    pub session_quiet_until: Option<Instant>,
 }
 
 impl Grant {
@@ -219,6 +223,7 @@ impl Grant {
         Self {
             token,
             lease_deadline: Some(lease_deadline),
+            session_quiet_until: None,
             session: None,
         }
     }
@@ -229,7 +234,15 @@ impl Grant {
             token,
             lease_deadline: None,
             session: Some(session),
+            session_quiet_until: None,
         }
+    }
+
+    /// Declares that the session channel will not change before `at` (see
+    /// [`Grant::session_quiet_until`]).
+    pub fn quiet_until(mut self, at: Instant) -> Self {
+        self.session_quiet_until = Some(at);
+        self
     }
 }
 

@@ -48,6 +48,18 @@ pub(crate) struct Shared {
     pub(crate) opts: LockOptions,
     granted_at: Instant,
     keeper: Mutex<Keeper>,
+    /// A session channel whose watch is scheduled but not started yet.
+    session: Mutex<Option<watch::Receiver<SessionHealth>>>,
+}
+
+/// What the scheduler runs when a guard's background work comes due.
+fn starter(sh: &Arc<Shared>) -> crate::keeper::Starter {
+    let weak = Arc::downgrade(sh);
+    Box::new(move |now| {
+        if let Some(sh) = weak.upgrade() {
+            Shared::start_keeper(&sh, now);
+        }
+    })
 }
 
 /// The guard's background work: renewal (TTL) or the session watch.
@@ -70,7 +82,11 @@ impl Shared {
             if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Stopped) {
                 ticket.cancel();
             }
-            *k = Keeper::Running(tokio::spawn(keep_alive(sh.clone(), first)));
+            let session = sh.session.lock().unwrap_or_else(|p| p.into_inner()).take();
+            *k = Keeper::Running(match session {
+                Some(session) => tokio::spawn(watch_session(sh.clone(), session)),
+                None => tokio::spawn(keep_alive(sh.clone(), first)),
+            });
         }
     }
 
@@ -258,21 +274,28 @@ impl LockGuard {
             opts,
             granted_at: Instant::now(),
             keeper: Mutex::new(Keeper::Idle),
+            session: Mutex::new(None),
         });
+        let now = Instant::now();
         let keeper = match (grant.lease_deadline, grant.session) {
-            (_, Some(session)) => {
-                Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
-            }
+            (_, Some(session)) => match (grant.session_quiet_until, Scheduler::current()) {
+                // Nothing to mirror before then: watch from then on (see `keeper.rs`).
+                (Some(at), Some(sched)) if at > now => {
+                    *shared.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                    Keeper::Scheduled(sched.schedule(at, starter(&shared)))
+                }
+                _ => Keeper::Running(tokio::spawn(watch_session(shared.clone(), session))),
+            },
             (Some(deadline), None) => {
                 shared.set_safe_until(deadline);
                 let safe = shared.safe_until().unwrap_or(deadline);
                 let due = if shared.opts.auto_renew {
-                    (Instant::now() + shared.opts.renewal_period()).min(safe)
+                    (now + shared.opts.renewal_period()).min(safe)
                 } else {
                     safe
                 };
                 match Scheduler::current() {
-                    Some(sched) => Keeper::Scheduled(sched.schedule(due, Arc::downgrade(&shared))),
+                    Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
                     // Not reachable from the async acquire; without a runtime nothing renews.
                     None => Keeper::Idle,
                 }

@@ -9,13 +9,15 @@
 //! and a remove.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
-use crate::guard::Shared;
+/// What runs when an entry comes due (given the time it fired); it should only spawn.
+pub(crate) type Starter = Box<dyn FnOnce(Instant) + Send>;
 
 /// The per-runtime timer that starts renewal tasks when they come due.
 #[derive(Debug)]
@@ -24,13 +26,23 @@ pub(crate) struct Scheduler {
     wake: Notify,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
-    due: BTreeMap<(Instant, u64), Weak<Shared>>,
+    due: BTreeMap<(Instant, u64), Starter>,
     seq: u64,
     /// The earliest entry the timer task will wake for; `None` while it waits for work.
     sleeping_until: Option<Instant>,
     task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("due", &self.due.len())
+            .field("sleeping_until", &self.sleeping_until)
+            .field("task", &self.task)
+            .finish()
+    }
 }
 
 /// A guard's place in the schedule; cancel it when the guard stops.
@@ -41,9 +53,11 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Removes the entry (nothing happens if it already fired).
+    /// Removes the entry (nothing happens if it already fired). What it would have started
+    /// is dropped here, before this returns.
     pub(crate) fn cancel(self) {
-        self.sched.lock().due.remove(&self.key);
+        let starter = self.sched.lock().due.remove(&self.key);
+        drop(starter);
     }
 }
 
@@ -80,12 +94,12 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts `sh`'s renewal task at `at` unless the ticket is cancelled first.
-    pub(crate) fn schedule(self: &Arc<Self>, at: Instant, sh: Weak<Shared>) -> Ticket {
+    /// Runs `start` at `at` unless the ticket is cancelled first.
+    pub(crate) fn schedule(self: &Arc<Self>, at: Instant, start: Starter) -> Ticket {
         let mut st = self.lock();
         st.seq += 1;
         let key = (at, st.seq);
-        st.due.insert(key, sh);
+        st.due.insert(key, start);
         let alive = st.task.as_ref().is_some_and(|t| !t.is_finished());
         if !alive {
             st.task = Some(tokio::spawn(Self::run(self.clone())));
@@ -114,8 +128,8 @@ impl Scheduler {
                 st.sleeping_until = next;
                 (fired, next)
             };
-            for sh in fired.iter().filter_map(Weak::upgrade) {
-                Shared::start_keeper(&sh, now);
+            for start in fired {
+                start(now);
             }
             match next {
                 Some(at) => {
@@ -126,6 +140,94 @@ impl Scheduler {
                 }
                 None => self.wake.notified().await,
             }
+        }
+    }
+}
+
+/// A task that starts at a set time unless it is stopped first: see [`spawn_at`].
+///
+/// Dropping it stops it too (a running task is aborted, not awaited).
+#[derive(Debug)]
+pub struct Deferred {
+    state: Arc<Mutex<DeferredState>>,
+}
+
+#[derive(Debug)]
+enum DeferredState {
+    Waiting(Option<Ticket>),
+    Running(JoinHandle<()>),
+    Stopped,
+}
+
+/// Spawns `task` on the current Tokio runtime at `at`, unless the returned [`Deferred`] is
+/// stopped or dropped first.
+///
+/// For background work that has nothing to do for a while, such as a connection probe
+/// whose first check is due in a second: a lock released before then costs no task and
+/// no wake-up of another worker thread (one timer task per runtime serves them all).
+/// Outside a runtime nothing can run it: the task is dropped and the handle is stopped.
+pub fn spawn_at<F>(at: Instant, task: F) -> Deferred
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let state = Arc::new(Mutex::new(DeferredState::Waiting(None)));
+    let Some(sched) = Scheduler::current() else {
+        *lock_state(&state) = DeferredState::Stopped;
+        return Deferred { state };
+    };
+    // Held across `schedule` so that an entry firing at once finds its ticket stored.
+    let mut st = lock_state(&state);
+    let weak = Arc::downgrade(&state);
+    let ticket = sched.schedule(
+        at,
+        Box::new(move |_| {
+            if let Some(state) = weak.upgrade() {
+                let mut st = lock_state(&state);
+                if matches!(*st, DeferredState::Waiting(_)) {
+                    *st = DeferredState::Running(tokio::spawn(task));
+                }
+            }
+        }),
+    );
+    if let DeferredState::Waiting(t) = &mut *st {
+        *t = Some(ticket);
+    }
+    drop(st);
+    Deferred { state }
+}
+
+fn lock_state(s: &Mutex<DeferredState>) -> std::sync::MutexGuard<'_, DeferredState> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Deferred {
+    /// Whether the task has started (it may have finished since).
+    pub fn started(&self) -> bool {
+        matches!(*lock_state(&self.state), DeferredState::Running(_))
+    }
+
+    /// Stops it. A task not yet started never starts, and its future (with everything it
+    /// captured) is dropped before this returns; a running task is aborted and awaited.
+    pub async fn stop(self) {
+        let prev = std::mem::replace(&mut *lock_state(&self.state), DeferredState::Stopped);
+        match prev {
+            DeferredState::Waiting(Some(ticket)) => ticket.cancel(),
+            DeferredState::Running(task) => {
+                task.abort();
+                let _ = task.await;
+            }
+            DeferredState::Waiting(None) | DeferredState::Stopped => {}
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        let prev = std::mem::replace(&mut *lock_state(&self.state), DeferredState::Stopped);
+        match prev {
+            DeferredState::Waiting(Some(ticket)) => ticket.cancel(),
+            DeferredState::Running(task) => task.abort(),
+            DeferredState::Waiting(None) | DeferredState::Stopped => {}
         }
     }
 }
@@ -190,5 +292,66 @@ mod tests {
         )
         .await;
         assert!(matches!(seen, Ok(Ok(_))), "no Lost published");
+    }
+
+    /// A deferred task stopped before it is due never runs, and what it captured is
+    /// dropped by `stop`; one left alone starts on time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_task_starts_on_time_or_never() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ran = Arc::new(AtomicUsize::new(0));
+        let captured = Arc::new(());
+        let (r, c) = (ran.clone(), captured.clone());
+        let early = spawn_at(Instant::now() + Duration::from_millis(200), async move {
+            let _keep = c;
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        assert!(!early.started());
+        assert_eq!(Arc::strong_count(&captured), 2);
+        early.stop().await;
+        assert_eq!(
+            Arc::strong_count(&captured),
+            1,
+            "the future was not dropped"
+        );
+        let r = ran.clone();
+        let due = Instant::now() + Duration::from_millis(50);
+        let on_time = spawn_at(due, async move {
+            assert!(Instant::now() >= due);
+            r.fetch_add(10, Ordering::SeqCst);
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(on_time.started());
+        assert_eq!(ran.load(Ordering::SeqCst), 10);
+        on_time.stop().await;
+    }
+
+    /// A session grant declared quiet for a while is watched from then on: a loss the
+    /// backend reports after the quiet time reaches the guard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quiet_session_is_watched_after_the_quiet_time() {
+        use crate::backend::{Grant, LeaseRef, SessionHealth};
+        use crate::{LockGuard, LockKey, LossReason};
+        let backend = MemoryStore::new().connect();
+        let (tx, rx) = tokio::sync::watch::channel(SessionHealth::Alive);
+        let grant = Grant::session(crate::FencingToken::new(7), rx)
+            .quiet_until(Instant::now() + Duration::from_millis(100));
+        let lease = LeaseRef::new(LockKey::new("q").expect("key"), crate::LeaseId::random());
+        let g = LockGuard::start(Arc::new(backend), lease, grant, LockOptions::default());
+        assert_eq!(pending(), 1, "the watch was not deferred");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send_replace(SessionHealth::Ended(LossReason::SessionEnded(
+            "gone".into(),
+        )));
+        let mut w = g.watch();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(2),
+            w.wait_for(|s| matches!(s, LockStatus::Lost(_))),
+        )
+        .await;
+        assert!(
+            matches!(seen, Ok(Ok(_))),
+            "the loss did not reach the guard"
+        );
     }
 }

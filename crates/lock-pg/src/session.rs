@@ -12,7 +12,6 @@ use lock_core::{
     LockBackend, LockError, LockInfo, LockKey, LossReason, ReleaseOutcome, SessionHealth,
 };
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
@@ -50,7 +49,7 @@ pub struct PgSessionBackend {
 struct Held {
     id: i64,
     conn: Arc<Object>,
-    probe: JoinHandle<()>,
+    probe: lock_core::Deferred,
 }
 
 /// A connection that is on the server's side of an unfinished request. If the request's
@@ -255,17 +254,25 @@ impl PgSessionBackend {
     ) -> Grant {
         let conn = Arc::new(obj);
         let (tx, rx) = watch::channel(SessionHealth::Alive);
-        let probe = tokio::spawn(probe(
-            conn.clone(),
-            tx,
-            self.shared.cfg.probe_every,
-            self.shared.cfg.session_timeout,
-            Arc::downgrade(&self.held),
-            lease_id.clone(),
-            sent,
-        ));
+        // The first probe is due one period after the grant; a lock released before then
+        // never starts the probe task (no spawn, no wake-up of another worker).
+        let every = self.shared.cfg.probe_every;
+        let first = Instant::now() + every;
+        let probe = lock_core::spawn_at(
+            first,
+            probe(
+                conn.clone(),
+                tx,
+                every,
+                self.shared.cfg.session_timeout,
+                Arc::downgrade(&self.held),
+                lease_id.clone(),
+                sent,
+            ),
+        );
         self.held().insert(lease_id, Held { id, conn, probe });
-        Grant::session(token, rx)
+        // Only the probe reports on the session, so nothing changes before its first check.
+        Grant::session(token, rx).quiet_until(first)
     }
 }
 
@@ -283,8 +290,12 @@ async fn probe(
     // Measured from when the last answered request was SENT: the server's idle timer
     // started after it arrived, so the client's deadline runs out first.
     let mut last_ok = granted_sent;
+    // Started when the first check is due; sleeps between checks.
+    let mut first = true;
     let reason = loop {
-        tokio::time::sleep(every).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(every).await;
+        }
         if conn.is_closed() {
             break "the connection holding the lock closed (backend terminated or server restarted)".to_owned();
         }
@@ -370,17 +381,18 @@ impl LockBackend for PgSessionBackend {
         let Some(h) = self.held().remove(&lease.lease_id) else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        h.probe.abort();
-        let _ = h.probe.await;
+        h.probe.stop().await;
         let Ok(obj) = Arc::try_unwrap(h.conn) else {
             return Err(LockError::Protocol("held connection still shared".into()));
         };
         let op = self.shared.cfg.op_timeout;
         let done = match self.scope {
-            Scope::Session => tokio::time::timeout(
-                op,
-                obj.query_one(&self.shared.sql.session_release, &[&h.id]),
-            )
+            // A prepared (cached) statement: one round trip, where a statement given as
+            // text costs two (parse, then execute).
+            Scope::Session => tokio::time::timeout(op, async {
+                let stmt = obj.prepare_cached(&self.shared.sql.session_release).await?;
+                obj.query_one(&stmt, &[&h.id]).await
+            })
             .await
             .map(|r| r.map(|row| row.try_get::<_, bool>(0).unwrap_or(false))),
             Scope::Transaction => tokio::time::timeout(op, obj.batch_execute("COMMIT"))

@@ -128,16 +128,23 @@ $fn$;
 
 -- Lease rows: take a free or expired lease, issue the token, all in one transaction.
 -- Returns (token, NULL) when granted, (NULL, holder's remaining ms) when not.
+-- The token is drawn first, so the lease row is written once with it; the fence row only
+-- corrects it in the rare case that the key's counter is ahead of the sequence (a
+-- sequence reset by hand or by a restore). A refused attempt uses up a sequence value:
+-- tokens may skip numbers, never repeat or go back.
 CREATE OR REPLACE FUNCTION {s}.lease_acquire(
     p_key text, p_lease text, p_meta text, p_ttl_ms bigint,
     OUT o_token bigint, OUT o_remaining_ms bigint)
 LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
+DECLARE
+    v_token bigint := nextval('{s}.token_seq');
 BEGIN
     INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at)
-    VALUES (p_key, p_lease, 0, p_meta, clock_timestamp() + p_ttl_ms * interval '1 millisecond')
+    VALUES (p_key, p_lease, v_token, p_meta,
+            clock_timestamp() + p_ttl_ms * interval '1 millisecond')
     ON CONFLICT (key) DO UPDATE
-        SET lease_id = EXCLUDED.lease_id, token = 0, meta = EXCLUDED.meta,
+        SET lease_id = EXCLUDED.lease_id, token = EXCLUDED.token, meta = EXCLUDED.meta,
             expires_at = EXCLUDED.expires_at
         WHERE l.expires_at <= clock_timestamp();
     IF NOT FOUND THEN
@@ -145,10 +152,12 @@ BEGIN
           INTO o_remaining_ms FROM {s}.lease l WHERE l.key = p_key;
         RETURN;
     END IF;
-    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
+    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, v_token)
     ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token)
     RETURNING f.token INTO o_token;
-    UPDATE {s}.lease SET token = o_token WHERE key = p_key;
+    IF o_token <> v_token THEN
+        UPDATE {s}.lease SET token = o_token WHERE key = p_key;
+    END IF;
 END
 $fn$;
 
