@@ -146,11 +146,58 @@ impl PgSessionBackend {
         let lease = req.lease_id.as_str();
         let flight = InFlight(Some(obj));
         let conn = flight.conn()?;
+        let idle = self.shared.server_idle_ms();
+        if !xact {
+            // One plain statement tries the lock and issues the token: no PL/pgSQL call,
+            // no lock_timeout to set and restore. A waiting acquire that finds the lock
+            // taken goes on to wait in the server's queue below.
+            let fast = conn
+                .prepare_cached(&self.shared.sql.session_try)
+                .await
+                .map_err(map_err)?;
+            let idle_text = idle.to_string();
+            let sent = Instant::now();
+            let op = self.shared.cfg.op_timeout;
+            let tried = tokio::time::timeout(
+                op,
+                conn.query_opt(&fast, &[&req.key.as_str(), &id, &lease, &meta, &idle_text]),
+            )
+            .await
+            .map_err(|_| LockError::OperationTimeout {
+                backend: self.name(),
+                op: "acquire",
+                after: op,
+            })?
+            .map_err(map_err)?;
+            match tried {
+                Some(row) => {
+                    let t: i64 = row.try_get(0).map_err(map_err)?;
+                    let token = u64::try_from(t)
+                        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))?;
+                    let obj = flight.finish().ok_or_else(|| {
+                        LockError::Protocol("connection already handed over".into())
+                    })?;
+                    return Ok(self.hold(
+                        req.lease_id.clone(),
+                        id,
+                        obj,
+                        FencingToken::new(token),
+                        sent,
+                    ));
+                }
+                None if wait_ms.is_none() => {
+                    drop(flight.finish());
+                    return Err(LockError::Contended {
+                        key: req.key.to_string(),
+                    });
+                }
+                None => {}
+            }
+        }
         let stmt = conn
             .prepare_cached(&self.shared.sql.session_acquire)
             .await
             .map_err(map_err)?;
-        let idle = self.shared.server_idle_ms();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
             &req.key.as_str(),
             &id,

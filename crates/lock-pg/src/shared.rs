@@ -44,6 +44,10 @@ impl Shared {
         let pool = Pool::builder(mgr)
             .max_size(cfg.pool_size)
             .runtime(Runtime::Tokio1)
+            // Most recently used first: a few hot connections serve the steady load (their
+            // server processes stay warm). First-in-first-out cycled through every idle
+            // connection after a burst, and each lock cycle paid about 150 µs for it.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .create_timeout(Some(cfg.op_timeout))
             .recycle_timeout(Some(cfg.op_timeout))
             .build()

@@ -37,6 +37,7 @@ pub(crate) fn lock_parts(id: i64) -> (i64, i64) {
 pub(crate) struct Sql {
     pub(crate) schema_ddl: String,
     pub(crate) session_acquire: String,
+    pub(crate) session_try: String,
     pub(crate) session_unlock: &'static str,
     pub(crate) session_release: String,
     pub(crate) session_inspect: String,
@@ -179,6 +180,21 @@ $fn$;
         Self {
             schema_ddl,
             session_acquire: format!("SELECT {s}.session_acquire($1, $2, $3, $4, $5, $6, $7)"),
+            // The session lock's uncontended path as one plain statement (what
+            // session_acquire does for a try, without the PL/pgSQL call). The CTE is
+            // materialized, so the lock is tried exactly once, before the upsert; no row
+            // comes back when the lock is taken. $5: the server-side idle limit (ms).
+            session_try: format!(
+                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS ok) \
+                 INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
+                 SELECT $1, nextval('{s}.token_seq'), $3, $4, pg_backend_pid() FROM l WHERE l.ok \
+                 ON CONFLICT (key) DO UPDATE \
+                     SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id, \
+                         meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
+                 RETURNING f.token, \
+                     CASE WHEN current_setting('server_version_num')::int >= 140000 \
+                          THEN set_config('idle_session_timeout', $5, false) END"
+            ),
             session_unlock: "SELECT pg_advisory_unlock($1)",
             session_release: format!("SELECT {s}.session_release($1)"),
             session_inspect: format!(
