@@ -74,6 +74,32 @@ where
     Ok(stats(v))
 }
 
+/// Times `n` runs of `op`, each right after one run of `base` (after 20 warm-up pairs), so
+/// that both see the same moment of a noisy machine; returns the op's figures and the
+/// base's p50. Ratios of a lock cycle to its store's round trip are taken this way.
+async fn paired<B, BFut, F, Fut>(n: usize, base: &B, mut op: F) -> Res<(Stats, f64)>
+where
+    B: Fn() -> BFut,
+    BFut: Future<Output = Res<()>>,
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Res<()>>,
+{
+    for i in 0..20 {
+        base().await?;
+        op(i).await?;
+    }
+    let (mut vb, mut vo) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let t = Instant::now();
+        base().await?;
+        vb.push(t.elapsed());
+        let t = Instant::now();
+        op(i).await?;
+        vo.push(t.elapsed());
+    }
+    Ok((stats(vo), stats(vb).p50_us))
+}
+
 /// Runs `op` in `tasks` tasks (task index given) for `window`; returns operations/s.
 async fn rate<F, Fut>(tasks: usize, window: Duration, op: F) -> Res<f64>
 where
@@ -179,13 +205,15 @@ where
 
 /// One backend's `try_acquire` + `release` on a fresh lease each time, without the client
 /// (no guard, no renewal): the store's share of a lock cycle.
-async fn backend_only<B>(b: &B, who: &str, plan: Plan, base: f64, to: &str) -> Res<Row>
+async fn backend_only<B, R, RFut>(b: &B, who: &str, plan: Plan, base: &R, to: &str) -> Res<Row>
 where
     B: lock_core::LockBackend + Clone + 'static,
+    R: Fn() -> RFut,
+    RFut: Future<Output = Res<()>>,
 {
     use lock_core::{AcquireRequest, HolderMeta, LockKey};
     let key = LockKey::new("backend-ar")?;
-    let s = latency(plan.samples, |_| {
+    let (s, base) = paired(plan.samples, base, |_| {
         let (b, key) = (b.clone(), key.clone());
         async move {
             let req = AcquireRequest::new(
@@ -209,6 +237,10 @@ where
         None,
     ))
 }
+
+/// The baselines of interleaved rows (see [`paired`]).
+const PAIRED_PING: &str = "PING on the locks' connection, interleaved";
+const PAIRED_SELECT: &str = "SELECT 1 on the locks' pool, interleaved";
 
 fn opts() -> LockOptions {
     LockOptions::default()
@@ -349,14 +381,14 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     let raw = redis::Client::open(url.as_str())?;
     let conn = raw.get_multiplexed_async_connection().await?;
     let mut rows = Vec::new();
-    let ping = latency(plan.samples, |_| {
+    let ping_op = || {
         let mut c = conn.clone();
         async move {
             redis::cmd("PING").query_async::<String>(&mut c).await?;
             Ok(())
         }
-    })
-    .await?;
+    };
+    let ping = latency(plan.samples, |_| ping_op()).await?;
     let base = ping.p50_us;
     rows.push(Row::latency(
         "redis",
@@ -406,11 +438,20 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
         None,
     ));
     let backend = lock_redis::RedisBackend::connect(&url).await?;
+    // The interleaved baseline runs on the locks' own connection.
+    let bconn = backend.connection();
+    let same_ping = || {
+        let mut c = bconn.clone();
+        async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await?;
+            Ok(())
+        }
+    };
     // The store's share alone: the backend's acquire and release scripts, no client
     // machinery.
-    rows.push(backend_only(&backend, "redis", plan, base, "PING").await?);
+    rows.push(backend_only(&backend, "redis", plan, &same_ping, PAIRED_PING).await?);
     let ours = LockClient::new(backend).with_options(opts());
-    let s = latency(plan.samples, |_| {
+    let (s, paired_base) = paired(plan.samples, &same_ping, |_| {
         let c = ours.clone();
         async move {
             c.acquire("ar").await?.release().await?;
@@ -421,14 +462,14 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     println!(
         "redis acquire+release p50 {:.0} us ({:.2} x PING)",
         s.p50_us,
-        s.p50_us / base
+        s.p50_us / paired_base
     );
     rows.push(Row::latency(
         "redis",
         "acquire + release",
         s,
-        base,
-        "PING",
+        paired_base,
+        PAIRED_PING,
         Some(2.3),
     ));
     let mut ours_64 = 0.0;
@@ -468,7 +509,7 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     // The peer: rslock 0.10 at its defaults, same server.
     let rl = Arc::new(rslock::LockManager::new(vec![url.clone()]));
     let ttl = Duration::from_secs(10);
-    let s = latency(plan.samples, |_| {
+    let (s, paired_base) = paired(plan.samples, &ping_op, |_| {
         let rl = rl.clone();
         async move {
             let l = rl
@@ -484,8 +525,8 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
         "rslock 0.10",
         "acquire + release",
         s,
-        base,
-        "PING",
+        paired_base,
+        "PING, interleaved",
         None,
     ));
     let rl2 = rl.clone();
@@ -605,14 +646,14 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
     let raw = Arc::new(raw);
     let mut rows = Vec::new();
     let one = raw.prepare("SELECT 1").await?;
-    let s = latency(plan.samples, |_| {
+    let select_op = || {
         let (raw, one) = (raw.clone(), one.clone());
         async move {
             raw.query_one(&one, &[]).await?;
             Ok(())
         }
-    })
-    .await?;
+    };
+    let s = latency(plan.samples, |_| select_op()).await?;
     let base = s.p50_us;
     rows.push(Row::latency(
         "pg",
@@ -641,9 +682,9 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
         "SELECT 1",
         None,
     ));
-    let raw2 = raw.clone();
+    let (raw2, one2) = (raw.clone(), one.clone());
     let select_rate = rate(1, plan.window, move |_| {
-        let (raw, one) = (raw2.clone(), one.clone());
+        let (raw, one) = (raw2.clone(), one2.clone());
         async move {
             raw.query_one(&one, &[]).await?;
             Ok(())
@@ -663,16 +704,37 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             Ok(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))
         }
     };
+    // The interleaved baseline runs on the locks' own pool (most recently used first, so
+    // on the same connection as the lock cycle that follows it).
+    let pool = locks.pool().clone();
+    let pooled_select = || {
+        let pool = pool.clone();
+        async move {
+            let c = pool.get().await?;
+            let st = c.prepare_cached("SELECT 1").await?;
+            c.query_one(&st, &[]).await?;
+            Ok(())
+        }
+    };
     // The store's share alone: the advisory backend's acquire and release, no client
     // machinery.
-    rows.push(backend_only(&locks.advisory(), "pg advisory", plan, base, "SELECT 1").await?);
+    rows.push(
+        backend_only(
+            &locks.advisory(),
+            "pg advisory",
+            plan,
+            &pooled_select,
+            PAIRED_SELECT,
+        )
+        .await?,
+    );
     for (mode, client, target) in [
         ("pg advisory", LockClient::new(locks.advisory()), 2.3),
         ("pg lease", LockClient::new(locks.lease_rows()), 3.0),
         ("pg xact", LockClient::new(locks.transactional()), 2.3),
     ] {
         let client = client.with_options(opts());
-        let s = latency(plan.samples, |_| {
+        let (s, paired_base) = paired(plan.samples, &pooled_select, |_| {
             let c = client.clone();
             async move {
                 c.acquire("ar").await?.release().await?;
@@ -683,14 +745,14 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
         println!(
             "{mode} acquire+release p50 {:.0} us ({:.2} x SELECT 1)",
             s.p50_us,
-            s.p50_us / base
+            s.p50_us / paired_base
         );
         rows.push(Row::latency(
             mode,
             "acquire + release",
             s,
-            base,
-            "SELECT 1",
+            paired_base,
+            PAIRED_SELECT,
             Some(target),
         ));
         for tasks in [1usize, 8, 32, 64] {
@@ -736,7 +798,7 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
     let opts_dir = zkc::CreateMode::Persistent.with_acls(zkc::Acls::anyone_all());
     let _ = raw.create("/raw", &[], &opts_dir).await;
     let seq = zkc::CreateMode::EphemeralSequential.with_acls(zkc::Acls::anyone_all());
-    let raw_cycle = latency(plan.samples, |_| {
+    let raw_op = || {
         let (raw, seq) = (raw.clone(), seq.clone());
         async move {
             let (_, n) = raw.create("/raw/n-", b"", &seq).await?;
@@ -744,9 +806,8 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
             raw.delete(&format!("/raw/n-{n}"), None).await?;
             Ok(())
         }
-    })
-    .await?;
-    let raw_us = raw_cycle.p50_us;
+    };
+    let raw_cycle = latency(plan.samples, |_| raw_op()).await?;
     rows.push(Row::latency(
         "zk",
         "raw create + list + delete (limit)",
@@ -757,7 +818,7 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
     ));
     let backend = lock_zk::ZkBackend::connect(&connect).await?;
     let client = LockClient::new(backend).with_options(opts());
-    let s = latency(plan.samples, |_| {
+    let (s, paired_raw) = paired(plan.samples, &raw_op, |_| {
         let c = client.clone();
         async move {
             c.acquire("ar").await?.release().await?;
@@ -768,14 +829,14 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
     println!(
         "zk acquire+release p50 {:.0} us ({:.2} x raw create+list+delete)",
         s.p50_us,
-        s.p50_us / raw_us
+        s.p50_us / paired_raw
     );
     rows.push(Row::latency(
         "zk",
         "acquire + release",
         s,
-        raw_us,
-        "raw create+list+delete",
+        paired_raw,
+        "raw create+list+delete, interleaved",
         Some(1.5),
     ));
     for tasks in [1usize, 8, 64] {
