@@ -128,6 +128,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg",
+            "counter_ahead_of_sequence_still_grows_tokens",
+            counter_ahead(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -566,4 +574,54 @@ async fn restart(url: &str, server: &mut Postgres) -> Res<String> {
         ));
     }
     Ok(lines.join("; "))
+}
+
+/// A key whose counter row is ahead of the token sequence (a sequence reset by hand or by
+/// a restore): every mode's next grant is still above the counter, and the lease row
+/// (what `inspect` shows) carries the token actually issued.
+async fn counter_ahead(url: &str) -> Res<String> {
+    let admin = admin(url).await?;
+    let mut seen = Vec::new();
+    for mode in [PgMode::Lease, PgMode::Advisory, PgMode::Xact] {
+        let (_locks, c) = client(url, mode).await?;
+        let key = format!("ahead-{mode:?}");
+        // Make sure the schema exists, then push this key's counter far ahead.
+        c.acquire(&key)
+            .await
+            .map_err(e2s)?
+            .release()
+            .await
+            .map_err(e2s)?;
+        let ahead: i64 = 1 << 50;
+        admin
+            .execute(
+                "UPDATE distlock.fence SET token = $2 WHERE key = $1",
+                &[&key, &ahead],
+            )
+            .await
+            .map_err(e2s)?;
+        let g = c.acquire(&key).await.map_err(e2s)?;
+        let token = g.token().get();
+        if token <= ahead as u64 {
+            return Err(format!(
+                "{mode:?}: token {token} not above the counter {ahead}"
+            ));
+        }
+        if mode == PgMode::Lease {
+            let info = c
+                .inspect(&key)
+                .await
+                .map_err(e2s)?
+                .ok_or("inspect found no holder")?;
+            if info.token != g.token() {
+                return Err(format!(
+                    "the lease row shows token {} but the holder got {token}",
+                    info.token
+                ));
+            }
+        }
+        g.release().await.map_err(e2s)?;
+        seen.push(format!("{mode:?} {token}"));
+    }
+    Ok(format!("counter at 2^50; next tokens: {}", seen.join(", ")))
 }

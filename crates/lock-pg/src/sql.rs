@@ -42,6 +42,7 @@ pub(crate) struct Sql {
     pub(crate) session_release: String,
     pub(crate) session_inspect: String,
     pub(crate) lease_acquire: String,
+    pub(crate) lease_fix: String,
     pub(crate) lease_renew: String,
     pub(crate) lease_release: String,
     pub(crate) lease_inspect: String,
@@ -196,7 +197,14 @@ $fn$;
                           THEN set_config('idle_session_timeout', $5, false) END"
             ),
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            session_release: format!("SELECT {s}.session_release($1)"),
+            // What the session_release function does, as one plain statement (no
+            // PL/pgSQL call): give the lock back and clear the session's idle limit (the
+            // connection returns to the pool). The function stays in the schema for
+            // clients of earlier versions.
+            session_release: "SELECT pg_advisory_unlock($1), \
+                 CASE WHEN current_setting('server_version_num')::int >= 140000 \
+                      THEN set_config('idle_session_timeout', '0', false) END"
+                .to_owned(),
             session_inspect: format!(
                 "SELECT f.lease_id, f.token, f.meta, a.application_name, \
                     (SELECT count(*) FROM pg_locks w WHERE w.locktype = 'advisory' \
@@ -209,7 +217,33 @@ $fn$;
                    AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ),
-            lease_acquire: format!("SELECT o_token, o_remaining_ms FROM {s}.lease_acquire($1, $2, $3, $4)"),
+            // What the lease_acquire function does, as one plain statement (no PL/pgSQL
+            // call). A row (token, token written in the lease row, NULL) when granted; a
+            // row (NULL, NULL, holder's remaining ms) when not; no row when another
+            // client's grant committed while this statement ran (held, time unknown).
+            // The two tokens differ only when the key's counter was ahead of the
+            // sequence; the caller then corrects the lease row (`lease_fix`).
+            lease_acquire: format!(
+                "WITH t AS MATERIALIZED (SELECT nextval('{s}.token_seq') AS tok), \
+                 ins AS ( \
+                     INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at) \
+                     SELECT $1, $2, t.tok, $3, clock_timestamp() + $4::bigint * interval '1 millisecond' FROM t \
+                     ON CONFLICT (key) DO UPDATE \
+                         SET lease_id = EXCLUDED.lease_id, token = EXCLUDED.token, meta = EXCLUDED.meta, \
+                             expires_at = EXCLUDED.expires_at \
+                         WHERE l.expires_at <= clock_timestamp() \
+                     RETURNING l.token), \
+                 f AS ( \
+                     INSERT INTO {s}.fence AS f (key, token) SELECT $1, ins.token FROM ins \
+                     ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token) \
+                     RETURNING f.token) \
+                 SELECT f.token, (SELECT token FROM ins), NULL::bigint FROM f \
+                 UNION ALL \
+                 SELECT NULL::bigint, NULL::bigint, \
+                     greatest(0, ceil(extract(epoch FROM l.expires_at - clock_timestamp()) * 1000))::bigint \
+                 FROM {s}.lease l WHERE l.key = $1 AND NOT EXISTS (SELECT 1 FROM ins)"
+            ),
+            lease_fix: format!("UPDATE {s}.lease SET token = $3 WHERE key = $1 AND lease_id = $2"),
             lease_renew: format!(
                 "UPDATE {s}.lease SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() RETURNING 1"
