@@ -375,19 +375,19 @@ fn rand_tag() -> u32 {
     std::process::id() ^ (Instant::now().elapsed().subsec_nanos())
 }
 
+/// One PING round trip on `c`.
+async fn ping_on<C: redis::aio::ConnectionLike>(mut c: C) -> Res<()> {
+    redis::cmd("PING").query_async::<String>(&mut c).await?;
+    Ok(())
+}
+
 async fn redis(plan: Plan) -> Res<Vec<Row>> {
     let server = blocking(|| Redis::start(false)).await?;
     let url = server.url();
     let raw = redis::Client::open(url.as_str())?;
     let conn = raw.get_multiplexed_async_connection().await?;
     let mut rows = Vec::new();
-    let ping_op = || {
-        let mut c = conn.clone();
-        async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await?;
-            Ok(())
-        }
-    };
+    let ping_op = || ping_on(conn.clone());
     let ping = latency(plan.samples, |_| ping_op()).await?;
     let base = ping.p50_us;
     rows.push(Row::latency(
@@ -440,13 +440,7 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     let backend = lock_redis::RedisBackend::connect(&url).await?;
     // The interleaved baseline runs on the locks' own connection.
     let bconn = backend.connection();
-    let same_ping = || {
-        let mut c = bconn.clone();
-        async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await?;
-            Ok(())
-        }
-    };
+    let same_ping = || ping_on(bconn.clone());
     // The store's share alone: the backend's acquire and release scripts, no client
     // machinery.
     rows.push(backend_only(&backend, "redis", plan, &same_ping, PAIRED_PING).await?);
