@@ -172,18 +172,7 @@ impl PgSessionBackend {
             match tried {
                 Some(row) => {
                     let t: i64 = row.try_get(0).map_err(map_err)?;
-                    let token = u64::try_from(t)
-                        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))?;
-                    let obj = flight.finish().ok_or_else(|| {
-                        LockError::Protocol("connection already handed over".into())
-                    })?;
-                    return Ok(self.hold(
-                        req.lease_id.clone(),
-                        id,
-                        obj,
-                        FencingToken::new(token),
-                        sent,
-                    ));
+                    return self.granted(flight, req, id, t, sent);
                 }
                 None if wait_ms.is_none() => {
                     drop(flight.finish());
@@ -239,21 +228,7 @@ impl PgSessionBackend {
             Ok(row) => {
                 let token: Option<i64> = row.try_get(0).map_err(map_err)?;
                 match token {
-                    Some(t) => {
-                        let token = u64::try_from(t).map_err(|_| {
-                            LockError::Protocol(format!("negative fencing token {t}"))
-                        })?;
-                        let obj = flight.finish().ok_or_else(|| {
-                            LockError::Protocol("connection already handed over".into())
-                        })?;
-                        Ok(self.hold(
-                            req.lease_id.clone(),
-                            id,
-                            obj,
-                            FencingToken::new(token),
-                            sent,
-                        ))
-                    }
+                    Some(t) => self.granted(flight, req, id, t, sent),
                     None => {
                         // A try found the lock taken. Nothing is held; end the transaction.
                         if xact {
@@ -289,6 +264,29 @@ impl PgSessionBackend {
             // Unknown state: the connection is closed (frees anything it held).
             Err(e) => Err(map_err(e)),
         }
+    }
+
+    /// The server granted `req` with token `t` on `flight`'s connection: hold it.
+    fn granted(
+        &self,
+        flight: InFlight,
+        req: &AcquireRequest,
+        id: i64,
+        t: i64,
+        sent: Instant,
+    ) -> Result<Grant, LockError> {
+        let token = u64::try_from(t)
+            .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))?;
+        let obj = flight
+            .finish()
+            .ok_or_else(|| LockError::Protocol("connection already handed over".into()))?;
+        Ok(self.hold(
+            req.lease_id.clone(),
+            id,
+            obj,
+            FencingToken::new(token),
+            sent,
+        ))
     }
 
     fn hold(

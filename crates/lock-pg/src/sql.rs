@@ -128,54 +128,10 @@ BEGIN
 END
 $fn$;
 
--- Lease rows: take a free or expired lease, issue the token, all in one transaction.
--- Returns (token, NULL) when granted, (NULL, holder's remaining ms) when not.
--- The token is drawn first, so the lease row is written once with it; the fence row only
--- corrects it in the rare case that the key's counter is ahead of the sequence (a
--- sequence reset by hand or by a restore). A refused attempt uses up a sequence value:
--- tokens may skip numbers, never repeat or go back.
-CREATE OR REPLACE FUNCTION {s}.lease_acquire(
-    p_key text, p_lease text, p_meta text, p_ttl_ms bigint,
-    OUT o_token bigint, OUT o_remaining_ms bigint)
-LANGUAGE plpgsql AS $fn$
-#variable_conflict use_column
-DECLARE
-    v_token bigint := nextval('{s}.token_seq');
-BEGIN
-    INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at)
-    VALUES (p_key, p_lease, v_token, p_meta,
-            clock_timestamp() + p_ttl_ms * interval '1 millisecond')
-    ON CONFLICT (key) DO UPDATE
-        SET lease_id = EXCLUDED.lease_id, token = EXCLUDED.token, meta = EXCLUDED.meta,
-            expires_at = EXCLUDED.expires_at
-        WHERE l.expires_at <= clock_timestamp();
-    IF NOT FOUND THEN
-        SELECT greatest(0, ceil(extract(epoch FROM l.expires_at - clock_timestamp()) * 1000))::bigint
-          INTO o_remaining_ms FROM {s}.lease l WHERE l.key = p_key;
-        RETURN;
-    END IF;
-    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, v_token)
-    ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token)
-    RETURNING f.token INTO o_token;
-    IF o_token <> v_token THEN
-        UPDATE {s}.lease SET token = o_token WHERE key = p_key;
-    END IF;
-END
-$fn$;
-
--- Gives back a session lock and the session's idle timeout (the connection returns to
--- the pool). True if the lock was held.
-CREATE OR REPLACE FUNCTION {s}.session_release(p_id bigint)
-RETURNS boolean LANGUAGE plpgsql AS $fn$
-DECLARE
-    v_held boolean := pg_advisory_unlock(p_id);
-BEGIN
-    IF current_setting('server_version_num')::int >= 140000 THEN
-        PERFORM set_config('idle_session_timeout', '0', false);
-    END IF;
-    RETURN v_held;
-END
-$fn$;
+-- Functions of earlier versions, now plain statements (`lease_acquire`, `session_release`
+-- in sql.rs).
+DROP FUNCTION IF EXISTS {s}.lease_acquire(text, text, text, bigint);
+DROP FUNCTION IF EXISTS {s}.session_release(bigint);
 "#
         );
         Self {
@@ -197,10 +153,8 @@ $fn$;
                           THEN set_config('idle_session_timeout', $5, false) END"
             ),
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            // What the session_release function does, as one plain statement (no
-            // PL/pgSQL call): give the lock back and clear the session's idle limit (the
-            // connection returns to the pool). The function stays in the schema for
-            // clients of earlier versions.
+            // One plain statement: give the lock back and clear the session's idle limit
+            // (the connection returns to the pool).
             session_release: "SELECT pg_advisory_unlock($1), \
                  CASE WHEN current_setting('server_version_num')::int >= 140000 \
                       THEN set_config('idle_session_timeout', '0', false) END"
@@ -217,8 +171,10 @@ $fn$;
                    AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ),
-            // What the lease_acquire function does, as one plain statement (no PL/pgSQL
-            // call). A row (token, token written in the lease row, NULL) when granted; a
+            // Lease rows: take a free or expired lease and issue the token, in one plain
+            // statement. The token is drawn first, so the lease row is written once with
+            // it; a refused attempt uses up a sequence value (tokens may skip numbers,
+            // never repeat or go back). A row (token, token written in the lease row, NULL) when granted; a
             // row (NULL, NULL, holder's remaining ms) when not; no row when another
             // client's grant committed while this statement ran (held, time unknown).
             // The two tokens differ only when the key's counter was ahead of the
