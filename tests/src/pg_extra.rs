@@ -593,13 +593,16 @@ async fn counter_ahead(url: &str) -> Res<String> {
             .await
             .map_err(e2s)?;
         let ahead: i64 = 1 << 50;
-        admin
-            .execute(
-                "UPDATE distlock.fence SET token = $2 WHERE key = $1",
-                &[&key, &ahead],
-            )
-            .await
-            .map_err(e2s)?;
+        // Lease-mode keys count in their lease row; the advisory modes in the fence table.
+        let counter = if mode == PgMode::Lease {
+            "UPDATE distlock.lease SET token = $2 WHERE key = $1"
+        } else {
+            "UPDATE distlock.fence SET token = $2 WHERE key = $1"
+        };
+        let n = admin.execute(counter, &[&key, &ahead]).await.map_err(e2s)?;
+        if n != 1 {
+            return Err(format!("{mode:?}: no counter row for {key}"));
+        }
         let g = c.acquire(&key).await.map_err(e2s)?;
         let token = g.token().get();
         if token <= ahead as u64 {

@@ -99,22 +99,9 @@ impl PgLeaseBackend {
             return Ok(Attempt::Held(None));
         };
         let token: Option<i64> = row.try_get(0).map_err(map_err)?;
-        let written: Option<i64> = row.try_get(1).map_err(map_err)?;
-        let remaining: Option<i64> = row.try_get(2).map_err(map_err)?;
+        let remaining: Option<i64> = row.try_get(1).map_err(map_err)?;
         match token {
-            Some(t) => {
-                if written != Some(t) {
-                    // The key's counter was ahead of the sequence: the lease row gets the
-                    // token actually issued before the grant is reported.
-                    self.query(
-                        "acquire",
-                        &self.shared.sql.lease_fix,
-                        &[&req.key.as_str(), &req.lease_id.as_str(), &t],
-                    )
-                    .await?;
-                }
-                Ok(Attempt::Granted(Grant::ttl(token_of(t)?, sent + req.ttl)))
-            }
+            Some(t) => Ok(Attempt::Granted(Grant::ttl(token_of(t)?, sent + req.ttl))),
             None => {
                 Ok(Attempt::Held(remaining.map(|r| {
                     Duration::from_millis(u64::try_from(r).unwrap_or(0))
@@ -209,11 +196,8 @@ impl LockBackend for PgLeaseBackend {
                 &[&lease.key.as_str(), &lease.lease_id.as_str()],
             )
             .await?;
-        let live = match rows.first() {
-            Some(r) => r.try_get::<_, bool>(0).map_err(map_err)?,
-            None => false,
-        };
-        Ok(if live {
+        // A row only when this lease was live and is now released.
+        Ok(if rows.len() == 1 {
             ReleaseOutcome::Released
         } else {
             ReleaseOutcome::NotHeld

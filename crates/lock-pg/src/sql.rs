@@ -42,7 +42,6 @@ pub(crate) struct Sql {
     pub(crate) session_release: String,
     pub(crate) session_inspect: String,
     pub(crate) lease_acquire: String,
-    pub(crate) lease_fix: String,
     pub(crate) lease_renew: String,
     pub(crate) lease_release: String,
     pub(crate) lease_inspect: String,
@@ -66,7 +65,10 @@ CREATE TABLE IF NOT EXISTS {s}.fence (
 -- Source of token values: never rolled back, so a holder whose transaction rolled back
 -- (transaction-scoped locks, a terminated holder) cannot have its token issued again.
 CREATE SEQUENCE IF NOT EXISTS {s}.token_seq;
--- Lease-row locks: one row per held key; expiry is judged on the server's clock.
+-- Lease-row locks: one row per key, never deleted: it is also the key's fencing counter
+-- (`token`). A released row has lease_id '' and expires_at '-infinity'; expiry is judged on
+-- the server's clock. Grants and releases update the row in place (HOT updates, no index
+-- churn).
 CREATE TABLE IF NOT EXISTS {s}.lease (
     key        text PRIMARY KEY,
     lease_id   text NOT NULL,
@@ -171,43 +173,42 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                    AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ),
-            // Lease rows: take a free or expired lease and issue the token, in one plain
-            // statement. The token is drawn first, so the lease row is written once with
-            // it; a refused attempt uses up a sequence value (tokens may skip numbers,
-            // never repeat or go back). A row (token, token written in the lease row, NULL) when granted; a
-            // row (NULL, NULL, holder's remaining ms) when not; no row when another
-            // client's grant committed while this statement ran (held, time unknown).
-            // The two tokens differ only when the key's counter was ahead of the
-            // sequence; the caller then corrects the lease row (`lease_fix`).
+            // Lease rows: take a free, released or expired lease and issue the token, in
+            // one plain statement that writes one row. The row is the key's counter: the
+            // token is `greatest(row's last token + 1, nextval)`, so it grows per key even
+            // if the counter was ahead of the sequence, and never repeats after a restart
+            // (the sequence is durable). A refused attempt uses up a sequence value (tokens
+            // may skip numbers, never repeat or go back). A row (token, NULL) when granted;
+            // a row (NULL, holder's remaining ms) when not; no row when another client's
+            // grant committed while this statement ran (held, time unknown).
             lease_acquire: format!(
                 "WITH t AS MATERIALIZED (SELECT nextval('{s}.token_seq') AS tok), \
                  ins AS ( \
                      INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at) \
                      SELECT $1, $2, t.tok, $3, clock_timestamp() + $4::bigint * interval '1 millisecond' FROM t \
                      ON CONFLICT (key) DO UPDATE \
-                         SET lease_id = EXCLUDED.lease_id, token = EXCLUDED.token, meta = EXCLUDED.meta, \
-                             expires_at = EXCLUDED.expires_at \
+                         SET lease_id = EXCLUDED.lease_id, token = greatest(l.token + 1, EXCLUDED.token), \
+                             meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at \
                          WHERE l.expires_at <= clock_timestamp() \
-                     RETURNING l.token), \
-                 f AS ( \
-                     INSERT INTO {s}.fence AS f (key, token) SELECT $1, ins.token FROM ins \
-                     ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token) \
-                     RETURNING f.token) \
-                 SELECT f.token, (SELECT token FROM ins), NULL::bigint FROM f \
+                     RETURNING l.token) \
+                 SELECT ins.token, NULL::bigint FROM ins \
                  UNION ALL \
-                 SELECT NULL::bigint, NULL::bigint, \
-                     greatest(0, ceil(extract(epoch FROM l.expires_at - clock_timestamp()) * 1000))::bigint \
+                 SELECT NULL::bigint, greatest(0, ceil(extract(epoch FROM \
+                     greatest(l.expires_at, clock_timestamp()) - clock_timestamp()) * 1000))::bigint \
                  FROM {s}.lease l WHERE l.key = $1 AND NOT EXISTS (SELECT 1 FROM ins)"
             ),
-            lease_fix: format!("UPDATE {s}.lease SET token = $3 WHERE key = $1 AND lease_id = $2"),
             lease_renew: format!(
                 "UPDATE {s}.lease SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() RETURNING 1"
             ),
+            // Marks the row released (the row stays: it holds the key's counter) and wakes
+            // waiters. One row when this lease was live; none when it had expired or was
+            // taken over (the row is then left to its next taker, untouched).
             lease_release: format!(
-                "WITH d AS (DELETE FROM {s}.lease WHERE key = $1 AND lease_id = $2 \
-                            RETURNING expires_at > clock_timestamp() AS live) \
-                 SELECT d.live, pg_notify('{s}_released', $1)::text FROM d"
+                "WITH u AS (UPDATE {s}.lease SET lease_id = '', meta = '', expires_at = '-infinity' \
+                            WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
+                            RETURNING 1) \
+                 SELECT pg_notify('{s}_released', $1)::text FROM u"
             ),
             lease_inspect: format!(
                 "SELECT lease_id, token, meta, \
@@ -262,7 +263,14 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
             SqlState::READ_ONLY_SQL_TRANSACTION,
         ]
         .contains(code);
-        return LockError::backend(NAME, retryable, e);
+        // The driver's own message for a server error is only "db error": say what the
+        // server said.
+        let mut msg = format!("{} (SQLSTATE {})", db.message(), code.code());
+        if let Some(detail) = db.detail() {
+            msg.push_str(": ");
+            msg.push_str(detail);
+        }
+        return LockError::backend(NAME, retryable, msg);
     }
     // Not a server error: I/O, a closed connection, a timeout while connecting.
     LockError::backend(NAME, true, e)

@@ -17,8 +17,9 @@
 //! increasing across such a restart, on the assumption that the server's clock does not
 //! step back across the restart by more than the restart took, and that a key is not
 //! granted more than a million times a second (each grant may push the counter one
-//! microsecond ahead of the clock). Lua numbers are doubles: microsecond time stays exact
-//! below 2^53 (year 2255).
+//! microsecond ahead of the clock). The clock is read once per script call, so a batch of
+//! grants shares one reading (each still gets `last + 1` at least). Lua numbers are doubles:
+//! microsecond time stays exact below 2^53 (year 2255).
 
 use redis::Script;
 
@@ -30,24 +31,36 @@ use redis::Script;
 pub(crate) const OPS: &str = r#"
 local fair = ARGV[1] == '1'
 local wttl = ARGV[2]
-local function holds(v, lease)
-  return string.sub(v, 1, #lease + 1) == lease .. ':'
+-- The server clock in microseconds, read once per call (as a decimal string and a number):
+-- every grant of this call is issued at this time or after it.
+local now_s, now_n
+local function clock()
+  if not now_s then
+    local t = redis.call('TIME')
+    now_s = t[1] .. string.format('%06d', tonumber(t[2]))
+    now_n = tonumber(now_s)
+  end
+  return now_s, now_n
 end
--- The first live waiter in `q`, dropping dead ones on the way; nil if none.
-local function head(q, wp)
+local function holds(v, lease)
+  return string.byte(v, #lease + 1) == 58 and string.sub(v, 1, #lease) == lease
+end
+-- The first live waiter in `q` (lock key `k`), dropping dead ones on the way; nil if none.
+local function head(q, k)
   if redis.call('EXISTS', q) == 0 then return nil end
+  local wp = k .. ':w:'
   while true do
     local h = redis.call('ZRANGE', q, 0, 0)[1]
     if not h or redis.call('EXISTS', wp .. h) == 1 then return h end
     redis.call('ZREM', q, h)
   end
 end
-local function enqueue(q, wp, lease)
+local function enqueue(q, k, lease)
   if not redis.call('ZSCORE', q, lease) then
     local t = redis.call('TIME')
     redis.call('ZADD', q, tonumber(t[1]) * 1000000 + tonumber(t[2]), lease)
   end
-  redis.call('SET', wp .. lease, '1', 'PX', wttl)
+  redis.call('SET', k .. ':w:' .. lease, '1', 'PX', wttl)
   redis.call('PEXPIRE', q, tonumber(wttl) * 4)
 end
 local function acquire(k, lease, ttl, meta, wait)
@@ -57,31 +70,31 @@ local function acquire(k, lease, ttl, meta, wait)
       local b = string.find(cur, ':', #lease + 2, true)
       return {1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)}
     end
-    if wait then enqueue(k .. ':q', k .. ':w:', lease) end
+    if wait then enqueue(k .. ':q', k, lease) end
     return {0, 0, redis.call('PTTL', k)}
   end
-  local q, wp = k .. ':q', k .. ':w:'
+  local q = k .. ':q'
   -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
   local queued = wait
   if fair then
-    local h = head(q, wp)
+    local h = head(q, k)
     if not h then
       -- head() dropped every dead entry on its way: the queue is empty.
       queued = false
     elseif h ~= lease then
-      if wait then enqueue(q, wp, lease) end
+      if wait then enqueue(q, k, lease) end
       return {0, 0, -1}
     end
   end
   if queued and redis.call('ZREM', q, lease) == 1 then
-    redis.call('DEL', wp .. lease)
+    redis.call('DEL', k .. ':w:' .. lease)
   end
-  local t = redis.call('TIME')
-  local tok = t[1] .. string.format('%06d', tonumber(t[2]))
-  local prev = redis.call('SET', k .. ':fence', tok, 'GET')
-  if prev and tonumber(prev) >= tonumber(tok) then
+  local tok, now = clock()
+  local fence = k .. ':fence'
+  local prev = redis.call('SET', fence, tok, 'GET')
+  if prev and tonumber(prev) >= now then
     tok = string.format('%d', tonumber(prev) + 1)
-    redis.call('SET', k .. ':fence', tok)
+    redis.call('SET', fence, tok)
   end
   redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
   return {1, tonumber(tok), tonumber(ttl)}
@@ -89,17 +102,17 @@ end
 local function release(k, lease)
   local released = 0
   local cur = redis.call('GET', k)
-  local q, wp = k .. ':q', k .. ':w:'
+  local q = k .. ':q'
   if cur and holds(cur, lease) then
     -- A holder left the queue when it was granted: nothing of it to remove there.
     redis.call('DEL', k)
     released = 1
     cur = nil
   elseif redis.call('ZREM', q, lease) == 1 then
-    redis.call('DEL', wp .. lease)
+    redis.call('DEL', k .. ':w:' .. lease)
   end
   if not cur then
-    local h = head(q, wp)
+    local h = head(q, k)
     if h then
       redis.call('RPUSH', k .. ':wake:' .. h, '1')
       redis.call('PEXPIRE', k .. ':wake:' .. h, 10000)
