@@ -198,6 +198,7 @@ impl LockBackend for PgLeaseBackend {
             .await?;
         // A row only when this lease was live and is now released.
         Ok(if rows.len() == 1 {
+            self.shared.released_here(&lease.key);
             ReleaseOutcome::Released
         } else {
             ReleaseOutcome::NotHeld

@@ -150,6 +150,12 @@ impl Shared {
         self.queues.turn(key, started, deadline).await
     }
 
+    /// Wakes this process's waiter on `key` at once, after this process released it: it
+    /// need not wait for the server's notification, which reaches other processes.
+    pub(crate) fn released_here(&self, key: &LockKey) {
+        self.notifies.wake(key.as_str());
+    }
+
     /// The release notification for `key`; starts the listener if it is not running.
     /// Without a listener, waiters still poll (bounded by `poll_max`).
     pub(crate) async fn released(&self, key: &LockKey) -> Arc<Notify> {
