@@ -351,6 +351,45 @@ mod tests {
         assert!(free, "the unread grant was left to expire (30 s lease)");
     }
 
+    /// While renewals fail, `check()` says `Uncertain` (not `Lost`: the lease may still
+    /// run), and `Ok` again once a renewal gets through.
+    #[tokio::test]
+    async fn check_reports_uncertain_until_a_renewal_gets_through() {
+        let backend = MemoryStore::new().connect();
+        let client = LockClient::new(backend.clone());
+        let opts = LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .renew_every(Duration::from_millis(50));
+        let g = client.acquire_with("k", &opts).await.expect("acquire");
+        g.check().expect("held");
+        backend.pause_renewals(true);
+        let mut seen = None;
+        for _ in 0..200 {
+            match g.check() {
+                Ok(()) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => {
+                    seen = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(&seen, Some(LockError::Uncertain { key }) if key == "k"),
+            "check() while renewals fail: {seen:?}"
+        );
+        backend.pause_renewals(false);
+        let mut back = false;
+        for _ in 0..200 {
+            if g.check().is_ok() {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(back, "check() stayed failing after renewals resumed");
+        g.release().await.expect("release");
+    }
+
     /// Hands out grants whose reply "arrived" with the lease nearly over, `late` times.
     #[derive(Debug)]
     struct LateReplies {

@@ -73,6 +73,14 @@ pub enum LockError {
         /// Why.
         reason: LossReason,
     },
+    /// The lock may or may not still be held: renewals are failing or the session is
+    /// suspended, and the safe deadline has not passed yet. Do not start new work; the
+    /// status may return to `Held`, or turn `Lost`.
+    #[error("lock {key:?} is uncertain: the store has not confirmed it lately (renewals failing or session suspended); it may still be held")]
+    Uncertain {
+        /// The key.
+        key: String,
+    },
     /// Renew or release named a lease the store does not hold (expired or taken over).
     #[error("lock {key:?} is not held by this lease")]
     NotHeld {

@@ -188,19 +188,17 @@ impl LockHandle {
         self.shared.safe_until()
     }
 
-    /// `Ok` if the status is `Held` and the safe deadline has not passed.
+    /// `Ok` if the status is `Held` and the safe deadline has not passed;
+    /// [`LockError::Uncertain`] while the store has not confirmed the lock lately (it may
+    /// still be held: stop starting new work), [`LockError::Lost`] once it is gone, and
+    /// [`LockError::NotHeld`] after release.
     pub fn check(&self) -> Result<(), LockError> {
         let key = self.key().to_string();
         match self.status() {
             LockStatus::Held => {}
             LockStatus::Lost(reason) => return Err(LockError::Lost { key, reason }),
             LockStatus::Released => return Err(LockError::NotHeld { key }),
-            LockStatus::Uncertain => {
-                return Err(LockError::Lost {
-                    key,
-                    reason: LossReason::RenewalFailed("status is uncertain".into()),
-                })
-            }
+            LockStatus::Uncertain => return Err(LockError::Uncertain { key }),
         }
         match self.safe_until() {
             Some(s) if Instant::now() >= s => Err(LockError::Lost {
