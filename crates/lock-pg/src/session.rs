@@ -147,21 +147,36 @@ impl PgSessionBackend {
         let flight = InFlight(Some(obj));
         let conn = flight.conn()?;
         let idle = self.shared.server_idle_ms();
-        if !xact {
-            // One plain statement tries the lock and issues the token: no PL/pgSQL call,
-            // no lock_timeout to set and restore. A waiting acquire that finds the lock
-            // taken goes on to wait in the server's queue below.
-            let fast = conn
-                .prepare_cached(&self.shared.sql.session_try)
-                .await
-                .map_err(map_err)?;
-            let idle_text = idle.to_string();
-            let sent = Instant::now();
-            let op = self.shared.cfg.op_timeout;
-            let tried = tokio::time::timeout(
-                op,
-                conn.query_opt(&fast, &[&req.key.as_str(), &id, &lease, &meta, &idle_text]),
-            )
+        // One plain statement tries the lock and issues the token: no PL/pgSQL call, no
+        // lock_timeout to set and restore. A transaction-scoped try goes out right behind
+        // its `BEGIN`, in the same round trip. A waiting acquire that finds the lock taken
+        // goes on to wait in the server's queue below (in the transaction already open).
+        let fast = conn
+            .prepare_cached(if xact {
+                &self.shared.sql.xact_try
+            } else {
+                &self.shared.sql.session_try
+            })
+            .await
+            .map_err(map_err)?;
+        let idle_text = idle.to_string();
+        let sent = Instant::now();
+        let op = self.shared.cfg.op_timeout;
+        let try_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&req.key.as_str(), &id, &lease, &meta, &idle_text];
+        let attempt = async {
+            if xact {
+                let (_, row) = futures::future::try_join(
+                    conn.batch_execute("BEGIN"),
+                    conn.query_opt(&fast, &try_params),
+                )
+                .await?;
+                Ok(row)
+            } else {
+                conn.query_opt(&fast, &try_params).await
+            }
+        };
+        let tried = tokio::time::timeout(op, attempt)
             .await
             .map_err(|_| LockError::OperationTimeout {
                 backend: self.name(),
@@ -169,19 +184,22 @@ impl PgSessionBackend {
                 after: op,
             })?
             .map_err(map_err)?;
-            match tried {
-                Some(row) => {
-                    let t: i64 = row.try_get(0).map_err(map_err)?;
-                    return self.granted(flight, req, id, t, sent);
-                }
-                None if wait_ms.is_none() => {
-                    drop(flight.finish());
-                    return Err(LockError::Contended {
-                        key: req.key.to_string(),
-                    });
-                }
-                None => {}
+        match tried {
+            Some(row) => {
+                let t: i64 = row.try_get(0).map_err(map_err)?;
+                return self.granted(flight, req, id, t, sent);
             }
+            None if wait_ms.is_none() => {
+                // Nothing is held; end the transaction.
+                if xact {
+                    conn.batch_execute("ROLLBACK").await.map_err(map_err)?;
+                }
+                drop(flight.finish());
+                return Err(LockError::Contended {
+                    key: req.key.to_string(),
+                });
+            }
+            None => {}
         }
         let stmt = conn
             .prepare_cached(&self.shared.sql.session_acquire)
@@ -197,33 +215,9 @@ impl PgSessionBackend {
             &idle,
         ];
         let sent = Instant::now();
-        let run = async {
-            if xact {
-                let (_, row) = futures::future::try_join(
-                    conn.batch_execute("BEGIN"),
-                    conn.query_one(&stmt, &params),
-                )
-                .await?;
-                Ok(row)
-            } else {
-                conn.query_one(&stmt, &params).await
-            }
-        };
-        let res = if wait_ms.is_none() {
-            let op = self.shared.cfg.op_timeout;
-            match tokio::time::timeout(op, run).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(LockError::OperationTimeout {
-                        backend: self.name(),
-                        op: "acquire",
-                        after: op,
-                    })
-                }
-            }
-        } else {
-            run.await
-        };
+        // Only a waiting acquire gets here (a try was answered above); `lock_timeout`
+        // and the caller's cancellation bound it.
+        let res = conn.query_one(&stmt, &params).await;
         match res {
             Ok(row) => {
                 let token: Option<i64> = row.try_get(0).map_err(map_err)?;

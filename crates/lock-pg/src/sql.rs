@@ -38,6 +38,7 @@ pub(crate) struct Sql {
     pub(crate) schema_ddl: String,
     pub(crate) session_acquire: String,
     pub(crate) session_try: String,
+    pub(crate) xact_try: String,
     pub(crate) session_unlock: &'static str,
     pub(crate) session_release: String,
     pub(crate) session_inspect: String,
@@ -143,16 +144,20 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             // session_acquire does for a try, without the PL/pgSQL call). The CTE is
             // materialized, so the lock is tried exactly once, before the upsert; no row
             // comes back when the lock is taken. $5: the server-side idle limit (ms).
-            session_try: format!(
-                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS ok) \
-                 INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
-                 SELECT $1, nextval('{s}.token_seq'), $3, $4, pg_backend_pid() FROM l WHERE l.ok \
-                 ON CONFLICT (key) DO UPDATE \
-                     SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id, \
-                         meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
-                 RETURNING f.token, \
-                     CASE WHEN current_setting('server_version_num')::int >= 140000 \
-                          THEN set_config('idle_session_timeout', $5, false) END"
+            session_try: try_stmt(
+                s,
+                "pg_try_advisory_lock",
+                "set_config('idle_session_timeout', $5, false)",
+                "",
+            ),
+            // The transaction-scoped lock's, sent right behind `BEGIN`: the idle limit and
+            // the holder's name (application_name, visible in pg_stat_activity at once)
+            // are local to the transaction.
+            xact_try: try_stmt(
+                s,
+                "pg_try_advisory_xact_lock",
+                "set_config('idle_in_transaction_session_timeout', $5, true)",
+                ", set_config('application_name', 'lk ' || $3 || ' ' || f.token, true)",
             ),
             session_unlock: "SELECT pg_advisory_unlock($1)",
             // One plain statement: give the lock back and clear the session's idle limit
@@ -218,6 +223,22 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             channel: format!("{s}_released"),
         }
     }
+}
+
+/// A try of an advisory lock (`lock_fn`) and the token upsert, in one plain statement;
+/// `idle` sets the server's idle limit on PostgreSQL 14 and later; `extra` adds to the
+/// returned columns.
+fn try_stmt(s: &str, lock_fn: &str, idle: &str, extra: &str) -> String {
+    format!(
+        "WITH l AS MATERIALIZED (SELECT {lock_fn}($2) AS ok) \
+         INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
+         SELECT $1, nextval('{s}.token_seq'), $3, $4, pg_backend_pid() FROM l WHERE l.ok \
+         ON CONFLICT (key) DO UPDATE \
+             SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id, \
+                 meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
+         RETURNING f.token, \
+             CASE WHEN current_setting('server_version_num')::int >= 140000 THEN {idle} END{extra}"
+    )
 }
 
 /// Maps a driver error to the core error.
