@@ -224,7 +224,8 @@ impl PgSessionBackend {
                 match token {
                     Some(t) => self.granted(flight, req, id, t, sent),
                     None => {
-                        // A try found the lock taken. Nothing is held; end the transaction.
+                        // The function returns NULL only for a try, which this path does
+                        // not send; if it ever does, nothing is held: end the transaction.
                         if xact {
                             conn.batch_execute("ROLLBACK").await.map_err(map_err)?;
                         }
