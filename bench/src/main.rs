@@ -209,7 +209,10 @@ where
             }));
         }
         // Let every waiter queue up.
-        tokio::time::sleep(QUEUE_PAUSE + Duration::from_millis(2 * waiters as u64 - 2)).await;
+        tokio::time::sleep(
+            QUEUE_PAUSE + Duration::from_millis(2 * (waiters as u64).saturating_sub(1)),
+        )
+        .await;
         let before = ops().await?;
         *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         holder.release().await?;
