@@ -166,10 +166,7 @@ impl Batcher {
         }
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(map_err)?;
-        if reply.len() != ops.len() {
-            return Err(short(reply.len(), ops.len()));
-        }
-        Ok(reply.into_iter().map(parse).collect())
+        split(reply, ops)
     }
 
     /// Starts a task that sends `batch`, then whatever queued meanwhile, until the queue is
@@ -280,26 +277,104 @@ fn short(got: usize, want: usize) -> LockError {
     ))
 }
 
-/// One op's reply: integers, or `{-1, message}` for its own error.
-fn parse(v: Value) -> Reply {
-    let Value::Array(items) = v else {
-        return Err(LockError::Protocol(format!("batch reply item {v:?}")));
-    };
-    if let [Value::Int(-1), msg] = &items[..] {
-        let msg = match msg {
-            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            Value::SimpleString(s) => s.clone(),
-            other => format!("{other:?}"),
-        };
-        return Err(LockError::backend(NAME, false, msg));
+/// Splits the script's flat reply into one reply per op: `granted, token, pttl` for an
+/// acquire, `released` for a release, `-1, message` for an op's own error.
+fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
+    let mut items = reply.into_iter();
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        let width = if op.kind == Kind::Release { 1 } else { 3 };
+        let first = int(items.next(), out.len(), ops.len())?;
+        if first == -1 {
+            let msg = match items.next() {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+                Some(Value::SimpleString(s)) => s,
+                other => format!("{other:?}"),
+            };
+            out.push(Err(LockError::backend(NAME, false, msg)));
+            continue;
+        }
+        let mut r = Vec::with_capacity(width);
+        r.push(first);
+        for _ in 1..width {
+            r.push(int(items.next(), out.len(), ops.len())?);
+        }
+        out.push(Ok(r));
     }
-    items
-        .iter()
-        .map(|i| match i {
-            Value::Int(n) => Ok(*n),
-            other => Err(LockError::Protocol(format!(
-                "batch reply item holds {other:?}"
-            ))),
-        })
-        .collect()
+    if let Some(extra) = items.next() {
+        return Err(LockError::Protocol(format!(
+            "batch script returned more than {} replies (next: {extra:?})",
+            ops.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// One integer of op `at`'s reply.
+fn int(v: Option<Value>, at: usize, ops: usize) -> Result<i64, LockError> {
+    match v {
+        Some(Value::Int(n)) => Ok(n),
+        None => Err(short(at, ops)),
+        Some(other) => Err(LockError::Protocol(format!(
+            "batch reply item holds {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: Kind) -> Op {
+        Op {
+            kind,
+            key: "k".into(),
+            lease: "l".into(),
+            ttl_ms: 1000,
+            meta: String::new(),
+        }
+    }
+
+    #[test]
+    fn split_reads_each_op_at_its_width_and_errors_alone() {
+        let ops = [
+            op(Kind::Wait),
+            op(Kind::Release),
+            op(Kind::Try),
+            op(Kind::Release),
+        ];
+        let reply = vec![
+            Value::Int(1),
+            Value::Int(42),
+            Value::Int(1000),
+            Value::Int(0),
+            Value::Int(-1),
+            Value::BulkString(b"WRONGTYPE Operation against a key".to_vec()),
+            Value::Int(1),
+        ];
+        let out = split(reply, &ops).expect("well-formed reply");
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0].as_ref().ok(), Some(&vec![1, 42, 1000]));
+        assert_eq!(out[1].as_ref().ok(), Some(&vec![0]));
+        let err = out[2].as_ref().expect_err("the third op failed alone");
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        assert_eq!(out[3].as_ref().ok(), Some(&vec![1]));
+    }
+
+    #[test]
+    fn split_refuses_short_long_and_odd_replies() {
+        let ops = [op(Kind::Try), op(Kind::Release)];
+        let short = vec![Value::Int(1), Value::Int(7), Value::Int(10)];
+        assert!(matches!(split(short, &ops), Err(LockError::Protocol(_))));
+        let long = vec![
+            Value::Int(1),
+            Value::Int(7),
+            Value::Int(10),
+            Value::Int(1),
+            Value::Int(1),
+        ];
+        assert!(matches!(split(long, &ops), Err(LockError::Protocol(_))));
+        let odd = vec![Value::Int(1), Value::Nil, Value::Int(10), Value::Int(1)];
+        assert!(matches!(split(odd, &ops), Err(LockError::Protocol(_))));
+    }
 }

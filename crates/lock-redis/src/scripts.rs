@@ -26,8 +26,9 @@ use redis::Script;
 /// Acquires and releases, several per call: `KEYS[i]` is op i's lock key; `ARGV` is
 /// `fair (0/1), waiter ttl ms`, then four per op: `op (t try, w wait, r release), lease,
 /// ttl_ms, meta`. Ops run in order, each as it would alone; one op's error (a key of the
-/// wrong type) is its own reply and does not stop the others. Replies, per op: acquire
-/// `{granted, token, pttl}`, release `{released}`, error `{-1, message}`.
+/// wrong type) is its own reply and does not stop the others. The reply is one flat array;
+/// per op, in order: acquire `granted, token, pttl`, release `released`, error
+/// `-1, message` (`granted` and `released` are 0 or 1, so -1 marks an error).
 pub(crate) const OPS: &str = r#"
 local fair = ARGV[1] == '1'
 local wttl = ARGV[2]
@@ -120,7 +121,9 @@ local function release(k, lease)
   end
   return {released}
 end
-local out = {}
+-- One flat reply for the whole call (a nested table per op costs the server more to
+-- convert than the op's own commands): each op appends its integers, or -1 and a message.
+local out, n = {}, 0
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
   local op, lease = ARGV[b + 1], ARGV[b + 2]
@@ -130,12 +133,12 @@ for i = 1, #KEYS do
   else
     ok, r = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
   end
-  if ok then
-    out[i] = r
-  else
+  if not ok then
     if type(r) == 'table' then r = r.err end
-    out[i] = {-1, tostring(r)}
+    r = {-1, tostring(r)}
   end
+  for j = 1, #r do out[n + j] = r[j] end
+  n = n + #r
 end
 return out
 "#;
