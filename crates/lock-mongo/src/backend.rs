@@ -163,7 +163,8 @@ impl MongoBackend {
             )));
         }
         let op = self.inner.cfg.op_timeout;
-        let (f, u) = docs::fenced(filter.clone(), update, field, token);
+        let (f, u) = docs::fenced(filter.clone(), update, field, token)
+            .map_err(LockError::InvalidOptions)?;
         let r = bounded(op, "fenced update", coll.update_many(f, u)).await?;
         if r.modified_count > 0 || r.matched_count > 0 {
             return Ok(FencedWrite::Applied(r.matched_count));

@@ -85,29 +85,33 @@ pub(crate) fn change_pipeline() -> Vec<Document> {
 }
 
 /// Fenced update of a user document: applies only if the stored token (in `field`) is
-/// missing or not higher than `token`, and stores `token`.
+/// missing or not higher than `token`, and stores `token`. The caller's filter is kept
+/// whole beside the guard (`$and`), so a filter with its own `$or` still applies; an update
+/// whose `$set` is not a document is refused rather than rewritten.
 pub(crate) fn fenced(
     filter: Document,
     mut update: Document,
     field: &str,
     token: FencingToken,
-) -> (Document, Document) {
+) -> Result<(Document, Document), String> {
     let t = i64::try_from(token.get()).unwrap_or(i64::MAX);
-    let mut f = filter;
-    f.insert(
-        "$or",
-        vec![
-            Bson::Document(doc! { field: { "$exists": false } }),
-            Bson::Document(doc! { field: { "$lte": t } }),
-        ],
-    );
+    let guard = doc! { "$or": [
+        { field: { "$exists": false } },
+        { field: { "$lte": t } },
+    ]};
+    let f = if filter.is_empty() {
+        guard
+    } else {
+        doc! { "$and": [filter, guard] }
+    };
     let mut set = match update.remove("$set") {
         Some(Bson::Document(d)) => d,
-        _ => Document::new(),
+        None => Document::new(),
+        Some(other) => return Err(format!("the update's $set must be a document, not {other}")),
     };
     set.insert(field, t);
     update.insert("$set", set);
-    (f, update)
+    Ok((f, update))
 }
 
 /// A lease document, as read back.
@@ -203,14 +207,61 @@ mod tests {
     fn fenced_update_guards_and_stores_the_token() {
         let (f, u) = fenced(
             doc! {"item": "a"},
-            doc! {"$inc": {"stock": -1}},
+            doc! {"$inc": {"stock": -1}, "$set": {"note": "x"}},
             "fence",
             FencingToken::new(7),
+        )
+        .unwrap();
+        let parts = f.get_array("$and").unwrap();
+        assert_eq!(parts[0], Bson::Document(doc! {"item": "a"}));
+        let guard = parts[1].as_document().unwrap().get_array("$or").unwrap();
+        assert_eq!(
+            guard[1],
+            Bson::Document(doc! {"fence": {"$lte": 7_i64}}),
+            "a write with token 7 applies only where the stored token is not higher"
         );
-        assert_eq!(f.get_str("item").unwrap(), "a");
-        assert!(f.get_array("$or").unwrap().len() == 2);
-        assert_eq!(u.get_document("$set").unwrap().get_i64("fence").unwrap(), 7);
+        let set = u.get_document("$set").unwrap();
+        assert_eq!(set.get_i64("fence").unwrap(), 7);
+        assert_eq!(
+            set.get_str("note").unwrap(),
+            "x",
+            "the caller's $set is kept"
+        );
         assert!(u.get_document("$inc").is_ok());
+    }
+
+    #[test]
+    fn fenced_update_keeps_a_filter_that_has_its_own_or() {
+        let mine = doc! {"$or": [{"item": "a"}, {"item": "b"}]};
+        let (f, _) = fenced(
+            mine.clone(),
+            doc! {"$inc": {"stock": -1}},
+            "fence",
+            FencingToken::new(3),
+        )
+        .unwrap();
+        assert!(
+            f.get("$or").is_none(),
+            "the guard must not replace the caller's $or"
+        );
+        let parts = f.get_array("$and").unwrap();
+        assert_eq!(parts[0], Bson::Document(mine));
+        let (empty, _) = fenced(Document::new(), doc! {}, "fence", FencingToken::new(3)).unwrap();
+        assert!(
+            empty.get_array("$or").is_ok(),
+            "an empty filter is just the guard"
+        );
+    }
+
+    #[test]
+    fn fenced_update_refuses_a_set_that_is_not_a_document() {
+        let r = fenced(
+            doc! {"item": "a"},
+            doc! {"$set": 5_i32},
+            "fence",
+            FencingToken::new(3),
+        );
+        assert!(r.unwrap_err().contains("$set"));
     }
 
     #[test]
