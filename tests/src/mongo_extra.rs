@@ -17,9 +17,10 @@ fn e2s(e: impl std::fmt::Display) -> String {
 }
 
 /// The names of the checks below.
-pub const CHECKS: [&str; 2] = [
+pub const CHECKS: [&str; 3] = [
     "release_keeps_the_counter",
     "fenced_update_refuses_late_holder",
+    "fenced_update_keeps_the_callers_or",
 ];
 
 /// Runs every MongoDB-specific check against `url`.
@@ -27,6 +28,7 @@ pub async fn run(url: &str) -> Vec<CaseResult> {
     vec![
         check("mongo", CHECKS[0], keeps_counter(url)).await,
         check("mongo", CHECKS[1], fenced(url)).await,
+        check("mongo", CHECKS[2], fenced_or(url)).await,
     ]
 }
 
@@ -59,20 +61,29 @@ async fn keeps_counter(url: &str) -> Res<String> {
     ))
 }
 
-async fn fenced(url: &str) -> Res<String> {
+type Items = lock_mongo::mongodb::Collection<lock_mongo::mongodb::bson::Document>;
+
+/// A backend on a fresh lease collection, and a fresh items collection beside it holding
+/// `ids`, each with stock 10.
+async fn with_items(url: &str, ids: &[&str]) -> Res<(MongoBackend, Items)> {
     let coll = format!("leases_{:08x}", rand::random::<u32>());
     let b = backend(url, &coll).await?;
-    let items = b
-        .collection()
-        .clone_with_type::<lock_mongo::mongodb::bson::Document>();
-    let items = items
+    let leases = b.collection();
+    let items = leases
         .client()
-        .database(items.namespace().db.as_str())
+        .database(leases.namespace().db.as_str())
         .collection::<lock_mongo::mongodb::bson::Document>(&format!("{coll}_items"));
-    items
-        .insert_one(doc! {"_id": "item-1", "stock": 10})
-        .await
-        .map_err(e2s)?;
+    for id in ids {
+        items
+            .insert_one(doc! {"_id": *id, "stock": 10})
+            .await
+            .map_err(e2s)?;
+    }
+    Ok((b, items))
+}
+
+async fn fenced(url: &str) -> Res<String> {
+    let (b, items) = with_items(url, &["item-1"]).await?;
     let c = LockClient::new(b.clone());
     let stale = c
         .acquire_with(
@@ -108,4 +119,36 @@ async fn fenced(url: &str) -> Res<String> {
         return Err(format!("fresh {w1:?}, stale {w2:?}"));
     }
     Ok("fresh token applied, late token refused".into())
+}
+
+/// A caller's filter with its own `$or` keeps it: the token guard is added beside it, not
+/// in its place (which would widen the update to every unfenced document).
+async fn fenced_or(url: &str) -> Res<String> {
+    let (b, items) = with_items(url, &["item-1", "item-2", "item-3"]).await?;
+    let c = LockClient::new(b.clone());
+    let g = c.acquire("inv-or").await.map_err(e2s)?;
+    let w = b
+        .fenced_update(
+            &items,
+            doc! {"$or": [{"_id": "item-1"}, {"_id": "item-2"}]},
+            doc! {"$inc": {"stock": -1}},
+            "fence",
+            g.token(),
+        )
+        .await
+        .map_err(e2s)?;
+    g.release().await.map_err(e2s)?;
+    let untouched = items
+        .find_one(doc! {"_id": "item-3"})
+        .await
+        .map_err(e2s)?
+        .and_then(|d| d.get_i32("stock").ok());
+    let _ = items.drop().await;
+    let _ = b.collection().drop().await;
+    if w != FencedWrite::Applied(2) || untouched != Some(10) {
+        return Err(format!(
+            "an update of item-1 or item-2 gave {w:?} and left item-3 at {untouched:?}"
+        ));
+    }
+    Ok("2 of 3 documents updated; the third, outside the caller's $or, untouched".into())
 }
