@@ -48,6 +48,14 @@ impl Kind {
             Kind::Release => "r",
         }
     }
+
+    /// The integers in this op's reply (an error is always `-1, message`).
+    fn width(self) -> usize {
+        match self {
+            Kind::Try | Kind::Wait => 3,
+            Kind::Release => 1,
+        }
+    }
 }
 
 /// One acquire or release.
@@ -283,7 +291,6 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
     let mut items = reply.into_iter();
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
-        let width = if op.kind == Kind::Release { 1 } else { 3 };
         let first = int(items.next(), out.len(), ops.len())?;
         if first == -1 {
             let msg = match items.next() {
@@ -294,9 +301,9 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
             out.push(Err(LockError::backend(NAME, false, msg)));
             continue;
         }
-        let mut r = Vec::with_capacity(width);
+        let mut r = Vec::with_capacity(op.kind.width());
         r.push(first);
-        for _ in 1..width {
+        for _ in 1..op.kind.width() {
             r.push(int(items.next(), out.len(), ops.len())?);
         }
         out.push(Ok(r));
