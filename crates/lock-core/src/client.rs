@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
+use tracing::Instrument;
 
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
@@ -99,39 +100,46 @@ impl LockClient {
             lease: lease.clone(),
             op_timeout: opts.op_timeout,
         };
-        let mut res = run_acquire(&*backend, &req, opts, started).await;
-        while matches!(&res, Ok(g) if arrived_late(g, opts)) {
-            // A grant whose reply took most of the lease to arrive (a slow network, a
-            // paused client): the holder would have no time to use it, and the store may
-            // already be handing the key on. Give it back; a waiting acquire tries again.
-            tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
-            cleanup(&*backend, &lease, opts.op_timeout).await;
-            res = if matches!(opts.wait, WaitPolicy::NoWait) {
-                Err(LockError::backend(
-                    name,
-                    true,
-                    "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
-                ))
-            } else {
-                run_acquire(&*backend, &req, opts, started).await
-            };
-        }
-        if let Err(e) = &res {
-            // Errors that leave the outcome unknown may have created a lease or a queue
-            // entry: remove it before answering, so the caller sees a clean slate. A
-            // `Timeout` is definite: the backend contract has it leave nothing behind.
-            let unknown = !matches!(
-                e,
-                LockError::Contended { .. }
-                    | LockError::Timeout { .. }
-                    | LockError::InvalidKey { .. }
-                    | LockError::InvalidOptions(_)
-                    | LockError::InvalidConfig(_)
-            );
-            if unknown {
+        // The backend's own events belong to this span (entered on each poll, never held
+        // across an await).
+        let res = async {
+            let mut res = run_acquire(&*backend, &req, opts, started).await;
+            while matches!(&res, Ok(g) if arrived_late(g, opts)) {
+                // A grant whose reply took most of the lease to arrive (a slow network, a
+                // paused client): the holder would have no time to use it, and the store may
+                // already be handing the key on. Give it back; a waiting acquire tries again.
+                tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
                 cleanup(&*backend, &lease, opts.op_timeout).await;
+                res = if matches!(opts.wait, WaitPolicy::NoWait) {
+                    Err(LockError::backend(
+                        name,
+                        true,
+                        "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
+                    ))
+                } else {
+                    run_acquire(&*backend, &req, opts, started).await
+                };
             }
+            if let Err(e) = &res {
+                // Errors that leave the outcome unknown may have created a lease or a queue
+                // entry: remove it before answering, so the caller sees a clean slate. A
+                // `Timeout` is definite: the backend contract has it leave nothing behind.
+                let unknown = !matches!(
+                    e,
+                    LockError::Contended { .. }
+                        | LockError::Timeout { .. }
+                        | LockError::InvalidKey { .. }
+                        | LockError::InvalidOptions(_)
+                        | LockError::InvalidConfig(_)
+                );
+                if unknown {
+                    cleanup(&*backend, &lease, opts.op_timeout).await;
+                }
+            }
+            res
         }
+        .instrument(span.clone())
+        .await;
         pending.backend = None;
         let _enter = span.enter();
         let waited = started.elapsed().as_secs_f64();
@@ -440,6 +448,83 @@ mod tests {
         async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
             self.inner.inspect(key).await
         }
+    }
+
+    /// A backend whose release waits for `gate`.
+    #[derive(Debug)]
+    struct GatedRelease {
+        inner: crate::memory::MemoryBackend,
+        gate: Arc<tokio::sync::Notify>,
+    }
+
+    #[async_trait::async_trait]
+    impl LockBackend for GatedRelease {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+        async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+            self.inner.try_acquire(req).await
+        }
+        async fn acquire(
+            &self,
+            req: &AcquireRequest,
+            deadline: Option<Instant>,
+        ) -> Result<Grant, LockError> {
+            self.inner.acquire(req, deadline).await
+        }
+        async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+            self.inner.renew(lease, ttl).await
+        }
+        async fn release(&self, lease: &LeaseRef) -> Result<crate::ReleaseOutcome, LockError> {
+            self.gate.notified().await;
+            self.inner.release(lease).await
+        }
+        async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+            self.inner.inspect(key).await
+        }
+    }
+
+    /// A release waiting on its store leaves no span entered on the thread: other tasks
+    /// running there meanwhile must not log inside `lock.release`.
+    #[test]
+    fn a_pending_release_leaves_no_span_entered() {
+        let subscriber = tracing_subscriber::registry();
+        tracing::subscriber::with_default(subscriber, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let gate = Arc::new(tokio::sync::Notify::new());
+                let client = LockClient::new(GatedRelease {
+                    inner: MemoryStore::new().connect(),
+                    gate: gate.clone(),
+                });
+                let g = client.acquire("k").await.expect("acquire");
+                assert!(tracing::Span::current().is_none());
+                let release = tokio::spawn(g.release());
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                assert!(
+                    !release.is_finished(),
+                    "the release should wait on its gate"
+                );
+                let current = tracing::Span::current();
+                assert!(
+                    current.is_none(),
+                    "span {:?} left entered by a pending release",
+                    current.metadata().map(|m| m.name())
+                );
+                gate.notify_one();
+                let outcome = release.await.expect("join").expect("release");
+                assert_eq!(outcome, crate::ReleaseOutcome::Released);
+                assert!(tracing::Span::current().is_none());
+            });
+        });
     }
 
     /// A grant that arrives with its lease nearly over is given back: a waiting acquire

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
+use tracing::Instrument;
 
 use crate::backend::{LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
 use crate::error::{LockError, LossReason};
@@ -397,18 +398,25 @@ impl LockGuard {
         }
         let sh = self.handle.shared.clone();
         let span = tracing::debug_span!("lock.release", backend = sh.backend.name(), key = %sh.lease.key, token = %sh.token);
-        let _enter = span.enter();
         let started = Instant::now();
         let mut attempt = 0;
-        let res = loop {
-            match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
-                Err(e) if e.is_retryable() && started.elapsed() < sh.opts.op_timeout => {
-                    tokio::time::sleep(sh.opts.backoff.delay(attempt)).await;
-                    attempt += 1;
+        // The span is entered on each poll (`instrument`), never held across an await: a
+        // held `Entered` guard would leave it entered on the worker thread while other
+        // tasks run there.
+        let res = async {
+            loop {
+                match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
+                    Err(e) if e.is_retryable() && started.elapsed() < sh.opts.op_timeout => {
+                        tokio::time::sleep(sh.opts.backoff.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    other => break other,
                 }
-                other => break other,
             }
-        };
+        }
+        .instrument(span.clone())
+        .await;
+        let _enter = span.enter();
         metrics::histogram!("lock_hold_seconds", "backend" => sh.backend.name())
             .record(sh.granted_at.elapsed().as_secs_f64());
         match &res {
