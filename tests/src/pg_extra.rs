@@ -136,6 +136,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg lease",
+            "async_release_commit_stays_in_its_own_transaction",
+            async_release(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -627,4 +635,57 @@ async fn counter_ahead(url: &str) -> Res<String> {
         seen.push(format!("{mode:?} {token}"));
     }
     Ok(format!("counter at 2^50; next tokens: {}", seen.join(", ")))
+}
+
+/// The lease release commits without waiting for a WAL flush (`synchronous_commit` off for
+/// its own transaction). The setting must not outlive that transaction: the connection goes
+/// back to the pool, and a grant or renewal on it must commit synchronously.
+async fn async_release(url: &str) -> Res<String> {
+    // Two connections (the least a pool may have); both are checked after the release.
+    let locks = PgLocks::connect_with(pg_config(url).pool_size(2))
+        .await
+        .map_err(e2s)?;
+    let c = LockClient::new(locks.lease_rows()).with_options(opts());
+    let key = "async-release";
+    let first = c.acquire(key).await.map_err(e2s)?;
+    let t1 = first.token();
+    let outcome = first.release().await.map_err(e2s)?;
+    if outcome != lock_core::ReleaseOutcome::Released {
+        return Err(format!("release answered {outcome:?}"));
+    }
+    let conns = [
+        locks.pool().get().await.map_err(e2s)?,
+        locks.pool().get().await.map_err(e2s)?,
+    ];
+    let mut session_value = String::new();
+    for conn in &conns {
+        let row = conn
+            .query_one(
+                "SELECT current_setting('synchronous_commit'), \
+                        (SELECT reset_val FROM pg_settings WHERE name = 'synchronous_commit')",
+                &[],
+            )
+            .await
+            .map_err(e2s)?;
+        let (now, reset): (String, String) = (row.get(0), row.get(1));
+        if now != reset {
+            return Err(format!(
+                "synchronous_commit is {now} on the pooled connection after a release \
+                 (the server's own value is {reset})"
+            ));
+        }
+        session_value = now;
+    }
+    drop(conns);
+    // The released row is free at once, and the next grant's token is higher.
+    let second = c.try_acquire(key).await.map_err(e2s)?;
+    let t2 = second.token();
+    second.release().await.map_err(e2s)?;
+    if t2 <= t1 {
+        return Err(format!("token went from {t1} to {t2}"));
+    }
+    Ok(format!(
+        "released, the pooled connection's synchronous_commit is back to {session_value}, \
+         next token {t1} -> {t2}"
+    ))
 }

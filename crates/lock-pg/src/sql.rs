@@ -209,11 +209,20 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             // Marks the row released (the row stays: it holds the key's counter) and wakes
             // waiters. One row when this lease was live; none when it had expired or was
             // taken over (the row is then left to its next taker, untouched).
+            //
+            // The commit is asynchronous (`synchronous_commit` off for this statement's
+            // own transaction only): it does not wait for a WAL flush. A release lost in a
+            // server crash leaves the row as it was, held until its expiry, the same as a
+            // holder that died: a delay for waiters, never a double grant. The next grant
+            // commits synchronously, which flushes this release with it. Grants and
+            // renewals always commit synchronously: a renewal or a token lost in a crash
+            // would not be safe.
             lease_release: format!(
                 "WITH u AS (UPDATE {s}.lease SET lease_id = '', meta = '', expires_at = '-infinity' \
                             WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
                             RETURNING 1) \
-                 SELECT pg_notify('{s}_released', $1)::text FROM u"
+                 SELECT pg_notify('{s}_released', $1)::text, \
+                        set_config('synchronous_commit', 'off', true) FROM u"
             ),
             lease_inspect: format!(
                 "SELECT lease_id, token, meta, \
@@ -326,6 +335,30 @@ mod tests {
         assert_eq!(lock_parts(1), (0, 1));
         assert_eq!(lock_parts(-1), (0xffff_ffff, 0xffff_ffff));
         assert_eq!(lock_parts(1 << 32), (1, 0));
+    }
+
+    /// Only a release may skip the WAL flush: a grant (its token) or a renewal lost in a
+    /// server crash would not be safe.
+    #[test]
+    fn only_the_lease_release_commits_asynchronously() {
+        let s = Sql::new("distlock");
+        assert!(s
+            .lease_release
+            .contains("set_config('synchronous_commit', 'off', true)"));
+        for (name, stmt) in [
+            ("schema", &s.schema_ddl),
+            ("session_acquire", &s.session_acquire),
+            ("session_try", &s.session_try),
+            ("xact_try", &s.xact_try),
+            ("session_release", &s.session_release),
+            ("lease_acquire", &s.lease_acquire),
+            ("lease_renew", &s.lease_renew),
+        ] {
+            assert!(
+                !stmt.contains("synchronous_commit"),
+                "{name} must commit synchronously"
+            );
+        }
     }
 
     #[test]
