@@ -95,6 +95,22 @@ where
     Ok(stats(v))
 }
 
+/// What the machine does while a hand-off's waiters queue up.
+enum Pause<'a, K> {
+    /// Baseline round trips back to back: the machine as busy as when its baseline was
+    /// measured, so that the hand-off and its baseline are taken alike.
+    Warm(&'a K),
+    /// Nothing (context: what a hand-off costs on an idle virtual machine).
+    Idle,
+}
+
+impl<K> Clone for Pause<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K> Copy for Pause<'_, K> {}
+
 /// Times `n` runs of `op`, each right after one run of `base` (after 20 warm-up pairs), so
 /// that both see the same moment of a noisy machine; returns the op's figures and the
 /// base's p50. Ratios of a lock cycle to its store's round trip are taken this way.
@@ -168,7 +184,13 @@ async fn lock_rate(client: &LockClient, tasks: usize, window: Duration, tag: &st
 /// Server operations are counted from just before the holder's release to the end of the
 /// round: the hand-offs themselves (release, wake-up, the woken waiter's acquire and its
 /// release), not the queueing.
-async fn handoff<O, Fut>(
+///
+/// While the waiters queue up (the pause before the holder's release), `pause` either
+/// keeps the machine as busy as when the baseline was measured, by running baseline round
+/// trips back to back, or leaves it idle (see [`after_idle`] for what idleness costs on a
+/// virtual machine).
+#[allow(clippy::too_many_arguments)]
+async fn handoff<O, Fut, K, KFut>(
     client: &LockClient,
     waiting: &LockClient,
     waiters: usize,
@@ -176,10 +198,13 @@ async fn handoff<O, Fut>(
     key: &str,
     ops: &O,
     probe_cost: u64,
+    pause: Pause<'_, K>,
 ) -> Res<(Stats, f64)>
 where
     O: Fn() -> Fut,
     Fut: Future<Output = Res<u64>>,
+    K: Fn() -> KFut,
+    KFut: Future<Output = Res<()>>,
 {
     let opts = client
         .options()
@@ -209,10 +234,33 @@ where
             }));
         }
         // Let every waiter queue up.
-        tokio::time::sleep(
-            QUEUE_PAUSE + Duration::from_millis(2 * (waiters as u64).saturating_sub(1)),
-        )
-        .await;
+        let wait = QUEUE_PAUSE + Duration::from_millis(2 * (waiters as u64).saturating_sub(1));
+        match pause {
+            Pause::Idle => tokio::time::sleep(wait).await,
+            Pause::Warm(base) => {
+                // A single waiter: where the store shows its queue, release as soon as the
+                // waiter is in it. Otherwise (several waiters of one client may queue in
+                // the client, one of them in the store), after the fixed pause. Either way
+                // the machine stays busy.
+                let t = Instant::now();
+                let mut shows_queue = waiters == 1;
+                while t.elapsed() < wait || shows_queue {
+                    if shows_queue {
+                        let info = client.inspect(key).await?;
+                        match info.and_then(|i| i.waiters) {
+                            Some(n) if n >= 1 => break,
+                            Some(_) if t.elapsed() > Duration::from_secs(30) => {
+                                return Err("waiters never showed in the queue".into())
+                            }
+                            Some(_) => {}
+                            None => shows_queue = false,
+                        }
+                    } else {
+                        base().await?;
+                    }
+                }
+            }
+        }
         let before = ops().await?;
         *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         holder.release().await?;
@@ -303,6 +351,9 @@ async fn main() -> std::process::ExitCode {
     if want("pg") {
         section(&mut report, "pg", pg(plan)).await;
     }
+    if want("pg") || only.contains(&"pg-fsync") {
+        section(&mut report, "pg, fsync on", pg_durable(plan)).await;
+    }
     if want("zk") {
         section(&mut report, "zk", zk(plan)).await;
     }
@@ -342,9 +393,11 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| -> BoxErr { e.into() })
 }
 
-/// The hand-off rows and the server-operation rows for waiters 1, 16, 256.
+/// The hand-off rows and the server-operation rows for waiters 1, 16, 256, taken with the
+/// machine kept busy by `busy` (the baseline's own round trip), then the 1-waiter hand-off
+/// again after an idle pause, as context.
 #[allow(clippy::too_many_arguments)]
-async fn handoffs<O, Fut>(
+async fn handoffs<O, Fut, K, KFut>(
     b: &str,
     client: &LockClient,
     plan: Plan,
@@ -353,13 +406,22 @@ async fn handoffs<O, Fut>(
     target: Option<f64>,
     ops: O,
     probe_cost: u64,
+    busy: K,
 ) -> Res<Vec<Row>>
 where
     O: Fn() -> Fut,
     Fut: Future<Output = Res<u64>>,
+    K: Fn() -> KFut,
+    KFut: Future<Output = Res<()>>,
 {
     let mut rows = Vec::new();
-    for w in [1usize, 16, 256] {
+    for (w, pause) in [
+        (1usize, Pause::Warm(&busy)),
+        (16, Pause::Warm(&busy)),
+        (256, Pause::Warm(&busy)),
+        (1, Pause::Idle),
+    ] {
+        let idle = matches!(pause, Pause::Idle);
         let n = if w == 256 {
             plan.handoffs.max(256)
         } else {
@@ -370,29 +432,37 @@ where
             client,
             w,
             n,
-            &format!("{b}-handoff-{w}-{}", rand_tag()),
+            &format!("{b}-handoff-{w}-{idle}-{}", rand_tag()),
             &ops,
             probe_cost,
+            pause,
         )
         .await?;
-        println!(
-            "{b} hand-off {w} waiters: p50 {:.0} us p99 {:.0} us",
-            s.p50_us, s.p99_us
-        );
+        let what = if idle {
+            format!(
+                "hand-off, {w} waiter, after {} ms idle (context)",
+                QUEUE_PAUSE.as_millis()
+            )
+        } else {
+            format!("hand-off, {w} waiters")
+        };
+        println!("{b} {what}: p50 {:.0} us p99 {:.0} us", s.p50_us, s.p99_us);
         rows.push(Row::latency(
             b,
-            &format!("hand-off, {w} waiters"),
+            &what,
             s,
             base_us,
             base_name,
-            if w == 1 { target } else { None },
+            if w == 1 && !idle { target } else { None },
         ));
-        rows.push(Row::value(
-            b,
-            &format!("server ops per hand-off, {w} waiters"),
-            per,
-            "ops",
-        ));
+        if !idle {
+            rows.push(Row::value(
+                b,
+                &format!("server ops per hand-off, {w} waiters"),
+                per,
+                "ops",
+            ));
+        }
     }
     Ok(rows)
 }
@@ -471,27 +541,7 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
     // machinery.
     rows.push(backend_only(&backend, "redis", plan, &same_ping, PAIRED_PING).await?);
     let ours = LockClient::new(backend).with_options(opts());
-    let (s, paired_base) = paired(plan.samples, &same_ping, |_| {
-        let c = ours.clone();
-        async move {
-            c.acquire("ar").await?.release().await?;
-            Ok(())
-        }
-    })
-    .await?;
-    println!(
-        "redis acquire+release p50 {:.0} us ({:.2} x PING)",
-        s.p50_us,
-        s.p50_us / paired_base
-    );
-    rows.push(Row::latency(
-        "redis",
-        "acquire + release",
-        s,
-        paired_base,
-        PAIRED_PING,
-        Some(2.3),
-    ));
+    rows.push(lock_cycle("redis", &ours, plan, &same_ping, PAIRED_PING, Some(2.3)).await?);
     let mut ours_64 = 0.0;
     for tasks in [1usize, 8, 64] {
         let r = lock_rate(&ours, tasks, plan.window, "redis").await?;
@@ -531,6 +581,7 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
                 async move { redis_ops(&srv).await }
             },
             1,
+            ping_op,
         )
         .await?,
     );
@@ -772,27 +823,17 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
         ("pg xact", LockClient::new(locks.transactional()), 2.3),
     ] {
         let client = client.with_options(opts());
-        let (s, paired_base) = paired(plan.samples, &pooled_select, |_| {
-            let c = client.clone();
-            async move {
-                c.acquire("ar").await?.release().await?;
-                Ok(())
-            }
-        })
-        .await?;
-        println!(
-            "{mode} acquire+release p50 {:.0} us ({:.2} x SELECT 1)",
-            s.p50_us,
-            s.p50_us / paired_base
+        rows.push(
+            lock_cycle(
+                mode,
+                &client,
+                plan,
+                &pooled_select,
+                PAIRED_SELECT,
+                Some(target),
+            )
+            .await?,
         );
-        rows.push(Row::latency(
-            mode,
-            "acquire + release",
-            s,
-            paired_base,
-            PAIRED_SELECT,
-            Some(target),
-        ));
         for tasks in [1usize, 8, 32, 64] {
             let r = lock_rate(&client, tasks, plan.window, mode.replace(' ', "-").as_str()).await?;
             rows.push(Row::rate(
@@ -804,7 +845,20 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
                 None,
             ));
         }
-        rows.extend(handoffs(mode, &client, plan, base, "SELECT 1", Some(5.0), ops, 1).await?);
+        rows.extend(
+            handoffs(
+                mode,
+                &client,
+                plan,
+                base,
+                "SELECT 1",
+                Some(5.0),
+                ops,
+                1,
+                select_op,
+            )
+            .await?,
+        );
         if mode == "pg lease" {
             // The rows above have holder and waiters in one client, which wakes its own
             // waiter when it releases. A waiter in another client (its own pool and
@@ -813,7 +867,17 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             let other = lock_pg::PgLocks::connect_with(lock_pg::PgConfig::new(&url)).await?;
             let other = LockClient::new(other.lease_rows()).with_options(opts());
             let key = format!("pg-lease-handoff-other-{}", rand_tag());
-            let (s, _) = handoff(&client, &other, 1, plan.handoffs, &key, &ops, 1).await?;
+            let (s, _) = handoff(
+                &client,
+                &other,
+                1,
+                plan.handoffs,
+                &key,
+                &ops,
+                1,
+                Pause::Warm(&select_op),
+            )
+            .await?;
             rows.push(Row::latency(
                 mode,
                 "hand-off, 1 waiter in another client (NOTIFY)",
@@ -828,20 +892,128 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
     Ok(rows)
 }
 
+/// A lock cycle (acquire + release through `client`), each right after one `base` round
+/// trip (see [`paired`]); the row's ratio is to `base`, described by `to`.
+async fn lock_cycle<B, BFut>(
+    who: &str,
+    client: &LockClient,
+    plan: Plan,
+    base: &B,
+    to: &str,
+    target: Option<f64>,
+) -> Res<Row>
+where
+    B: Fn() -> BFut,
+    BFut: Future<Output = Res<()>>,
+{
+    let (s, paired_base) = paired(plan.samples, base, |_| {
+        let c = client.clone();
+        async move {
+            c.acquire("ar").await?.release().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!(
+        "{who} acquire+release p50 {:.0} us ({:.2} x {to})",
+        s.p50_us,
+        s.p50_us / paired_base
+    );
+    Ok(Row::latency(
+        who,
+        "acquire + release",
+        s,
+        paired_base,
+        to,
+        target,
+    ))
+}
+
+/// The PostgreSQL lock cycles on a server that flushes its WAL (`fsync=on`, as in
+/// production). The other PostgreSQL rows run with `fsync=off`, where a commit costs no
+/// disk flush: here every synchronous commit waits for one. Context, not a target.
+async fn pg_durable(plan: Plan) -> Res<Vec<Row>> {
+    let server = blocking(|| Postgres::start_with(&["fsync=on"])).await?;
+    let url = server.url();
+    let locks = lock_pg::PgLocks::connect_with(lock_pg::PgConfig::new(&url).pool_size(8)).await?;
+    let pool = locks.pool().clone();
+    let pooled = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let c = pool.get().await?;
+            let st = c.prepare_cached(sql).await?;
+            c.execute(&st, &[]).await?;
+            Ok(())
+        }
+    };
+    pool.get()
+        .await?
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS bench_one (n bigint); \
+             INSERT INTO bench_one SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM bench_one)",
+        )
+        .await?;
+    let select = || pooled("SELECT 1");
+    let mut rows = Vec::new();
+    let base = latency(plan.samples, |_| select()).await?.p50_us;
+    let (s, paired_base) = paired(plan.samples, &select, |_| {
+        pooled("UPDATE bench_one SET n = n + 1")
+    })
+    .await?;
+    rows.push(Row::latency(
+        "pg, fsync on",
+        "one-row UPDATE, committed with a WAL flush",
+        s,
+        paired_base,
+        PAIRED_SELECT,
+        None,
+    ));
+    for (mode, client) in [
+        ("pg advisory, fsync on", LockClient::new(locks.advisory())),
+        ("pg lease, fsync on", LockClient::new(locks.lease_rows())),
+        ("pg xact, fsync on", LockClient::new(locks.transactional())),
+    ] {
+        let client = client.with_options(opts());
+        rows.push(lock_cycle(mode, &client, plan, &select, PAIRED_SELECT, None).await?);
+        let no_ops = || async { Ok(0u64) };
+        let (s, _) = handoff(
+            &client,
+            &client,
+            1,
+            plan.handoffs,
+            &format!("durable-handoff-{}", rand_tag()),
+            &no_ops,
+            0,
+            Pause::Warm(&select),
+        )
+        .await?;
+        rows.push(Row::latency(
+            mode,
+            "hand-off, 1 waiter",
+            s,
+            base,
+            "SELECT 1",
+            None,
+        ));
+    }
+    drop(server);
+    Ok(rows)
+}
+
 async fn zk(plan: Plan) -> Res<Vec<Row>> {
     use lock_zk::zookeeper_client as zkc;
     let server = Arc::new(blocking(|| ZooKeeper::start(1)).await?);
     let connect = server.connect_string();
     let raw = zkc::Client::connect(&connect).await?;
     let mut rows = Vec::new();
-    let s = latency(plan.samples, |_| {
+    let exists_op = || {
         let raw = raw.clone();
         async move {
             raw.check_stat("/").await?;
             Ok(())
         }
-    })
-    .await?;
+    };
+    let s = latency(plan.samples, |_| exists_op()).await?;
     rows.push(Row::latency(
         "zk",
         "exists (baseline)",
@@ -874,27 +1046,17 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
     ));
     let backend = lock_zk::ZkBackend::connect(&connect).await?;
     let client = LockClient::new(backend).with_options(opts());
-    let (s, paired_raw) = paired(plan.samples, &raw_op, |_| {
-        let c = client.clone();
-        async move {
-            c.acquire("ar").await?.release().await?;
-            Ok(())
-        }
-    })
-    .await?;
-    println!(
-        "zk acquire+release p50 {:.0} us ({:.2} x raw create+list+delete)",
-        s.p50_us,
-        s.p50_us / paired_raw
+    rows.push(
+        lock_cycle(
+            "zk",
+            &client,
+            plan,
+            &raw_op,
+            "raw create+list+delete, interleaved",
+            Some(1.5),
+        )
+        .await?,
     );
-    rows.push(Row::latency(
-        "zk",
-        "acquire + release",
-        s,
-        paired_raw,
-        "raw create+list+delete, interleaved",
-        Some(1.5),
-    ));
     for tasks in [1usize, 8, 64] {
         // The limit: the same three operations, raw, each task under a parent of its own.
         let (raw2, dir, seq2) = (raw.clone(), opts_dir.clone(), seq.clone());
@@ -946,6 +1108,7 @@ async fn zk(plan: Plan) -> Res<Vec<Row>> {
                 }
             },
             0,
+            exists_op,
         )
         .await?,
     );

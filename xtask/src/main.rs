@@ -18,7 +18,7 @@ const USAGE: &str = "usage: cargo xtask <command>
               SIGINT an integration run (local, then containers): nothing may be left
   images [redis|postgres|zookeeper...]
               build local server images from Debian packages (debootstrap + docker import)
-  bench [--quick] [redis|pg|zk...]
+  bench [--quick] [redis|pg|pg-fsync|zk...]
               the speed report (release build): target/bench/report.{md,json}, chart.svg
   ci          fmt, clippy, tests, docs, package, Ctrl-C check, the local Redis image,
               chaos --quick, then integration (+ Redis via containers): the README's test command";
