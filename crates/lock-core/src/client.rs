@@ -104,10 +104,13 @@ impl LockClient {
         // across an await).
         let res = async {
             let mut res = run_acquire(&*backend, &req, opts, started).await;
+            let mut late = 0u32;
             while matches!(&res, Ok(g) if arrived_late(g, opts)) {
                 // A grant whose reply took most of the lease to arrive (a slow network, a
                 // paused client): the holder would have no time to use it, and the store may
-                // already be handing the key on. Give it back; a waiting acquire tries again.
+                // already be handing the key on. Give it back; a waiting acquire tries again
+                // after a backoff (whatever slowed the reply may still be there), within
+                // its wait.
                 tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
                 cleanup(&*backend, &lease, opts.op_timeout).await;
                 res = if matches!(opts.wait, WaitPolicy::NoWait) {
@@ -117,6 +120,12 @@ impl LockClient {
                         "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
                     ))
                 } else {
+                    let mut pause = opts.backoff.delay(late);
+                    if let WaitPolicy::Timeout(t) = opts.wait {
+                        pause = pause.min((started + t).saturating_duration_since(Instant::now()));
+                    }
+                    tokio::time::sleep(pause).await;
+                    late = late.saturating_add(1);
                     run_acquire(&*backend, &req, opts, started).await
                 };
             }
@@ -525,6 +534,33 @@ mod tests {
                 assert!(tracing::Span::current().is_none());
             });
         });
+    }
+
+    /// Late grants given back in a row are retried after a growing backoff, not at once:
+    /// whatever slowed the replies may still be there.
+    #[tokio::test(start_paused = true)]
+    async fn late_grants_are_retried_after_a_backoff() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let backend = Arc::new(LateReplies {
+            inner: MemoryStore::new().connect(),
+            late: 3.into(),
+            acquires: 0.into(),
+        });
+        let client = LockClient::from_arc(backend.clone());
+        let min = Duration::from_millis(100);
+        let opts = LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .backoff(crate::Backoff::new(min, Duration::from_secs(1)))
+            .wait(WaitPolicy::Forever);
+        let started = Instant::now();
+        let g = client.acquire_with("k", &opts).await.expect("fourth try");
+        assert_eq!(backend.acquires.load(SeqCst), 4);
+        assert!(
+            started.elapsed() >= 3 * min,
+            "three retries took {:?}, under three backoffs",
+            started.elapsed()
+        );
+        g.release().await.expect("release");
     }
 
     /// A grant that arrives with its lease nearly over is given back: a waiting acquire
