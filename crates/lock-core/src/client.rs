@@ -102,53 +102,9 @@ impl LockClient {
         };
         // The backend's own events belong to this span (entered on each poll, never held
         // across an await).
-        let res = async {
-            let mut res = run_acquire(&*backend, &req, opts, started).await;
-            let mut late = 0u32;
-            while matches!(&res, Ok(g) if arrived_late(g, opts)) {
-                // A grant whose reply took most of the lease to arrive (a slow network, a
-                // paused client): the holder would have no time to use it, and the store may
-                // already be handing the key on. Give it back; a waiting acquire tries again
-                // after a backoff (whatever slowed the reply may still be there), within
-                // its wait.
-                tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
-                cleanup(&*backend, &lease, opts.op_timeout).await;
-                res = if matches!(opts.wait, WaitPolicy::NoWait) {
-                    Err(LockError::backend(
-                        name,
-                        true,
-                        "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
-                    ))
-                } else {
-                    let mut pause = opts.backoff.delay(late);
-                    if let WaitPolicy::Timeout(t) = opts.wait {
-                        pause = pause.min((started + t).saturating_duration_since(Instant::now()));
-                    }
-                    tokio::time::sleep(pause).await;
-                    late = late.saturating_add(1);
-                    run_acquire(&*backend, &req, opts, started).await
-                };
-            }
-            if let Err(e) = &res {
-                // Errors that leave the outcome unknown may have created a lease or a queue
-                // entry: remove it before answering, so the caller sees a clean slate. A
-                // `Timeout` is definite: the backend contract has it leave nothing behind.
-                let unknown = !matches!(
-                    e,
-                    LockError::Contended { .. }
-                        | LockError::Timeout { .. }
-                        | LockError::InvalidKey { .. }
-                        | LockError::InvalidOptions(_)
-                        | LockError::InvalidConfig(_)
-                );
-                if unknown {
-                    cleanup(&*backend, &lease, opts.op_timeout).await;
-                }
-            }
-            res
-        }
-        .instrument(span.clone())
-        .await;
+        let res = settle(&*backend, &req, &lease, opts, started)
+            .instrument(span.clone())
+            .await;
         pending.backend = None;
         let _enter = span.enter();
         let waited = started.elapsed().as_secs_f64();
@@ -284,6 +240,60 @@ async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
         }
     }
     tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
+}
+
+/// Runs the request, gives back late grants (retrying a waiting acquire after a backoff),
+/// and cleans up after an error that leaves the outcome unknown.
+async fn settle(
+    backend: &dyn LockBackend,
+    req: &AcquireRequest,
+    lease: &LeaseRef,
+    opts: &LockOptions,
+    started: Instant,
+) -> Result<Grant, LockError> {
+    let mut res = run_acquire(backend, req, opts, started).await;
+    let mut late = 0u32;
+    while matches!(&res, Ok(g) if arrived_late(g, opts)) {
+        // A grant whose reply took most of the lease to arrive (a slow network, a
+        // paused client): the holder would have no time to use it, and the store may
+        // already be handing the key on. Give it back; a waiting acquire tries again
+        // after a backoff (whatever slowed the reply may still be there), within
+        // its wait.
+        tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
+        cleanup(backend, lease, opts.op_timeout).await;
+        res = if matches!(opts.wait, WaitPolicy::NoWait) {
+            Err(LockError::backend(
+                backend.name(),
+                true,
+                "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
+            ))
+        } else {
+            let mut pause = opts.backoff.delay(late);
+            if let WaitPolicy::Timeout(t) = opts.wait {
+                pause = pause.min((started + t).saturating_duration_since(Instant::now()));
+            }
+            tokio::time::sleep(pause).await;
+            late = late.saturating_add(1);
+            run_acquire(backend, req, opts, started).await
+        };
+    }
+    if let Err(e) = &res {
+        // Errors that leave the outcome unknown may have created a lease or a queue
+        // entry: remove it before answering, so the caller sees a clean slate. A
+        // `Timeout` is definite: the backend contract has it leave nothing behind.
+        let unknown = !matches!(
+            e,
+            LockError::Contended { .. }
+                | LockError::Timeout { .. }
+                | LockError::InvalidKey { .. }
+                | LockError::InvalidOptions(_)
+                | LockError::InvalidConfig(_)
+        );
+        if unknown {
+            cleanup(backend, lease, opts.op_timeout).await;
+        }
+    }
+    res
 }
 
 /// Whether a TTL grant has under a tenth of its lease left (after the drift margin) on
