@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use lock_conformance::{CaseResult, Outcome};
 use lock_core::{LockClient, LockError, LockOptions, LockStatus, WaitPolicy};
-use lock_pg::{advisory_id, fenced_update, FencedTable, FencedWrite, PgConfig, PgLocks};
+use lock_pg::{
+    advisory_id, advisory_lock_parts, fenced_update, FencedTable, FencedWrite, PgConfig, PgLocks,
+};
 use tokio::time::{sleep, Instant};
 use tokio_postgres::NoTls;
 
@@ -44,8 +46,7 @@ async fn admin(url: &str) -> Res<tokio_postgres::Client> {
 
 /// How `pg_locks` shows `key`'s advisory id: (classid, objid).
 fn lock_parts(key: &str) -> (i64, i64) {
-    let u = u64::from_ne_bytes(advisory_id("distlock", key).to_ne_bytes());
-    (i64::from((u >> 32) as u32), i64::from(u as u32))
+    advisory_lock_parts(advisory_id("distlock", key))
 }
 
 /// Advisory locks granted on `key`'s id (any mode), and waiters.

@@ -19,7 +19,7 @@ pub use config::PgConfig;
 pub use fence::{fenced_update, FencedTable};
 pub use lease::PgLeaseBackend;
 pub use session::PgSessionBackend;
-pub use sql::advisory_id;
+pub use sql::{advisory_id, advisory_lock_parts};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
 use crate::shared::Shared;
-use crate::sql::{advisory_id, is_lock_timeout, lock_parts, map_err};
+use crate::sql::{advisory_id, advisory_lock_parts, is_lock_timeout, map_err};
 
 /// Which advisory lock a [`PgSessionBackend`] takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -461,7 +461,7 @@ impl LockBackend for PgSessionBackend {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         self.shared.ready().await?;
         let id = advisory_id(&self.shared.cfg.schema, key.as_str());
-        let (hi, lo) = lock_parts(id);
+        let (hi, lo) = advisory_lock_parts(id);
         let conn = self.shared.conn(None).await?;
         let rows = conn
             .query(&self.shared.sql.session_inspect, &[&key.as_str(), &hi, &lo])

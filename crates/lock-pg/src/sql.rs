@@ -26,8 +26,14 @@ pub fn advisory_id(schema: &str, key: &str) -> i64 {
     i64::from_ne_bytes(h.to_ne_bytes())
 }
 
-/// How `pg_locks` shows a bigint advisory id: (classid, objid) = (high, low) 32 bits.
-pub(crate) fn lock_parts(id: i64) -> (i64, i64) {
+/// How `pg_locks` shows a bigint advisory id ([`advisory_id`]): `(classid, objid)`, its
+/// high and low 32 bits, with `objsubid = 1`. To see who holds or waits for a key:
+///
+/// ```sql
+/// SELECT pid, granted FROM pg_locks
+/// WHERE locktype = 'advisory' AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2
+/// ```
+pub fn advisory_lock_parts(id: i64) -> (i64, i64) {
     let u = u64::from_ne_bytes(id.to_ne_bytes());
     (i64::from((u >> 32) as u32), i64::from(u as u32))
 }
@@ -332,9 +338,9 @@ mod tests {
 
     #[test]
     fn lock_parts_match_pg_locks() {
-        assert_eq!(lock_parts(1), (0, 1));
-        assert_eq!(lock_parts(-1), (0xffff_ffff, 0xffff_ffff));
-        assert_eq!(lock_parts(1 << 32), (1, 0));
+        assert_eq!(advisory_lock_parts(1), (0, 1));
+        assert_eq!(advisory_lock_parts(-1), (0xffff_ffff, 0xffff_ffff));
+        assert_eq!(advisory_lock_parts(1 << 32), (1, 0));
     }
 
     /// Only a release may skip the WAL flush: a grant (its token) or a renewal lost in a
