@@ -95,6 +95,36 @@ where
     Ok(stats(v))
 }
 
+/// The hand-off samples of one measurement: each is the time from the last release to the
+/// next grant. Shared by the holder and its waiters.
+#[derive(Default)]
+struct HandoffClock {
+    released_at: Mutex<Option<Instant>>,
+    samples: Mutex<Vec<Duration>>,
+}
+
+impl HandoffClock {
+    /// A holder starts releasing.
+    fn releasing(&self) {
+        *self.released_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// A waiter holds the key: one sample, from the last release.
+    fn granted(&self) {
+        let now = Instant::now();
+        if let Some(since) = *self.released_at.lock().unwrap_or_else(|p| p.into_inner()) {
+            self.samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(now - since);
+        }
+    }
+
+    fn take(&self) -> Vec<Duration> {
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// What the machine does while a hand-off's waiters queue up.
 enum Pause<'a, K> {
     /// Baseline round trips back to back: the machine as busy as when its baseline was
@@ -210,8 +240,7 @@ where
         .options()
         .clone()
         .wait(WaitPolicy::Timeout(Duration::from_secs(120)));
-    let released_at = Arc::new(Mutex::new(Instant::now()));
-    let samples = Arc::new(Mutex::new(Vec::with_capacity(handoffs)));
+    let clock = Arc::new(HandoffClock::default());
     let rounds = handoffs.div_ceil(waiters).max(1);
     let mut server_ops = 0u64;
     for _ in 0..rounds {
@@ -219,16 +248,11 @@ where
         let mut hs = Vec::new();
         for _ in 0..waiters {
             let (c, o, k) = (waiting.clone(), opts.clone(), key.to_owned());
-            let (released_at, samples) = (released_at.clone(), samples.clone());
+            let clock = clock.clone();
             hs.push(tokio::spawn(async move {
                 let g = c.acquire_with(&k, &o).await?;
-                let now = Instant::now();
-                let since = *released_at.lock().unwrap_or_else(|p| p.into_inner());
-                samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(now - since);
-                *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                clock.granted();
+                clock.releasing();
                 g.release().await?;
                 Ok::<_, BoxErr>(())
             }));
@@ -262,14 +286,14 @@ where
             }
         }
         let before = ops().await?;
-        *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        clock.releasing();
         holder.release().await?;
         for h in hs {
             h.await??;
         }
         server_ops += ops().await?.saturating_sub(before);
     }
-    let v = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    let v = clock.take();
     let n = v.len().max(1) as f64;
     // The counter reads themselves are not lock operations.
     let per = (server_ops as f64 - (rounds as u64 * probe_cost) as f64) / n;
@@ -677,27 +701,21 @@ async fn rslock_handoff(
         .acquire_no_guard(key.as_str(), ttl)
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let released_at = Arc::new(Mutex::new(Instant::now()));
-    let samples = Arc::new(Mutex::new(Vec::new()));
+    let clock = Arc::new(HandoffClock::default());
     let count = Arc::new(AtomicUsize::new(0));
     let mut hs = Vec::new();
     for _ in 0..waiters {
         let (rl, key) = (rl.clone(), key.clone());
-        let (released_at, samples, count) = (released_at.clone(), samples.clone(), count.clone());
+        let (clock, count) = (clock.clone(), count.clone());
         hs.push(tokio::spawn(async move {
             loop {
                 let l = rl
                     .acquire_no_guard(key.as_str(), ttl)
                     .await
                     .map_err(|e| -> BoxErr { format!("{e:?}").into() })?;
-                let now = Instant::now();
-                let since = *released_at.lock().unwrap_or_else(|p| p.into_inner());
-                samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(now - since);
+                clock.granted();
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-                *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                clock.releasing();
                 rl.unlock(&l).await;
                 if n >= handoffs {
                     return Ok::<_, BoxErr>(());
@@ -706,13 +724,12 @@ async fn rslock_handoff(
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    *released_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    clock.releasing();
     rl.unlock(&first).await;
     for h in hs {
         h.await??;
     }
-    let v = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
-    Ok(stats(v))
+    Ok(stats(clock.take()))
 }
 
 async fn pg(plan: Plan) -> Res<Vec<Row>> {
