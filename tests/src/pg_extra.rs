@@ -145,6 +145,30 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg lease",
+            "release_hands_the_row_to_this_process_waiter",
+            direct_handoff(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg lease",
+            "local_contention_leaves_other_processes_their_turn",
+            other_process_turn(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg lease",
+            "an_attempt_under_a_held_lease_id_is_granted_again",
+            same_lease_again(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -688,5 +712,184 @@ async fn async_release(url: &str) -> Res<String> {
     Ok(format!(
         "released, the pooled connection's synchronous_commit is back to {session_value}, \
          next token {t1} -> {t2}"
+    ))
+}
+
+/// Listens on the lease mode's release channel; yields each notification's payload (key).
+async fn release_notes(
+    url: &str,
+) -> Res<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+)> {
+    use futures::StreamExt;
+    let (c, mut conn) = tokio_postgres::connect(url, NoTls).await.map_err(e2s)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                if tx.send(n.payload().to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    c.batch_execute("LISTEN distlock_released")
+        .await
+        .map_err(e2s)?;
+    Ok((c, rx))
+}
+
+/// Whether a release notification for `key` arrives within `within`.
+async fn noted(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    key: &str,
+    within: Duration,
+) -> bool {
+    let end = Instant::now() + within;
+    while let Ok(Some(k)) = tokio::time::timeout_at(end, rx.recv()).await {
+        if k == key {
+            return true;
+        }
+    }
+    false
+}
+
+/// A release in the process that has a waiter for the key hands the row straight to it:
+/// the row never goes free (no release notification), the waiter holds it with a higher
+/// token, and a release with no waiter still goes through the server.
+async fn direct_handoff(url: &str) -> Res<String> {
+    let locks = PgLocks::connect_with(pg_config(url)).await.map_err(e2s)?;
+    let c = LockClient::new(locks.lease_rows()).with_options(opts());
+    let key = format!("direct-handoff-{}", rand::random::<u32>());
+    let (_listener, mut notes) = release_notes(url).await?;
+    let first = c.acquire(&key).await.map_err(e2s)?;
+    let t1 = first.token();
+    let waiter = {
+        let (c, key) = (c.clone(), key.clone());
+        tokio::spawn(async move { c.acquire(&key).await })
+    };
+    // Let the waiter find the row held and wait.
+    sleep(Duration::from_millis(300)).await;
+    if waiter.is_finished() {
+        return Err("the waiter did not wait for the held lock".into());
+    }
+    let outcome = first.release().await.map_err(e2s)?;
+    if outcome != lock_core::ReleaseOutcome::Released {
+        return Err(format!("release answered {outcome:?}"));
+    }
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .map_err(|_| "the waiter was not granted within 10 s of the release".to_owned())?
+        .map_err(e2s)?
+        .map_err(e2s)?;
+    let t2 = second.token();
+    if t2 <= t1 {
+        return Err(format!("token went from {t1} to {t2}"));
+    }
+    let info = c.inspect(&key).await.map_err(e2s)?;
+    if info.as_ref().map(|i| &i.lease_id) != Some(second.lease_id()) {
+        return Err(format!("inspect shows {info:?}, not the waiter's lease"));
+    }
+    if noted(&mut notes, &key, Duration::from_millis(300)).await {
+        return Err("the row went free (a release notification) before the waiter's grant".into());
+    }
+    second.release().await.map_err(e2s)?;
+    if !noted(&mut notes, &key, Duration::from_secs(5)).await {
+        return Err("a release with no waiter sent no notification".into());
+    }
+    Ok(format!(
+        "the row went from holder to waiter in one statement (no notification), token {t1} -> {t2}"
+    ))
+}
+
+/// Four tasks of one process take a key in turn without pause, so every release finds a
+/// local waiter; a waiter in another process must still get the key within a bounded
+/// number of the busy process's cycles (direct hand-offs are bounded, and the release after
+/// a streak does not favour the local waiter).
+async fn other_process_turn(url: &str) -> Res<String> {
+    let (_la, busy) = client(url, PgMode::Lease).await?;
+    let (_lb, other) = client(url, PgMode::Lease).await?;
+    let key = format!("other-turn-{}", rand::random::<u32>());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cycles = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (c, key, stop, cycles) = (busy.clone(), key.clone(), stop.clone(), cycles.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let g = c.acquire(&key).await?;
+                sleep(Duration::from_millis(2)).await;
+                g.release().await?;
+                cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<_, LockError>(())
+        }));
+    }
+    sleep(Duration::from_millis(300)).await;
+    let before = cycles.load(std::sync::atomic::Ordering::Relaxed);
+    let got = other
+        .with_options(opts().wait(WaitPolicy::Timeout(Duration::from_secs(15))))
+        .acquire(&key)
+        .await;
+    let during = cycles.load(std::sync::atomic::Ordering::Relaxed) - before;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let g = got.map_err(|e| {
+        format!("the other process's waiter did not get the key ({e}) while the busy one cycled {during} times")
+    })?;
+    g.release().await.map_err(e2s)?;
+    for t in tasks {
+        t.await.map_err(e2s)?.map_err(e2s)?;
+    }
+    if before < 8 {
+        return Err(format!(
+            "the busy process cycled only {before} times: no contention"
+        ));
+    }
+    // A count, not a time: with direct hand-offs bounded to 4 in a row, every fifth release
+    // is a race the other process can win. (Unbounded, it took thousands of cycles.)
+    if during > 400 {
+        return Err(format!(
+            "the busy process cycled {during} times before the other process got the key"
+        ));
+    }
+    Ok(format!(
+        "the other process got the key after {during} cycles of the busy one ({before} before it asked)"
+    ))
+}
+
+/// An acquire attempt whose lease id already holds the row (its earlier answer was lost)
+/// is granted again with a higher token, rather than locked out until its own expiry.
+async fn same_lease_again(url: &str) -> Res<String> {
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
+    let locks = PgLocks::connect_with(pg_config(url)).await.map_err(e2s)?;
+    let b = locks.lease_rows();
+    let key = LockKey::new(format!("same-lease-{}", rand::random::<u32>())).map_err(e2s)?;
+    let req = AcquireRequest::new(
+        key.clone(),
+        Duration::from_secs(5),
+        HolderMeta::default(),
+        Backoff::default(),
+    );
+    let t1 = b.try_acquire(&req).await.map_err(e2s)?.token;
+    let t2 = b.try_acquire(&req).await.map_err(e2s)?.token;
+    if t2 <= t1 {
+        return Err(format!("token went from {t1} to {t2}"));
+    }
+    // Another lease id is still refused.
+    let other = AcquireRequest::new(
+        key.clone(),
+        Duration::from_secs(5),
+        HolderMeta::default(),
+        Backoff::default(),
+    );
+    match b.try_acquire(&other).await {
+        Err(LockError::Contended { .. }) => {}
+        r => return Err(format!("another lease id got {r:?} while the row was held")),
+    }
+    b.release(&req.lease()).await.map_err(e2s)?;
+    Ok(format!(
+        "granted again under the same lease id, token {t1} -> {t2}"
     ))
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use crate::handoff::{Handed, Release, Waiter};
 use crate::shared::Shared;
 use crate::sql::map_err;
 
@@ -21,9 +22,14 @@ use crate::sql::map_err;
 /// a lock is held: it works behind transaction-pooling proxies (PgBouncer in transaction
 /// mode). Acquire takes a free or expired row and issues the token in one transaction;
 /// expiry is judged by `clock_timestamp()` on the server. Renewal extends the row; release
-/// deletes it and sends a notification that wakes this key's waiters (one per process;
+/// marks it free and sends a notification that wakes this key's waiters (one per process;
 /// within a process waiters take turns), with polling bounded by the holder's remaining
 /// lease and `poll_max` as the fallback for a holder that died or a lost notification.
+///
+/// When this process has a waiter for the key, a release hands the row straight to it in
+/// the same statement (its lease and a new token begin as the holder's ends), at most four
+/// times in a row per key: the release after that goes through the server, so that other
+/// processes' waiters get their chance. The mode is not fair (FIFO) across processes.
 #[derive(Clone, Debug)]
 pub struct PgLeaseBackend {
     shared: Arc<Shared>,
@@ -109,6 +115,68 @@ impl PgLeaseBackend {
             }
         }
     }
+
+    /// Releases `lease` by handing the row to this process's waiter `w`, in one statement.
+    async fn hand_off(&self, lease: &LeaseRef, w: Waiter) -> Result<ReleaseOutcome, LockError> {
+        let sent = Instant::now();
+        let res = self
+            .query(
+                "release",
+                &self.shared.sql.lease_handoff,
+                &[
+                    &lease.key.as_str(),
+                    &lease.lease_id.as_str(),
+                    &w.lease_id.as_str(),
+                    &w.meta,
+                    &ms(w.ttl),
+                ],
+            )
+            .await;
+        let rows = match res {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Unknown whether the row changed hands. The waiter tries again with its
+                // lease id, which takes the row back at once if it did.
+                w.tell(Handed::Retry);
+                return Err(e);
+            }
+        };
+        let Some(row) = rows.first() else {
+            // This lease had ended: nothing changed.
+            w.tell(Handed::Retry);
+            return Ok(ReleaseOutcome::NotHeld);
+        };
+        let token = match row.try_get::<_, i64>(0).map_err(map_err).and_then(token_of) {
+            Ok(t) => t,
+            Err(e) => {
+                // The row is the waiter's; its next attempt takes it (same lease id).
+                tracing::warn!(error = %e, "unreadable token from a hand-off");
+                w.tell(Handed::Retry);
+                return Ok(ReleaseOutcome::Released);
+            }
+        };
+        let ttl = w.ttl;
+        let waiter = w.lease_id.clone();
+        if !w.tell(Handed::Granted(Grant::ttl(token, sent + ttl))) {
+            // The waiter gave up while the statement ran: give its grant back.
+            let back = self
+                .query(
+                    "release",
+                    &self.shared.sql.lease_release,
+                    &[&lease.key.as_str(), &waiter.as_str()],
+                )
+                .await;
+            match back {
+                Ok(_) => self.shared.released_here(&lease.key),
+                Err(e) => tracing::debug!(
+                    error = %e,
+                    "giving back a hand-off whose waiter left failed; it expires"
+                ),
+            }
+            self.shared.handoffs.released(&lease.key);
+        }
+        Ok(ReleaseOutcome::Released)
+    }
 }
 
 #[async_trait]
@@ -162,9 +230,38 @@ impl LockBackend for PgLeaseBackend {
             if let Some(d) = deadline {
                 pause = pause.min(d - now);
             }
+            // A release in this process may hand the row straight to this waiter.
+            let mut offer =
+                self.shared
+                    .handoffs
+                    .offer(&req.key, &req.lease_id, req.meta.encode(), req.ttl);
             tokio::select! {
+                handed = offer.handed() => match handed {
+                    Some(g) => return Ok(g),
+                    None => continue,
+                },
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(pause) => {}
+            }
+            if !offer.withdraw() {
+                // A release took the offer and its statement is running: its answer
+                // decides. At the deadline the offer is dropped, and a grant made for
+                // this waiter is given back by the releaser (this waiter must not try
+                // again with its lease id then, or the give-back would end its grant).
+                let answer = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, offer.handed()).await.ok(),
+                    None => Some(offer.handed().await),
+                };
+                match answer {
+                    Some(Some(g)) => return Ok(g),
+                    Some(None) => {}
+                    None => {
+                        return Err(LockError::Timeout {
+                            key: req.key.to_string(),
+                            waited: started.elapsed(),
+                        })
+                    }
+                }
             }
         }
     }
@@ -189,6 +286,11 @@ impl LockBackend for PgLeaseBackend {
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
+        let wake_here = match self.shared.handoffs.take(&lease.key) {
+            Release::Direct(w) => return self.hand_off(lease, w).await,
+            Release::Server => true,
+            Release::Yield => false,
+        };
         let rows = self
             .query(
                 "release",
@@ -196,9 +298,12 @@ impl LockBackend for PgLeaseBackend {
                 &[&lease.key.as_str(), &lease.lease_id.as_str()],
             )
             .await?;
+        self.shared.handoffs.released(&lease.key);
         // A row only when this lease was live and is now released.
         Ok(if rows.len() == 1 {
-            self.shared.released_here(&lease.key);
+            if wake_here {
+                self.shared.released_here(&lease.key);
+            }
             ReleaseOutcome::Released
         } else {
             ReleaseOutcome::NotHeld

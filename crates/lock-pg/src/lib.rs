@@ -6,6 +6,7 @@
 
 mod config;
 mod fence;
+mod handoff;
 mod lease;
 mod session;
 mod shared;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::config::PgConfig;
+use crate::handoff::Handoffs;
 use crate::sql::{self, map_err, Sql, NAME};
 
 /// The shared state of one [`PgLocks`](crate::PgLocks).
@@ -26,6 +27,8 @@ pub(crate) struct Shared {
     /// Per-key FIFO turn within this process: only the head waiter of a key waits on the
     /// server (one connection per key waited on, no herd within the process).
     queues: KeyTurns,
+    /// Waiters' offers for a direct hand-off at release (lease mode).
+    pub(crate) handoffs: Handoffs,
     /// Release notifications (lease mode), per key.
     notifies: Arc<KeyWakeups>,
     listener: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
@@ -59,6 +62,7 @@ impl Shared {
             pool,
             migrated: OnceCell::new(),
             queues: KeyTurns::new(),
+            handoffs: Handoffs::default(),
             notifies: Arc::new(KeyWakeups::new()),
             listener: tokio::sync::Mutex::new(None),
         })

@@ -51,6 +51,7 @@ pub(crate) struct Sql {
     pub(crate) lease_acquire: String,
     pub(crate) lease_renew: String,
     pub(crate) lease_release: String,
+    pub(crate) lease_handoff: String,
     pub(crate) lease_inspect: String,
     pub(crate) channel: String,
 }
@@ -189,7 +190,11 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             // token is `greatest(row's last token + 1, nextval)`, so it grows per key even
             // if the counter was ahead of the sequence, and never repeats after a restart
             // (the sequence is durable). A refused attempt uses up a sequence value (tokens
-            // may skip numbers, never repeat or go back). A row (token, NULL) when granted;
+            // may skip numbers, never repeat or go back). A row already held under the
+            // same lease id is granted again (new token, new expiry): an attempt whose
+            // answer was lost, or a hand-off whose outcome the releaser could not learn,
+            // does not leave its waiter locked out until expiry (lease ids are random and
+            // belong to one acquire). A row (token, NULL) when granted;
             // a row (NULL, holder's remaining ms) when not; no row when another client's
             // grant committed while this statement ran (held, time unknown).
             lease_acquire: format!(
@@ -200,7 +205,7 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                      ON CONFLICT (key) DO UPDATE \
                          SET lease_id = EXCLUDED.lease_id, token = greatest(l.token + 1, EXCLUDED.token), \
                              meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at \
-                         WHERE l.expires_at <= clock_timestamp() \
+                         WHERE l.expires_at <= clock_timestamp() OR l.lease_id = EXCLUDED.lease_id \
                      RETURNING l.token) \
                  SELECT ins.token, NULL::bigint FROM ins \
                  UNION ALL \
@@ -229,6 +234,17 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                             RETURNING 1) \
                  SELECT pg_notify('{s}_released', $1)::text, \
                         set_config('synchronous_commit', 'off', true) FROM u"
+            ),
+            // A direct hand-off (handoff.rs): the holder's lease ($2) ends and the waiter's
+            // ($3) begins in one statement, with a new token; a row (the token) when the
+            // holder's lease was live, none otherwise (nothing changes). A grant, so it
+            // commits synchronously.
+            lease_handoff: format!(
+                "UPDATE {s}.lease AS l SET lease_id = $3, \
+                     token = greatest(l.token + 1, nextval('{s}.token_seq')), meta = $4, \
+                     expires_at = clock_timestamp() + $5::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
+                 RETURNING l.token"
             ),
             lease_inspect: format!(
                 "SELECT lease_id, token, meta, \
@@ -359,6 +375,7 @@ mod tests {
             ("session_release", &s.session_release),
             ("lease_acquire", &s.lease_acquire),
             ("lease_renew", &s.lease_renew),
+            ("lease_handoff", &s.lease_handoff),
         ] {
             assert!(
                 !stmt.contains("synchronous_commit"),
