@@ -804,27 +804,39 @@ async fn direct_handoff(url: &str) -> Res<String> {
     ))
 }
 
-/// Four tasks of one process take a key in turn without pause, so every release finds a
-/// local waiter; a waiter in another process must still get the key within a bounded
-/// number of the busy process's cycles (direct hand-offs are bounded, and the release after
-/// a streak does not favour the local waiter).
+/// Four tasks of one process take a key in turn without pause, so nearly every release
+/// finds a local waiter and hands the row over directly; each holder checks that it is
+/// alone and that its token is the highest yet. A waiter in another process must still get
+/// the key within a bounded number of the busy process's cycles (direct hand-offs are
+/// bounded, and the release after a streak does not favour the local waiter).
 async fn other_process_turn(url: &str) -> Res<String> {
     let (_la, busy) = client(url, PgMode::Lease).await?;
     let (_lb, other) = client(url, PgMode::Lease).await?;
     let key = format!("other-turn-{}", rand::random::<u32>());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cycles = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Every holder, here and in the other process, checks that it is alone and that its
+    // token is above the previous holder's (the hand-offs must keep both).
+    let held = Arc::new(Holding::default());
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let (c, key, stop, cycles) = (busy.clone(), key.clone(), stop.clone(), cycles.clone());
+        let (c, key, stop, cycles, held) = (
+            busy.clone(),
+            key.clone(),
+            stop.clone(),
+            cycles.clone(),
+            held.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let g = c.acquire(&key).await?;
+                let g = c.acquire(&key).await.map_err(e2s)?;
+                held.enter(g.token().get())?;
                 sleep(Duration::from_millis(2)).await;
-                g.release().await?;
+                held.leave();
+                g.release().await.map_err(e2s)?;
                 cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            Ok::<_, LockError>(())
+            Ok::<_, String>(())
         }));
     }
     sleep(Duration::from_millis(300)).await;
@@ -838,9 +850,11 @@ async fn other_process_turn(url: &str) -> Res<String> {
     let g = got.map_err(|e| {
         format!("the other process's waiter did not get the key ({e}) while the busy one cycled {during} times")
     })?;
+    held.enter(g.token().get())?;
+    held.leave();
     g.release().await.map_err(e2s)?;
     for t in tasks {
-        t.await.map_err(e2s)?.map_err(e2s)?;
+        t.await.map_err(e2s)??;
     }
     if before < 8 {
         return Err(format!(
@@ -857,6 +871,34 @@ async fn other_process_turn(url: &str) -> Res<String> {
     Ok(format!(
         "the other process got the key after {during} cycles of the busy one ({before} before it asked)"
     ))
+}
+
+/// The holders of one key, checked as they come: one at a time, tokens rising.
+#[derive(Default)]
+struct Holding {
+    inside: std::sync::atomic::AtomicBool,
+    last: std::sync::Mutex<u64>,
+}
+
+impl Holding {
+    fn enter(&self, token: u64) -> Res<()> {
+        if self.inside.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "token {token} granted while another holder was inside"
+            ));
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if token <= *last {
+            return Err(format!("token {token} granted after token {}", *last));
+        }
+        *last = token;
+        Ok(())
+    }
+
+    fn leave(&self) {
+        self.inside
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// An acquire attempt whose lease id already holds the row (its earlier answer was lost)
