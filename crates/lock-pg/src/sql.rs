@@ -84,6 +84,9 @@ CREATE TABLE IF NOT EXISTS {s}.lease (
     meta       text NOT NULL,
     expires_at timestamptz NOT NULL
 );
+-- Whether an acquire found the row held since its last grant (a grant clears it, a
+-- direct hand-off keeps it): a release notifies waiters only then.
+ALTER TABLE {s}.lease ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 
 -- Session (p_xact = false) and transaction-scoped (p_xact = true) advisory locks.
 -- p_wait_ms: NULL = try once; 0 = wait without limit; n = wait at most n ms (lock_timeout).
@@ -194,7 +197,11 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             // same lease id is granted again (new token, new expiry): an attempt whose
             // answer was lost, or a hand-off whose outcome the releaser could not learn,
             // does not leave its waiter locked out until expiry (lease ids are random and
-            // belong to one acquire). A row (token, NULL) when granted;
+            // belong to one acquire). An attempt that finds the row held marks it
+            // `waited`, in the same transaction: its `ON CONFLICT` locked the row, so a
+            // release running at the same moment waits for that commit and sees the mark
+            // (no release can slip between the refusal and the mark unnoticed). A row
+            // (token, NULL) when granted;
             // a row (NULL, holder's remaining ms) when not; no row when another client's
             // grant committed while this statement ran (held, time unknown).
             lease_acquire: format!(
@@ -204,9 +211,12 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                      SELECT $1, $2, t.tok, $3, clock_timestamp() + $4::bigint * interval '1 millisecond' FROM t \
                      ON CONFLICT (key) DO UPDATE \
                          SET lease_id = EXCLUDED.lease_id, token = greatest(l.token + 1, EXCLUDED.token), \
-                             meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at \
+                             meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at, waited = false \
                          WHERE l.expires_at <= clock_timestamp() OR l.lease_id = EXCLUDED.lease_id \
-                     RETURNING l.token) \
+                     RETURNING l.token), \
+                 mark AS ( \
+                     UPDATE {s}.lease SET waited = true \
+                     WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM ins) RETURNING 1) \
                  SELECT ins.token, NULL::bigint FROM ins \
                  UNION ALL \
                  SELECT NULL::bigint, greatest(0, ceil(extract(epoch FROM \
@@ -218,8 +228,11 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() RETURNING 1"
             ),
             // Marks the row released (the row stays: it holds the key's counter) and wakes
-            // waiters. One row when this lease was live; none when it had expired or was
-            // taken over (the row is then left to its next taker, untouched).
+            // waiters, with a notification only when an acquire found the row held since
+            // its last grant (`waited`): a release nobody waited for costs the listening
+            // sessions of every client nothing. One row when this lease was live; none
+            // when it had expired or was taken over (the row is then left to its next
+            // taker, untouched).
             //
             // The commit is asynchronous (`synchronous_commit` off for this statement's
             // own transaction only): it does not wait for a WAL flush. A release lost in a
@@ -231,8 +244,8 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             lease_release: format!(
                 "WITH u AS (UPDATE {s}.lease SET lease_id = '', meta = '', expires_at = '-infinity' \
                             WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
-                            RETURNING 1) \
-                 SELECT pg_notify('{s}_released', $1)::text, \
+                            RETURNING waited) \
+                 SELECT CASE WHEN u.waited THEN pg_notify('{s}_released', $1)::text END, \
                         set_config('synchronous_commit', 'off', true) FROM u"
             ),
             // A direct hand-off (handoff.rs): the holder's lease ($2) ends and the waiter's
