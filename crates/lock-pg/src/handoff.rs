@@ -125,13 +125,8 @@ impl Handoffs {
         if slot.streak >= MAX_STREAK {
             return Release::Yield;
         }
-        match slot.waiter.take() {
-            Some(w) => {
-                slot.streak += 1;
-                Release::Direct(w)
-            }
-            None => Release::Server,
-        }
+        slot.streak += 1;
+        slot.waiter.take().map_or(Release::Server, Release::Direct)
     }
 
     /// A release went through the server: the key's streak starts again.
