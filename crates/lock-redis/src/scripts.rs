@@ -43,8 +43,10 @@ local function clock()
   end
   return now_s, now_n
 end
+-- Whether holder value `v` is `lease`'s (`lease:...`): a prefix test that makes no
+-- substring (a new Lua string is hashed and interned).
 local function holds(v, lease)
-  return string.byte(v, #lease + 1) == 58 and string.sub(v, 1, #lease) == lease
+  return string.byte(v, #lease + 1) == 58 and string.find(v, lease, 1, true) == 1
 end
 -- The first live waiter in `q` (lock key `k`), dropping dead ones on the way; nil if none.
 local function head(q, k)
@@ -69,10 +71,10 @@ local function acquire(k, lease, ttl, meta, wait)
   if cur then
     if holds(cur, lease) then
       local b = string.find(cur, ':', #lease + 2, true)
-      return {1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)}
+      return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
     end
     if wait then enqueue(k .. ':q', k, lease) end
-    return {0, 0, redis.call('PTTL', k)}
+    return 0, 0, redis.call('PTTL', k)
   end
   local q = k .. ':q'
   -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
@@ -84,7 +86,7 @@ local function acquire(k, lease, ttl, meta, wait)
       queued = false
     elseif h ~= lease then
       if wait then enqueue(q, k, lease) end
-      return {0, 0, -1}
+      return 0, 0, -1
     end
   end
   if queued and redis.call('ZREM', q, lease) == 1 then
@@ -98,7 +100,7 @@ local function acquire(k, lease, ttl, meta, wait)
     redis.call('SET', fence, tok)
   end
   redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
-  return {1, tonumber(tok), tonumber(ttl)}
+  return 1, tonumber(tok), tonumber(ttl)
 end
 local function release(k, lease)
   local released = 0
@@ -119,26 +121,34 @@ local function release(k, lease)
       redis.call('PEXPIRE', k .. ':wake:' .. h, 10000)
     end
   end
-  return {released}
+  return released
 end
 -- One flat reply for the whole call (a nested table per op costs the server more to
 -- convert than the op's own commands): each op appends its integers, or -1 and a message.
+-- The ops return their integers as multiple values, so no table is made per op.
 local out, n = {}, 0
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
   local op, lease = ARGV[b + 1], ARGV[b + 2]
-  local ok, r
   if op == 'r' then
-    ok, r = pcall(release, KEYS[i], lease)
+    local ok, r = pcall(release, KEYS[i], lease)
+    if ok then
+      out[n + 1] = r
+      n = n + 1
+    else
+      out[n + 1], out[n + 2] = -1, tostring(type(r) == 'table' and r.err or r)
+      n = n + 2
+    end
   else
-    ok, r = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
+    local ok, g, t, p = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
+    if ok then
+      out[n + 1], out[n + 2], out[n + 3] = g, t, p
+      n = n + 3
+    else
+      out[n + 1], out[n + 2] = -1, tostring(type(g) == 'table' and g.err or g)
+      n = n + 2
+    end
   end
-  if not ok then
-    if type(r) == 'table' then r = r.err end
-    r = {-1, tostring(r)}
-  end
-  for j = 1, #r do out[n + j] = r[j] end
-  n = n + #r
 end
 return out
 "#;
