@@ -4,9 +4,10 @@
 //! Keys, for a lock key `k` under namespace `ns` (the scripts derive the related keys from
 //! the lock key by suffix, so they need a standalone server or Redlock's independent nodes,
 //! not Redis Cluster):
-//! - `ns k`: a string `lease:token:meta` with the lease as its expiry (one `SET`, one `GET`:
-//!   the cheapest shape for the uncontended path);
-//! - `ns k :fence`: the last token issued; never expires;
+//! - `ns k`: a string `lease:token:meta` with the lease as its expiry (one `SET NX`, one
+//!   `GET`: the cheapest shape for the uncontended path);
+//! - `ns k :fence`: the highest token issued; never expires. An attempt issues its token
+//!   before it tries the key, so one that finds the key held has used a token up too;
 //! - `ns k :q`: sorted set of waiting lease ids, ordered by arrival;
 //! - `ns k :w: <lease>`: a waiter's liveness key, refreshed while it waits, expiring if it dies;
 //! - `ns k :wake: <lease>`: the list a waiter blocks on; release pushes to the first live one.
@@ -16,7 +17,7 @@
 //! alone would restart at 1 after the server lost its data; the clock term keeps tokens
 //! increasing across such a restart, on the assumption that the server's clock does not
 //! step back across the restart by more than the restart took, and that a key is not
-//! granted more than a million times a second (each grant may push the counter one
+//! attempted more than a million times a second (each attempt may push the counter one
 //! microsecond ahead of the clock). The clock is read once per script call, so a batch of
 //! grants shares one reading (each still gets `last + 1` at least). Lua numbers are doubles:
 //! microsecond time stays exact below 2^53 (year 2255).
@@ -66,16 +67,11 @@ local function enqueue(q, k, lease)
   redis.call('SET', k .. ':w:' .. lease, '1', 'PX', wttl)
   redis.call('PEXPIRE', q, tonumber(wttl) * 4)
 end
+-- The uncontended path is three commands (`EXISTS` of the queue when fair, the fence,
+-- `SET NX`): the token is issued before the key is tried, so the holder's value can
+-- carry it in the one `SET`. An attempt that finds the key held has then used up a token
+-- (tokens may skip numbers; they never repeat or go back) and reads the holder's value.
 local function acquire(k, lease, ttl, meta, wait)
-  local cur = redis.call('GET', k)
-  if cur then
-    if holds(cur, lease) then
-      local b = string.find(cur, ':', #lease + 2, true)
-      return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
-    end
-    if wait then enqueue(k .. ':q', k, lease) end
-    return 0, 0, redis.call('PTTL', k)
-  end
   local q = k .. ':q'
   -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
   local queued = wait
@@ -86,11 +82,8 @@ local function acquire(k, lease, ttl, meta, wait)
       queued = false
     elseif h ~= lease then
       if wait then enqueue(q, k, lease) end
-      return 0, 0, -1
+      return 0, 0, redis.call('PTTL', k)
     end
-  end
-  if queued and redis.call('ZREM', q, lease) == 1 then
-    redis.call('DEL', k .. ':w:' .. lease)
   end
   local tok, now = clock()
   local fence = k .. ':fence'
@@ -99,7 +92,19 @@ local function acquire(k, lease, ttl, meta, wait)
     tok = string.format('%d', tonumber(prev) + 1)
     redis.call('SET', fence, tok)
   end
-  redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
+  if not redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'NX', 'PX', ttl) then
+    -- Held (a script sees no key expire while it runs, so the key is there to read).
+    local cur = redis.call('GET', k)
+    if cur and holds(cur, lease) then
+      local b = string.find(cur, ':', #lease + 2, true)
+      return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
+    end
+    if wait then enqueue(q, k, lease) end
+    return 0, 0, redis.call('PTTL', k)
+  end
+  if queued and redis.call('ZREM', q, lease) == 1 then
+    redis.call('DEL', k .. ':w:' .. lease)
+  end
   return 1, tonumber(tok), tonumber(ttl)
 end
 local function release(k, lease)
