@@ -120,12 +120,7 @@ impl LockClient {
         match res {
             Ok(grant) => {
                 tracing::debug!(token = %grant.token, waited, "granted");
-                Ok(LockGuard::start(
-                    self.backend.clone(),
-                    lease,
-                    grant,
-                    opts.clone(),
-                ))
+                Ok(LockGuard::start(self.backend.clone(), lease, grant, opts))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "not granted");

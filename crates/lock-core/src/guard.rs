@@ -260,22 +260,37 @@ impl LockGuard {
         backend: Arc<dyn LockBackend>,
         lease: LeaseRef,
         grant: crate::backend::Grant,
-        opts: LockOptions,
+        opts: &LockOptions,
     ) -> Self {
         let (tx, rx) = watch::channel(LockStatus::Held);
+        // The guard keeps what renewal and release need, not the holder metadata (the
+        // store has it): no string copied per grant.
+        let opts = LockOptions {
+            lease: opts.lease,
+            wait: opts.wait,
+            auto_renew: opts.auto_renew,
+            renew_every: opts.renew_every,
+            backoff: opts.backoff,
+            op_timeout: opts.op_timeout,
+            meta: crate::key::HolderMeta::default(),
+        };
+        // Set here, not through `set_safe_until`: nobody can wait on a guard not yet made.
+        let safe_until = grant
+            .lease_deadline
+            .map(|d| d.checked_sub(opts.drift()).unwrap_or(d));
+        let now = Instant::now();
         let shared = Arc::new(Shared {
             backend,
             lease,
             token: grant.token,
             status: tx,
-            safe_until: Mutex::new(None),
+            safe_until: Mutex::new(safe_until),
             safe_changed: Notify::new(),
             opts,
-            granted_at: Instant::now(),
+            granted_at: now,
             keeper: Mutex::new(Keeper::Idle),
             session: Mutex::new(None),
         });
-        let now = Instant::now();
         let keeper = match (grant.lease_deadline, grant.session) {
             (_, Some(session)) => match (grant.session_quiet_until, Scheduler::current()) {
                 // Nothing to mirror before then: watch from then on (see `keeper.rs`).
@@ -286,8 +301,7 @@ impl LockGuard {
                 _ => Keeper::Running(tokio::spawn(watch_session(shared.clone(), session))),
             },
             (Some(deadline), None) => {
-                shared.set_safe_until(deadline);
-                let safe = shared.safe_until().unwrap_or(deadline);
+                let safe = safe_until.unwrap_or(deadline);
                 let due = if shared.opts.auto_renew {
                     (now + shared.opts.renewal_period()).min(safe)
                 } else {
@@ -420,6 +434,9 @@ impl LockGuard {
         metrics::histogram!("lock_hold_seconds", "backend" => sh.backend.name())
             .record(sh.granted_at.elapsed().as_secs_f64());
         match &res {
+            // With no receiver but this guard's own (no handle or watch given out), nobody
+            // can see the final status: skip waking the channel's listeners.
+            Ok(ReleaseOutcome::Released) if sh.status.receiver_count() <= 1 => {}
             Ok(ReleaseOutcome::Released) => sh.set_status(LockStatus::Released),
             Ok(_) => {
                 sh.set_status(LockStatus::Lost(LossReason::NotHeld));

@@ -337,7 +337,7 @@ mod tests {
         let grant = Grant::session(crate::FencingToken::new(7), rx)
             .quiet_until(Instant::now() + Duration::from_millis(100));
         let lease = LeaseRef::new(LockKey::new("q").expect("key"), crate::LeaseId::random());
-        let g = LockGuard::start(Arc::new(backend), lease, grant, LockOptions::default());
+        let g = LockGuard::start(Arc::new(backend), lease, grant, &LockOptions::default());
         assert_eq!(pending(), 1, "the watch was not deferred");
         tokio::time::sleep(Duration::from_millis(200)).await;
         tx.send_replace(SessionHealth::Ended(LossReason::SessionEnded(
