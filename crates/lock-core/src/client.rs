@@ -96,8 +96,8 @@ impl LockClient {
         // Armed while the request is in flight: a caller that goes away mid-request (its
         // own timeout, a select, a dropped task) cannot leave a lease or a queue entry behind.
         let mut pending = Pending {
-            backend: Some(backend.clone()),
-            lease: lease.clone(),
+            backend: Some(&backend),
+            lease: &lease,
             op_timeout: opts.op_timeout,
         };
         // The backend's own events belong to this span (entered on each poll, never held
@@ -106,6 +106,7 @@ impl LockClient {
             .instrument(span.clone())
             .await;
         pending.backend = None;
+        drop(pending);
         let _enter = span.enter();
         let waited = started.elapsed().as_secs_f64();
         metrics::histogram!("lock_wait_seconds", "backend" => name).record(waited);
@@ -194,15 +195,17 @@ impl LockClient {
 /// An acquire request in flight. Dropped while armed (the caller went away before the
 /// backend answered, or before the caller saw the answer), it releases whatever the request
 /// may have created, by lease id, in a task of its own.
-struct Pending {
-    backend: Option<Arc<dyn LockBackend>>,
-    lease: LeaseRef,
+///
+/// It borrows what it would need: the copies are made only when it goes off.
+struct Pending<'a> {
+    backend: Option<&'a Arc<dyn LockBackend>>,
+    lease: &'a LeaseRef,
     op_timeout: Duration,
 }
 
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let Some(backend) = self.backend.take() else {
+        let Some(backend) = self.backend.take().cloned() else {
             return;
         };
         let (lease, op) = (self.lease.clone(), self.op_timeout);

@@ -183,12 +183,21 @@ impl HolderMeta {
 
     /// Encodes the metadata as `host\tpid\tlabel` (tabs cannot occur in validated fields).
     pub fn encode(&self) -> String {
-        format!(
-            "{}\t{}\t{}",
+        use std::fmt::Write as _;
+        let (host, label) = (
             self.host.as_deref().unwrap_or(""),
-            self.pid.map(|p| p.to_string()).unwrap_or_default(),
-            self.label.as_deref().unwrap_or("")
-        )
+            self.label.as_deref().unwrap_or(""),
+        );
+        // One allocation, sized up front (this runs on every acquire).
+        let mut out = String::with_capacity(host.len() + label.len() + 12);
+        out.push_str(host);
+        out.push('\t');
+        if let Some(pid) = self.pid {
+            let _ = write!(out, "{pid}");
+        }
+        out.push('\t');
+        out.push_str(label);
+        out
     }
 
     /// Decodes what [`HolderMeta::encode`] wrote; unknown or partial input gives empty fields.
@@ -229,6 +238,13 @@ mod tests {
     fn meta_round_trips() {
         let m = HolderMeta::this_process().with_label("job");
         assert_eq!(HolderMeta::decode(&m.encode()), m);
+        let hp = HolderMeta {
+            host: Some("h".into()),
+            pid: Some(42),
+            label: None,
+        };
+        assert_eq!(hp.encode(), "h\t42\t");
+        assert_eq!(HolderMeta::default().encode(), "\t\t");
         assert_eq!(
             HolderMeta::decode("garbage"),
             HolderMeta {
