@@ -229,7 +229,7 @@ async fn handoff<O, Fut, K, KFut>(
     ops: &O,
     probe_cost: u64,
     pause: Pause<'_, K>,
-) -> Res<(Stats, f64)>
+) -> Res<(Stats, f64, Option<f64>)>
 where
     O: Fn() -> Fut,
     Fut: Future<Output = Res<u64>>,
@@ -243,6 +243,10 @@ where
     let clock = Arc::new(HandoffClock::default());
     let rounds = handoffs.div_ceil(waiters).max(1);
     let mut server_ops = 0u64;
+    // With a warm pause, baseline round trips are timed between rounds (at least 32 in
+    // all), so the hand-off's ratio is to a baseline of the same minutes.
+    let mut baseline = Vec::new();
+    let per_round = 32usize.div_ceil(rounds).max(1);
     for _ in 0..rounds {
         let holder = client.acquire_with(key, &opts).await?;
         let mut hs = Vec::new();
@@ -292,12 +296,20 @@ where
             h.await??;
         }
         server_ops += ops().await?.saturating_sub(before);
+        if let Pause::Warm(base) = pause {
+            for _ in 0..per_round {
+                let t = Instant::now();
+                base().await?;
+                baseline.push(t.elapsed());
+            }
+        }
     }
     let v = clock.take();
     let n = v.len().max(1) as f64;
     // The counter reads themselves are not lock operations.
     let per = (server_ops as f64 - (rounds as u64 * probe_cost) as f64) / n;
-    Ok((stats(v), per))
+    let base = (!baseline.is_empty()).then(|| stats(baseline).p50_us);
+    Ok((stats(v), per, base))
 }
 
 /// One backend's `try_acquire` + `release` on a fresh lease each time, without the client
@@ -451,7 +463,7 @@ where
         } else {
             plan.handoffs
         };
-        let (s, per) = handoff(
+        let (s, per, interleaved) = handoff(
             client,
             client,
             w,
@@ -471,12 +483,14 @@ where
             format!("hand-off, {w} waiters")
         };
         println!("{b} {what}: p50 {:.0} us p99 {:.0} us", s.p50_us, s.p99_us);
+        // The idle hand-off (context) is compared with the run's warm baseline.
+        let (base, base_name) = hand_off_base(interleaved, base_us, base_name);
         rows.push(Row::latency(
             b,
             &what,
             s,
-            base_us,
-            base_name,
+            base,
+            &base_name,
             if w == 1 && !idle { target } else { None },
         ));
         if !idle {
@@ -489,6 +503,15 @@ where
         }
     }
     Ok(rows)
+}
+
+/// A hand-off row's baseline: the round trips timed between its own rounds when there
+/// are any (a warm pause), else the run's baseline `base` named `name`.
+fn hand_off_base(between: Option<f64>, base: f64, name: &str) -> (f64, String) {
+    match between {
+        Some(p50) => (p50, format!("{name}, between the hand-offs")),
+        None => (base, name.to_owned()),
+    }
 }
 
 fn rand_tag() -> u32 {
@@ -884,7 +907,7 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             let other = lock_pg::PgLocks::connect_with(lock_pg::PgConfig::new(&url)).await?;
             let other = LockClient::new(other.lease_rows()).with_options(opts());
             let key = format!("pg-lease-handoff-other-{}", rand_tag());
-            let (s, _) = handoff(
+            let (s, _, between) = handoff(
                 &client,
                 &other,
                 1,
@@ -895,12 +918,13 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
                 Pause::Warm(&select_op),
             )
             .await?;
+            let (base, base_name) = hand_off_base(between, base, "SELECT 1");
             rows.push(Row::latency(
                 mode,
                 "hand-off, 1 waiter in another client (NOTIFY)",
                 s,
                 base,
-                "SELECT 1",
+                &base_name,
                 None,
             ));
         }
@@ -993,7 +1017,7 @@ async fn pg_durable(plan: Plan) -> Res<Vec<Row>> {
         let client = client.with_options(opts());
         rows.push(lock_cycle(mode, &client, plan, &select, PAIRED_SELECT, None).await?);
         let no_ops = || async { Ok(0u64) };
-        let (s, _) = handoff(
+        let (s, _, between) = handoff(
             &client,
             &client,
             1,
@@ -1004,12 +1028,13 @@ async fn pg_durable(plan: Plan) -> Res<Vec<Row>> {
             Pause::Warm(&select),
         )
         .await?;
+        let (base, base_name) = hand_off_base(between, base, "SELECT 1");
         rows.push(Row::latency(
             mode,
             "hand-off, 1 waiter",
             s,
             base,
-            "SELECT 1",
+            &base_name,
             None,
         ));
     }
