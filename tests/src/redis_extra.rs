@@ -88,7 +88,85 @@ pub async fn run() -> Vec<CaseResult> {
             batched_caller_gone(),
         )
         .await,
+        check(
+            "redis-extra",
+            "an_attempt_under_the_holding_lease_is_granted_again_past_the_queue",
+            holder_attempts_again(),
+        )
+        .await,
     ]
+}
+
+/// A holder whose attempt is repeated under its own lease (its answer was lost) is
+/// granted again with its token, even with another waiter first in the fair queue, and
+/// neither queues itself nor lets the waiter in; the waiter gets the key at the release.
+async fn holder_attempts_again() -> Result<String, String> {
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
+    let (_server, b) = server_and_backend().await?;
+    let key = LockKey::new("again").map_err(|e| e.to_string())?;
+    let req = AcquireRequest::new(
+        key.clone(),
+        Duration::from_secs(10),
+        HolderMeta::default(),
+        Backoff::default(),
+    );
+    let first = b.try_acquire(&req).await.map_err(|e| e.to_string())?;
+    let c = LockClient::new(b.clone()).with_options(opts());
+    let waiter = tokio::spawn(async move {
+        let g = c.acquire("again").await?;
+        let t = g.token();
+        g.release().await?;
+        Ok::<_, LockError>(t)
+    });
+    let t = Instant::now();
+    while b
+        .inspect(&key)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|i| i.waiters)
+        .unwrap_or(0)
+        < 1
+    {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("the waiter never showed in the queue".into());
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let again = tokio::time::timeout(Duration::from_secs(3), b.acquire(&req, Some(deadline)))
+        .await
+        .map_err(|_| "the holder's repeated attempt waited behind the queue".to_string())?
+        .map_err(|e| format!("the holder's repeated attempt: {e}"))?;
+    if again.token != first.token {
+        return Err(format!(
+            "granted again with token {} (held with {})",
+            again.token, first.token
+        ));
+    }
+    let info = b
+        .inspect(&key)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the key is free after the repeated attempt")?;
+    if info.lease_id != req.lease_id || info.waiters != Some(1) {
+        return Err(format!(
+            "after the repeated attempt: holder {}, {:?} waiters (want ours and 1)",
+            info.lease_id, info.waiters
+        ));
+    }
+    b.release(&req.lease()).await.map_err(|e| e.to_string())?;
+    let next = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .map_err(|_| "the waiter did not get the key after the release".to_string())?
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if next <= first.token {
+        return Err(format!("waiter's token {next} not above {}", first.token));
+    }
+    Ok(format!(
+        "granted again with token {}; the waiter then got {next}",
+        first.token
+    ))
 }
 
 /// A fresh server (no persistence) and a default backend on it.

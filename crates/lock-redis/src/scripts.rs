@@ -67,6 +67,18 @@ local function enqueue(q, k, lease)
   redis.call('SET', k .. ':w:' .. lease, '1', 'PX', wttl)
   redis.call('PEXPIRE', q, tonumber(wttl) * 4)
 end
+-- The reply to an attempt that may not take the key (held, or others first in line): a
+-- lease that already holds it is granted again with its token (an attempt repeated after
+-- its answer was lost); any other is refused, and queued if it waits.
+local function refuse(q, k, lease, wait)
+  local cur = redis.call('GET', k)
+  if cur and holds(cur, lease) then
+    local b = string.find(cur, ':', #lease + 2, true)
+    return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
+  end
+  if wait then enqueue(q, k, lease) end
+  return 0, 0, redis.call('PTTL', k)
+end
 -- The uncontended path is three commands (`EXISTS` of the queue when fair, the fence,
 -- `SET NX`): the token is issued before the key is tried, so the holder's value can
 -- carry it in the one `SET`. An attempt that finds the key held has then used up a token
@@ -81,8 +93,7 @@ local function acquire(k, lease, ttl, meta, wait)
       -- head() dropped every dead entry on its way: the queue is empty.
       queued = false
     elseif h ~= lease then
-      if wait then enqueue(q, k, lease) end
-      return 0, 0, redis.call('PTTL', k)
+      return refuse(q, k, lease, wait)
     end
   end
   local tok, now = clock()
@@ -94,13 +105,7 @@ local function acquire(k, lease, ttl, meta, wait)
   end
   if not redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'NX', 'PX', ttl) then
     -- Held (a script sees no key expire while it runs, so the key is there to read).
-    local cur = redis.call('GET', k)
-    if cur and holds(cur, lease) then
-      local b = string.find(cur, ':', #lease + 2, true)
-      return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
-    end
-    if wait then enqueue(q, k, lease) end
-    return 0, 0, redis.call('PTTL', k)
+    return refuse(q, k, lease, wait)
   end
   if queued and redis.call('ZREM', q, lease) == 1 then
     redis.call('DEL', k .. ':w:' .. lease)

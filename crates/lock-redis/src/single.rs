@@ -196,7 +196,7 @@ impl RedisBackend {
     }
 
     /// Waits for `req`'s turn after an attempt that found the key held (`pttl`: the
-    /// holder's remaining lease, or -1): blocks on this waiter's wake-up list, bounded by
+    /// holder's remaining lease in ms, or 0 or less when there is none): blocks on this waiter's wake-up list, bounded by
     /// the heartbeat, the holder's lease and `deadline`, then tries again.
     async fn wait_for_grant(
         &self,
