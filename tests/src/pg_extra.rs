@@ -188,6 +188,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg advisory",
+            "session_token_blocks_stay_below_every_other_grant",
+            blocks_and_other_grants(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -195,22 +203,185 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
             })
             .await;
             out.push(r);
+            let r = check(
+                "pg advisory",
+                "crash_recovery_empties_the_token_blocks_tokens_still_grow",
+                async { crash_blocks(url, &mut s).await },
+            )
+            .await;
+            out.push(r);
             drop(s);
         }
         None => {
-            let r = CaseResult {
-                target: "pg".into(),
-                case: "restart_while_held_reports_loss_tokens_grow".into(),
-                outcome: Outcome::Skipped {
-                    reason: "needs a server this run started (LOCK_PG_URL given)".into(),
-                },
-                millis: 0,
-            };
-            lock_conformance::print_result(&r);
-            out.push(r);
+            for (target, case) in [
+                ("pg", "restart_while_held_reports_loss_tokens_grow"),
+                (
+                    "pg advisory",
+                    "crash_recovery_empties_the_token_blocks_tokens_still_grow",
+                ),
+            ] {
+                let r = CaseResult {
+                    target: target.into(),
+                    case: case.into(),
+                    outcome: Outcome::Skipped {
+                        reason: "needs a server this run started (LOCK_PG_URL given)".into(),
+                    },
+                    millis: 0,
+                };
+                lock_conformance::print_result(&r);
+                out.push(r);
+            }
         }
     }
     out
+}
+
+/// Session locks take tokens from a per-key block in an unlogged row (sql.rs,
+/// `session_grant`). Every other grant on the same key must retire the block, so that the
+/// next session token lies above it: a transaction-scoped lock that commits, and a client
+/// of an earlier version, which writes the counter row directly. A transaction-scoped
+/// grant that rolls back is void: its token must never be issued again, though the block
+/// may go on below it.
+async fn blocks_and_other_grants(url: &str) -> Res<String> {
+    let (locks, session) = client(url, PgMode::Advisory).await?;
+    let (_x, xact) = client(url, PgMode::Xact).await?;
+    let key = format!("blocks-{}", rand::random::<u32>());
+    let grant = |c: &LockClient| {
+        let (c, key) = (c.clone(), key.clone());
+        async move {
+            let g = c.acquire(&key).await.map_err(e2s)?;
+            let t = g.token().get();
+            g.release().await.map_err(e2s)?;
+            Ok::<u64, String>(t)
+        }
+    };
+    let mut seen: Vec<(&str, u64)> = Vec::new();
+    seen.push(("session", grant(&session).await?));
+    seen.push(("session", grant(&session).await?));
+    // A fresh key's first grant opens a block of 32; the second is the next number, which
+    // shows the second grant came from the block (the unlogged row only).
+    if seen[1].1 != seen[0].1 + 1 {
+        return Err(format!(
+            "the second session grant did not come from the block: {seen:?}"
+        ));
+    }
+    seen.push(("xact committed", grant(&xact).await?));
+    seen.push(("session", grant(&session).await?));
+    // Inside the caller's transaction, rolled back.
+    let mut conn = locks.pool().get().await.map_err(e2s)?;
+    let tx = conn.transaction().await.map_err(e2s)?;
+    let rolled = locks
+        .lock_in_transaction(&tx, &key, WaitPolicy::NoWait)
+        .await
+        .map_err(e2s)?;
+    tx.rollback().await.map_err(e2s)?;
+    drop(conn);
+    seen.push(("xact rolled back", rolled.get()));
+    seen.push(("session", grant(&session).await?));
+    // A client of the previous version: it takes the lock and writes its token straight
+    // into the counter row, `greatest(fence.token + 1, nextval)`.
+    let old = admin(url).await?;
+    let id = advisory_id("distlock", &key);
+    old.batch_execute("BEGIN").await.map_err(e2s)?;
+    old.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
+        .await
+        .map_err(e2s)?;
+    let row = old
+        .query_one(
+            "INSERT INTO distlock.fence AS f (key, token, lease_id, meta, holder_pid) \
+             VALUES ($1, nextval('distlock.token_seq'), 'old', '', pg_backend_pid()) \
+             ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token) \
+             RETURNING f.token",
+            &[&key],
+        )
+        .await
+        .map_err(e2s)?;
+    old.batch_execute("COMMIT").await.map_err(e2s)?;
+    seen.push((
+        "earlier version",
+        u64::try_from(row.get::<_, i64>(0)).map_err(e2s)?,
+    ));
+    let next = grant(&session).await?;
+    seen.push(("session", next));
+    seen.push(("session", grant(&session).await?));
+    if seen[seen.len() - 1].1 != next + 1 {
+        return Err(format!("no block in use after the other grants: {seen:?}"));
+    }
+    if let Some(again) = seen
+        .iter()
+        .filter(|(k, _)| *k != "xact rolled back")
+        .find(|(_, t)| *t == rolled.get())
+    {
+        return Err(format!(
+            "the rolled-back token {} was issued again ({}): {seen:?}",
+            rolled.get(),
+            again.0
+        ));
+    }
+    let valid: Vec<(&str, u64)> = seen
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "xact rolled back")
+        .collect();
+    for w in valid.windows(2) {
+        if w[1].1 <= w[0].1 {
+            return Err(format!(
+                "{} token {} is not above {} token {}: {seen:?}",
+                w[1].0, w[1].1, w[0].0, w[0].1
+            ));
+        }
+    }
+    let list: Vec<String> = seen.iter().map(|(k, t)| format!("{k} {t}")).collect();
+    Ok(list.join(", "))
+}
+
+/// A server crash (immediate shutdown, then crash recovery) loses the unlogged token
+/// blocks: the next grant must still be above every token issued before.
+async fn crash_blocks(url: &str, server: &mut Postgres) -> Res<String> {
+    let key = format!("crash-{}", rand::random::<u32>());
+    let last = {
+        let (_l, c) = client(url, PgMode::Advisory).await?;
+        let mut last = 0;
+        for _ in 0..5 {
+            let g = c.acquire(&key).await.map_err(e2s)?;
+            last = g.token().get();
+            g.release().await.map_err(e2s)?;
+        }
+        last
+    };
+    let rows = |url: String| async move {
+        let n: i64 = admin(&url)
+            .await?
+            .query_one("SELECT count(*) FROM distlock.cursor", &[])
+            .await
+            .map_err(e2s)?
+            .get(0);
+        Ok::<i64, String>(n)
+    };
+    let before = rows(url.to_owned()).await?;
+    if before == 0 {
+        return Err("no block row before the crash".into());
+    }
+    tokio::task::block_in_place(|| server.crash_restart())?;
+    let after = rows(url.to_owned()).await?;
+    if after != 0 {
+        return Err(format!(
+            "{after} block rows survived crash recovery (expected none)"
+        ));
+    }
+    let (_l, c) = client(url, PgMode::Advisory).await?;
+    let g = c
+        .acquire(&key)
+        .await
+        .map_err(|e| format!("acquire after the crash: {e}"))?;
+    let next = g.token().get();
+    g.release().await.map_err(e2s)?;
+    if next <= last {
+        return Err(format!("token {last} before the crash, {next} after"));
+    }
+    Ok(format!(
+        "{before} block rows before the crash, none after recovery; token {last} -> {next}"
+    ))
 }
 
 async fn terminate(url: &str, mode: PgMode) -> Res<String> {

@@ -394,6 +394,26 @@ impl Postgres {
         pids
     }
 
+    /// Immediate shutdown (SIGQUIT to the postmaster: no checkpoint, WAL not yet written is
+    /// lost, the next start runs crash recovery, which empties unlogged tables), then start
+    /// again on the same port and data.
+    pub fn crash_restart(&mut self) -> Res<()> {
+        let pidfile = self.dir.join("data").join("postmaster.pid");
+        let postmaster = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+            .ok_or("no postmaster.pid")?;
+        signal(postmaster, "QUIT")?;
+        wait_until(
+            "postgres immediate shutdown",
+            Duration::from_secs(20),
+            || !pidfile.exists(),
+        )?;
+        self.proc.stop();
+        self.proc = Self::launch(&self.dir, self.port, &self.extra)?;
+        self.wait_ready()
+    }
+
     /// Fast shutdown: SIGINT to the postmaster itself (its pid from `postmaster.pid`; the
     /// process we started may be `runuser`, which would turn SIGINT into SIGTERM, a "smart"
     /// shutdown that waits for every client), then reap what we started.

@@ -56,7 +56,8 @@ impl PgLocks {
         Ok(Self { shared })
     }
 
-    /// Creates or updates the lock schema (tables `fence` and `lease`, two functions).
+    /// Creates or updates the lock schema (tables `fence`, `cursor` (unlogged) and `lease`, the
+    /// sequence `token_seq`, one function).
     /// Idempotent and safe to run from many clients at once.
     pub async fn migrate(&self) -> Result<(), LockError> {
         self.shared.migrate().await

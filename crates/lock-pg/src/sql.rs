@@ -58,11 +58,17 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
+        // The grants as the session_acquire function runs them, after its (waiting) lock.
+        let fn_session_grant =
+            session_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
+        let fn_xact_grant = xact_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
         let schema_ddl = format!(
             r#"
 CREATE SCHEMA IF NOT EXISTS {s};
--- One row per key, never deleted: the fencing counter. Session locks also record their
--- holder here (in the same statement that issues the token).
+-- One row per key, never deleted: the key's durable fencing counter. `token` is at or
+-- above every token issued for the key: the last one a transaction-scoped lock issued, or
+-- the end of the block of tokens session locks reserved (below). Transaction-scoped locks
+-- also record their holder here (lease_id, meta, holder_pid).
 CREATE TABLE IF NOT EXISTS {s}.fence (
     key        text PRIMARY KEY,
     token      bigint NOT NULL,
@@ -72,7 +78,30 @@ CREATE TABLE IF NOT EXISTS {s}.fence (
 );
 -- Source of token values: never rolled back, so a holder whose transaction rolled back
 -- (transaction-scoped locks, a terminated holder) cannot have its token issued again.
-CREATE SEQUENCE IF NOT EXISTS {s}.token_seq;
+-- Each value also reserves the 31 below it: a session lock's block (below) is drawn
+-- from it, so every block ends at or below the sequence.
+CREATE SEQUENCE IF NOT EXISTS {s}.token_seq INCREMENT BY 32;
+DO $do$ BEGIN
+    IF (SELECT seqincrement FROM pg_sequence WHERE seqrelid = '{s}.token_seq'::regclass) < 32 THEN
+        ALTER SEQUENCE {s}.token_seq INCREMENT BY 32;
+    END IF;
+END $do$;
+-- Session locks: per key, the last token issued from the key's current block, the block's
+-- end, and the holder (lease_id, meta, holder_pid). UNLOGGED: written without WAL, and
+-- emptied by PostgreSQL's recovery after a crash. A grant inside the block writes only
+-- this row, so its commit waits for no WAL flush; a grant that needs a new block raises
+-- fence.token (WAL-logged, committed synchronously) first. The block is used only while
+-- `ceiling` still equals fence.token (no other grant moved the durable counter since),
+-- so after a crash, or after any other writer, the next grant starts above fence.token:
+-- above every token issued before.
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.cursor (
+    key        text PRIMARY KEY,
+    token      bigint NOT NULL,
+    ceiling    bigint NOT NULL,
+    lease_id   text NOT NULL,
+    meta       text NOT NULL,
+    holder_pid integer NOT NULL
+);
 -- Lease-row locks: one row per key, never deleted: it is also the key's fencing counter
 -- (`token`). A released row has lease_id '' and expires_at '-infinity'; expiry is judged on
 -- the server's clock. Grants and releases update the row in place (HOT updates, no index
@@ -119,12 +148,11 @@ BEGIN
         END IF;
         PERFORM set_config('lock_timeout', v_old, true);
     END IF;
-    INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid)
-    VALUES (p_key, nextval('{s}.token_seq'), p_lease, p_meta, pg_backend_pid())
-    ON CONFLICT (key) DO UPDATE
-        SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id,
-            meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid
-    RETURNING f.token INTO v_token;
+    IF p_xact THEN
+        {fn_xact_grant};
+    ELSE
+        {fn_session_grant};
+    END IF;
     IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
         IF p_xact THEN
             PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms::text, true);
@@ -151,23 +179,27 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             schema_ddl,
             session_acquire: format!("SELECT {s}.session_acquire($1, $2, $3, $4, $5, $6, $7)"),
             // The session lock's uncontended path as one plain statement (what
-            // session_acquire does for a try, without the PL/pgSQL call). The CTE is
-            // materialized, so the lock is tried exactly once, before the upsert; no row
-            // comes back when the lock is taken. $5: the server-side idle limit (ms).
-            session_try: try_stmt(
+            // session_acquire does for a try, without the PL/pgSQL call). The lock's CTE
+            // is materialized, so the lock is tried exactly once, before any write; no row
+            // comes back (and nothing is written) when the lock is taken. $5: the
+            // server-side idle limit (ms).
+            session_try: session_grant(
                 s,
-                "pg_try_advisory_lock",
-                "set_config('idle_session_timeout', $5, false)",
-                "",
+                "pg_try_advisory_lock($2)",
+                ["$1", "$3", "$4"],
+                &format!(", {IDLE_IF_14}set_config('idle_session_timeout', $5, false) END"),
             ),
             // The transaction-scoped lock's, sent right behind `BEGIN`: the idle limit and
             // the holder's name (application_name, visible in pg_stat_activity at once)
             // are local to the transaction.
-            xact_try: try_stmt(
+            xact_try: xact_grant(
                 s,
-                "pg_try_advisory_xact_lock",
-                "set_config('idle_in_transaction_session_timeout', $5, true)",
-                ", set_config('application_name', 'lk ' || $3 || ' ' || f.token, true)",
+                "pg_try_advisory_xact_lock($2)",
+                ["$1", "$3", "$4"],
+                &format!(
+                    ", {IDLE_IF_14}set_config('idle_in_transaction_session_timeout', $5, true) END, \
+                     set_config('application_name', 'lk ' || $3 || ' ' || f.token, true)"
+                ),
             ),
             session_unlock: "SELECT pg_advisory_unlock($1)",
             // One plain statement: give the lock back and clear the session's idle limit
@@ -182,7 +214,7 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
                        AND w.database = l.database AND w.classid::bigint = $2 \
                        AND w.objid::bigint = $3 AND w.objsubid = 1 AND NOT w.granted) \
                  FROM pg_locks l \
-                 LEFT JOIN {s}.fence f ON f.key = $1 AND f.holder_pid = l.pid \
+                 LEFT JOIN {s}.cursor f ON f.key = $1 AND f.holder_pid = l.pid \
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
                    AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
@@ -269,19 +301,86 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
     }
 }
 
-/// A try of an advisory lock (`lock_fn`) and the token upsert, in one plain statement;
-/// `idle` sets the server's idle limit on PostgreSQL 14 and later; `extra` adds to the
-/// returned columns.
-fn try_stmt(s: &str, lock_fn: &str, idle: &str, extra: &str) -> String {
+/// Sets the server's idle limit only on PostgreSQL 14 and later (`CASE ... END`).
+const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >= 140000 THEN ";
+
+/// A session lock's grant: takes the lock (`lock`, true when already held) and issues the
+/// token, in one statement. `[key, lease, meta]` name its inputs; `tail` follows the
+/// returned token (more columns, or `INTO` in PL/pgSQL). No row, and nothing written,
+/// when the lock is taken.
+///
+/// **Inside the key's block** (`up`): the unlogged `cursor` row has tokens left and its
+/// ceiling still equals the durable `fence.token`. The grant writes only that row, so its
+/// commit waits for no WAL flush.
+///
+/// **A new block** (`fe`, `ins`) otherwise: `n = nextval(token_seq)`, which steps by `inc`
+/// (at least 32), so every value in `(n - inc, n]` belongs to this draw alone. The key's
+/// `fence.token` becomes `greatest(fence.token + inc, n)` (normally `n`); the block is the
+/// `inc` tokens ending there (fewer at the very start of the sequence, where tokens begin
+/// at 1), and its first one is the grant's token. That write is
+/// WAL-logged, so the grant commits synchronously.
+///
+/// Every value is read where PostgreSQL gives the newest committed row, not the
+/// statement's snapshot (taken before the lock was granted, so possibly before the
+/// previous holder's grant committed): the block's row through the `UPDATE` (which
+/// re-reads a row changed since the snapshot), the durable counter through the upsert's
+/// `ON CONFLICT DO UPDATE`, and the sequence, which has no snapshot. Only the
+/// `fence.token` comparison reads the snapshot; the writers that move it (a new block, a
+/// transaction-scoped grant) also change the block's row, which the `UPDATE` does see.
+///
+/// Why tokens never repeat or go back per key: every token issued is at or below the
+/// key's `fence.token`, which never goes down, and a new block starts above it: above
+/// every earlier draw of the sequence too (those are at or below `n - inc`). A block is
+/// used only while its ceiling equals `fence.token`, a value committed synchronously before
+/// any of the block's tokens was issued, so it survives a crash, while the block's row does
+/// not (recovery empties unlogged tables). A transaction-scoped grant ([`xact_grant`])
+/// takes `nextval`, above every block's end, and retires the key's block.
+fn session_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
     format!(
-        "WITH l AS MATERIALIZED (SELECT {lock_fn}($2) AS ok) \
+        "WITH l AS MATERIALIZED (SELECT {lock} AS ok), \
+         up AS ( \
+             UPDATE {s}.cursor c SET token = c.token + 1, lease_id = {lease}, meta = {meta}, \
+                 holder_pid = pg_backend_pid() \
+             FROM l WHERE l.ok AND c.key = {key} AND c.token < c.ceiling \
+               AND c.ceiling = (SELECT f.token FROM {s}.fence f WHERE f.key = {key}) \
+             RETURNING c.token), \
+         inc AS MATERIALIZED ( \
+             SELECT greatest(seqincrement, 1) AS inc FROM pg_sequence \
+             WHERE seqrelid = '{s}.token_seq'::regclass), \
+         fe AS ( \
+             INSERT INTO {s}.fence AS f (key, token) \
+             SELECT {key}, nextval('{s}.token_seq') FROM l WHERE l.ok AND NOT EXISTS (SELECT 1 FROM up) \
+             ON CONFLICT (key) DO UPDATE \
+                 SET token = greatest(f.token + (SELECT inc FROM inc), EXCLUDED.token) \
+             RETURNING f.token AS ceiling), \
+         ins AS ( \
+             INSERT INTO {s}.cursor AS c (key, token, ceiling, lease_id, meta, holder_pid) \
+             SELECT {key}, greatest(fe.ceiling - inc.inc + 1, 1), fe.ceiling, {lease}, {meta}, pg_backend_pid() \
+             FROM fe, inc \
+             ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, ceiling = EXCLUDED.ceiling, \
+                 lease_id = EXCLUDED.lease_id, meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
+             RETURNING c.token) \
+         SELECT t.token{tail} FROM (SELECT token FROM up UNION ALL SELECT token FROM ins) t"
+    )
+}
+
+/// A transaction-scoped lock's grant, in the caller's transaction: takes the lock (`lock`)
+/// and writes the token to the key's `fence` row, `greatest(fence.token + 1, nextval)`,
+/// and retires the key's session block (`cursor.ceiling = 0`), so the next session grant
+/// starts a block above this token. If the transaction rolls back, both writes do too,
+/// but the sequence does not, so the token is never issued again (later session tokens,
+/// from the block, may be lower than it: the grant is void). Inputs and `tail` as in
+/// [`session_grant`].
+fn xact_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
+    format!(
+        "WITH l AS MATERIALIZED (SELECT {lock} AS ok), \
+         retire AS (UPDATE {s}.cursor SET ceiling = 0 WHERE key = {key} AND (SELECT ok FROM l)) \
          INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
-         SELECT $1, nextval('{s}.token_seq'), $3, $4, pg_backend_pid() FROM l WHERE l.ok \
+         SELECT {key}, nextval('{s}.token_seq'), {lease}, {meta}, pg_backend_pid() FROM l WHERE l.ok \
          ON CONFLICT (key) DO UPDATE \
              SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id, \
                  meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
-         RETURNING f.token, \
-             CASE WHEN current_setting('server_version_num')::int >= 140000 THEN {idle} END{extra}"
+         RETURNING f.token{tail}"
     )
 }
 
