@@ -193,7 +193,9 @@ impl Servers {
         match self {
             Servers::Redis(v) => v.first_mut().ok_or("no server")?.restart(),
             Servers::RedisPair { primary, .. } => primary.restart(),
-            Servers::Pg(p) => p.restart(),
+            // Immediate shutdown: no checkpoint, crash recovery at the next start (which
+            // empties the unlogged token blocks of session locks).
+            Servers::Pg(p) => p.crash_restart(),
             Servers::Zk(_) => Err("not supported".into()),
         }
     }
@@ -610,7 +612,7 @@ async fn scenario(
                 if matches!(backend, "redis" | "redlock") {
                     " without persistence: its data lost"
                 } else {
-                    ""
+                    " (immediate shutdown, crash recovery at the next start)"
                 }
             );
             Some(now_us())
