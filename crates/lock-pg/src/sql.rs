@@ -374,7 +374,8 @@ fn session_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str)
 fn xact_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
     format!(
         "WITH l AS MATERIALIZED (SELECT {lock} AS ok), \
-         retire AS (UPDATE {s}.cursor SET ceiling = 0 WHERE key = {key} AND (SELECT ok FROM l)) \
+         retire AS (UPDATE {s}.cursor SET ceiling = 0 \
+             WHERE key = {key} AND ceiling <> 0 AND (SELECT ok FROM l)) \
          INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
          SELECT {key}, nextval('{s}.token_seq'), {lease}, {meta}, pg_backend_pid() FROM l WHERE l.ok \
          ON CONFLICT (key) DO UPDATE \
