@@ -90,10 +90,13 @@ impl PgLocks {
     /// it is released when the transaction commits or rolls back. Returns the fencing
     /// token, issued in the same statement.
     ///
-    /// The token's counter update is part of the transaction: if the transaction rolls
-    /// back, so does the token, and a later holder may receive the same number. That is
-    /// sound for writes inside the transaction (they rolled back too); to fence writes
-    /// outside the database, use [`PgLocks::advisory`] or [`PgLocks::lease_rows`].
+    /// The token's counter update is part of the transaction. If the transaction rolls
+    /// back, the grant is void: its number is never issued again (it comes from a
+    /// sequence, which does not roll back), but later session-lock tokens may be lower
+    /// than it. After a server crash that caught the transaction uncommitted, the number
+    /// may even be issued again. Both are sound for writes inside the transaction (they
+    /// rolled back too); to fence writes outside the database, use [`PgLocks::advisory`]
+    /// or [`PgLocks::lease_rows`].
     ///
     /// `WaitPolicy::NoWait` gives [`LockError::Contended`] if the key is taken;
     /// `Timeout(t)` waits in the server's queue for at most `t` (then
