@@ -196,6 +196,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg advisory",
+            "migrating_an_earlier_schema_keeps_tokens_growing",
+            upgrade(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -1159,5 +1167,59 @@ async fn same_lease_again(url: &str) -> Res<String> {
     b.release(&req.lease()).await.map_err(e2s)?;
     Ok(format!(
         "granted again under the same lease id, token {t1} -> {t2}"
+    ))
+}
+
+/// A schema of the previous version (sequence stepping by 1, no unlogged block table, a
+/// counter row holding the last token issued) migrated by this one: the sequence then
+/// steps by 32, the block table exists, and the next session token is above the old one.
+async fn upgrade(url: &str) -> Res<String> {
+    let schema = format!("upgrade_{}", rand::random::<u32>());
+    let cfg = || pg_config(url).schema(schema.clone());
+    let key = "upgrade-key";
+    let locks = PgLocks::connect_with(cfg()).await.map_err(e2s)?;
+    let admin = admin(url).await?;
+    // Turn the fresh schema into the previous version's shape.
+    admin
+        .batch_execute(&format!(
+            "ALTER SEQUENCE {schema}.token_seq INCREMENT BY 1; DROP TABLE {schema}.cursor; \
+             INSERT INTO {schema}.fence (key, token, lease_id, meta, holder_pid) \
+             VALUES ('{key}', 1000, 'old', '', 0)"
+        ))
+        .await
+        .map_err(e2s)?;
+    drop(locks);
+    let locks = PgLocks::connect_with(cfg()).await.map_err(e2s)?;
+    locks.migrate().await.map_err(e2s)?;
+    let inc: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT seqincrement FROM pg_sequence \
+                 WHERE seqrelid = '{schema}.token_seq'::regclass"
+            ),
+            &[],
+        )
+        .await
+        .map_err(e2s)?
+        .get(0);
+    if inc != 32 {
+        return Err(format!("the sequence steps by {inc} after the migration"));
+    }
+    let c = LockClient::new(locks.advisory()).with_options(opts());
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let g = c.acquire(key).await.map_err(e2s)?;
+        tokens.push(g.token().get());
+        g.release().await.map_err(e2s)?;
+    }
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .map_err(e2s)?;
+    if tokens[0] <= 1000 || tokens.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(format!("tokens after the counter at 1000: {tokens:?}"));
+    }
+    Ok(format!(
+        "sequence steps by 32; tokens after the counter at 1000: {tokens:?}"
     ))
 }
