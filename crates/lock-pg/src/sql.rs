@@ -326,7 +326,10 @@ const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >
 /// re-reads a row changed since the snapshot), the durable counter through the upsert's
 /// `ON CONFLICT DO UPDATE`, and the sequence, which has no snapshot. Only the
 /// `fence.token` comparison reads the snapshot; the writers that move it (a new block, a
-/// transaction-scoped grant) also change the block's row, which the `UPDATE` does see.
+/// transaction-scoped grant) also change the block's row, which the `UPDATE` does see. A
+/// client of the previous version moves it without: if its grant committed after this
+/// statement's snapshot, this grant can come out below its token (an inversion, which a
+/// fence refuses, never a repeat: its token came from `nextval`, above the block).
 ///
 /// Why tokens never repeat or go back per key: every token issued is at or below the
 /// key's `fence.token`, which never goes down, and a new block starts above it: above
