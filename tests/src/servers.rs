@@ -366,11 +366,7 @@ impl Postgres {
     /// The postmaster's pid and its children's (the backends and background workers): all
     /// of them must be stopped to pause the server.
     pub fn server_pids(&self) -> Vec<u32> {
-        let pidfile = self.dir.join("data").join("postmaster.pid");
-        let Some(postmaster) = std::fs::read_to_string(pidfile)
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
-        else {
+        let Some(postmaster) = self.postmaster_pid() else {
             return Vec::new();
         };
         let mut pids = vec![postmaster];
@@ -394,41 +390,46 @@ impl Postgres {
         pids
     }
 
-    /// Immediate shutdown (SIGQUIT to the postmaster: no checkpoint, WAL not yet written is
-    /// lost, the next start runs crash recovery, which empties unlogged tables), then start
-    /// again on the same port and data.
-    pub fn crash_restart(&mut self) -> Res<()> {
-        let pidfile = self.dir.join("data").join("postmaster.pid");
-        let postmaster = std::fs::read_to_string(&pidfile)
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("data").join("postmaster.pid")
+    }
+
+    /// The postmaster's pid, from `postmaster.pid` (none while the server is down).
+    fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.pidfile())
             .ok()
             .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
-            .ok_or("no postmaster.pid")?;
-        signal(postmaster, "QUIT")?;
-        wait_until(
-            "postgres immediate shutdown",
-            Duration::from_secs(20),
-            || !pidfile.exists(),
-        )?;
+    }
+
+    /// Sends `sig` to the postmaster itself (the process we started may be `runuser`, which
+    /// would turn SIGINT into SIGTERM, a "smart" shutdown that waits for every client),
+    /// waits until it is down, then reaps what we started. Fails when no postmaster was
+    /// up, or it was not down within 20 s.
+    fn shutdown(&mut self, sig: &str) -> Res<()> {
+        let pid = self.postmaster_pid().ok_or("no postmaster.pid")?;
+        signal(pid, sig)?;
+        let pidfile = self.pidfile();
+        let down = wait_until("postgres shutdown", Duration::from_secs(20), || {
+            !pidfile.exists()
+        });
         self.proc.stop();
+        down
+    }
+
+    /// Immediate shutdown (SIGQUIT: no checkpoint, WAL not yet written is lost, the next
+    /// start runs crash recovery, which empties unlogged tables), then start again on the
+    /// same port and data.
+    pub fn crash_restart(&mut self) -> Res<()> {
+        self.shutdown("QUIT")?;
         self.proc = Self::launch(&self.dir, self.port, &self.extra)?;
         self.wait_ready()
     }
 
-    /// Fast shutdown: SIGINT to the postmaster itself (its pid from `postmaster.pid`; the
-    /// process we started may be `runuser`, which would turn SIGINT into SIGTERM, a "smart"
-    /// shutdown that waits for every client), then reap what we started.
+    /// Fast shutdown (SIGINT: every session ends), if the server is up.
     fn shutdown_fast(&mut self) {
-        let pidfile = self.dir.join("data").join("postmaster.pid");
-        let postmaster = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
-        if let Some(pid) = postmaster {
-            let _ = signal(pid, "INT");
-            let _ = wait_until("postgres shutdown", Duration::from_secs(20), || {
-                !pidfile.exists()
-            });
+        if self.shutdown("INT").is_err() {
+            self.proc.stop();
         }
-        self.proc.stop();
     }
 
     /// Fast shutdown (every session ends), then start again on the same port and data.
