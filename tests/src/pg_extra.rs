@@ -135,6 +135,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     out.push(
         check(
             "pg",
+            "least_privileged_role_uses_a_schema_migrated_by_another",
+            least_privilege(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg",
             "bad_config_and_permissions_get_clear_errors",
             bad_config(url),
         )
@@ -702,6 +710,98 @@ async fn concurrent_migrate(url: &str) -> Res<String> {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await;
     Ok("8 clients created the schema at once without error".into())
+}
+
+/// The privileges lock-pg's README lists for a role that uses a schema another role
+/// migrated are enough, with `EXECUTE` on the schema's functions revoked from PUBLIC (so
+/// the explicit grant is the one that counts): every mode acquires (40 times, past a
+/// session block's end), waits behind a holder, inspects and releases, and
+/// `lock_in_transaction` takes its lock.
+async fn least_privilege(url: &str) -> Res<String> {
+    let a = admin(url).await?;
+    let tag = rand::random::<u32>();
+    let (schema, role) = (format!("app_{tag}"), format!("app_user_{tag}"));
+    PgLocks::connect_with(pg_config(url).schema(schema.clone()))
+        .await
+        .map_err(e2s)?
+        .migrate()
+        .await
+        .map_err(e2s)?;
+    a.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; \
+         REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA {schema} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}; \
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role}"
+    ))
+    .await
+    .map_err(e2s)?;
+    let weak_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    let res = async {
+        let locks = PgLocks::connect_with(
+            pg_config(&weak_url)
+                .schema(schema.clone())
+                .auto_migrate(false),
+        )
+        .await
+        .map_err(e2s)?;
+        let mut lines = Vec::new();
+        for mode in PgMode::ALL {
+            let c = LockClient::from_arc(mode.backend(&locks)).with_options(opts());
+            let mut last = 0;
+            for i in 0..40 {
+                let g = c.acquire("k").await.map_err(e2s)?;
+                let t = g.token().get();
+                if t <= last {
+                    return Err(format!("{}: grant {i} token {t} after {last}", mode.name()));
+                }
+                last = t;
+                g.release().await.map_err(e2s)?;
+            }
+            let held = c.acquire("w").await.map_err(e2s)?;
+            let c2 = c.clone();
+            let waiter = tokio::spawn(async move {
+                let g = c2.acquire("w").await.map_err(e2s)?;
+                let t = g.token().get();
+                g.release().await.map_err(e2s)?;
+                Ok::<_, String>(t)
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen = c.inspect("w").await.map_err(e2s)?.map(|i| i.token);
+            if seen != Some(held.token()) {
+                return Err(format!("{}: inspect saw {seen:?}", mode.name()));
+            }
+            let first = held.token().get();
+            held.release().await.map_err(e2s)?;
+            let next = waiter.await.map_err(e2s)??;
+            if next <= first {
+                return Err(format!(
+                    "{}: waiter's token {next} after {first}",
+                    mode.name()
+                ));
+            }
+            lines.push(format!(
+                "{} tokens up to {last}, waiter {first} -> {next}",
+                mode.name()
+            ));
+        }
+        let mut conn = locks.pool().get().await.map_err(e2s)?;
+        let tx = conn.transaction().await.map_err(e2s)?;
+        let t = locks
+            .lock_in_transaction(&tx, "k", WaitPolicy::Timeout(Duration::from_secs(5)))
+            .await
+            .map_err(e2s)?;
+        tx.commit().await.map_err(e2s)?;
+        lines.push(format!("lock_in_transaction token {}", t.get()));
+        Ok(lines.join("; "))
+    }
+    .await;
+    // The role's connections are gone with its pool; then its privileges and the role.
+    let _ = a
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE; DROP ROLE {role}"))
+        .await;
+    res
 }
 
 async fn bad_config(url: &str) -> Res<String> {
