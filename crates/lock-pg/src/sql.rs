@@ -58,7 +58,8 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
-        // The grants as the session_acquire function runs them, after its (waiting) lock.
+        // The grants as the functions run them, the lock being held: session_token, and
+        // session_acquire's transaction-scoped branch after its waiting lock.
         let fn_session_grant =
             session_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
         let fn_xact_grant = xact_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
@@ -117,10 +118,11 @@ CREATE TABLE IF NOT EXISTS {s}.lease (
 -- direct hand-off keeps it): a release notifies waiters only then.
 ALTER TABLE {s}.lease ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 
--- A session lock's token when its key's block has none left (the lock is held already):
--- a new block. Called by the uncontended grant statement, once in a block's worth of
--- grants; a function, so that the statement's plan does not carry this path.
-CREATE OR REPLACE FUNCTION {s}.session_block(p_key text, p_lease text, p_meta text)
+-- A session lock's token, the lock being held already: the next of the key's block, or a
+-- new block. The uncontended grant statement calls it only when the block has none left
+-- (once in a block's worth of grants), so that its own plan does not carry the new-block
+-- path; session_acquire calls it after a wait.
+CREATE OR REPLACE FUNCTION {s}.session_token(p_key text, p_lease text, p_meta text)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -165,7 +167,7 @@ BEGIN
     IF p_xact THEN
         {fn_xact_grant};
     ELSE
-        {fn_session_grant};
+        v_token := {s}.session_token(p_key, p_lease, p_meta);
     END IF;
     IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
         IF p_xact THEN
@@ -197,14 +199,14 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
             // is materialized, so the lock is tried exactly once, before any write; no row
             // comes back (and nothing is written) when the lock is taken. The token is the
             // next of the key's block; when the block has none left (one grant in 32),
-            // `session_block` starts a new one. The plan names only the two tables the
+            // `session_token` starts a new one. The plan names only the two tables the
             // block path reads: carrying the new-block path inline (the sequence, two
             // upserts) cost the server about 15 µs per grant even where it wrote nothing
             // (session 11). $5: the server-side idle limit (ms).
             session_try: format!(
                 "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS ok), \
                  up AS ({}) \
-                 SELECT coalesce((SELECT token FROM up), {s}.session_block($1, $3, $4)), \
+                 SELECT coalesce((SELECT token FROM up), {s}.session_token($1, $3, $4)), \
                      {IDLE_IF_14}set_config('idle_session_timeout', $5, false) END \
                  FROM l WHERE l.ok",
                 block_next(s, ["$1", "$3", "$4"])
