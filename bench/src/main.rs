@@ -523,6 +523,47 @@ fn hand_off_base(between: Option<f64>, base: f64, name: &str) -> (f64, String) {
     }
 }
 
+/// CPU time used so far (user + system) by this process, every thread, and by another
+/// process, read from `/proc` (Linux; in USER_HZ ticks, 100 per second by the kernel ABI).
+#[derive(Clone, Copy, Debug)]
+struct CpuTimes {
+    this: f64,
+    other: f64,
+}
+
+impl CpuTimes {
+    fn read(other: u32) -> Res<Self> {
+        Ok(Self {
+            this: proc_cpu_secs("self")?,
+            other: proc_cpu_secs(&other.to_string())?,
+        })
+    }
+
+    /// Microseconds of CPU per cycle since `before`: (this process, the other).
+    fn per_cycle(self, before: Self, cycles: f64) -> (f64, f64) {
+        let per = |d: f64| {
+            if cycles > 0.0 {
+                d * 1e6 / cycles
+            } else {
+                f64::NAN
+            }
+        };
+        (per(self.this - before.this), per(self.other - before.other))
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds.
+fn proc_cpu_secs(pid: &str) -> Res<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3 (state) on:
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').ok_or("no ')' in /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick =
+        |i: usize| -> Res<f64> { Ok(f.get(i).ok_or("short /proc stat")?.parse::<f64>()? / 100.0) };
+    Ok(tick(11)? + tick(12)?)
+}
+
 /// The middle value (the upper one of an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -683,12 +724,24 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
             }
         })
     };
+    // CPU time per cycle, of this process (the client, every thread) and of the server,
+    // read around each window: on a machine where client and server share the cores, the
+    // rate follows their sum; on a server of its own, each side's share.
+    let server_pid = server.proc.pid().ok_or("redis-server has no pid")?;
     let (mut ours_w, mut peer_w) = (Vec::new(), Vec::new());
+    let (mut ours_cpu, mut peer_cpu) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        ours_w.push(lock_rate(&ours, 64, plan.window, "redis-vs").await?);
-        peer_w.push(peer_rate(plan.window).await?);
+        let before = CpuTimes::read(server_pid)?;
+        let r = lock_rate(&ours, 64, plan.window, "redis-vs").await?;
+        ours_cpu.push(CpuTimes::read(server_pid)?.per_cycle(before, r * plan.window.as_secs_f64()));
+        ours_w.push(r);
+        let before = CpuTimes::read(server_pid)?;
+        let r = peer_rate(plan.window).await?;
+        peer_cpu.push(CpuTimes::read(server_pid)?.per_cycle(before, r * plan.window.as_secs_f64()));
+        peer_w.push(r);
     }
     println!("redis 64 tasks, alternated windows: ours {ours_w:.0?}/s, rslock {peer_w:.0?}/s");
+    println!("redis CPU µs per cycle (client, server): ours {ours_cpu:.1?}, rslock {peer_cpu:.1?}");
     let (ours_mid, peer_64) = (median(ours_w), median(peer_w));
     // Named like the other backends' rows, so the chart shows it beside them.
     rows.push(Row::rate(
@@ -707,6 +760,17 @@ async fn redis(plan: Plan) -> Res<Vec<Row>> {
         "rslock 0.10",
         1.5,
     ));
+    for (who, cpu) in [("redis", ours_cpu), ("rslock 0.10", peer_cpu)] {
+        let (client, server) = cpu.into_iter().unzip();
+        for (side, v) in [("client process", client), ("redis-server", server)] {
+            rows.push(Row::value(
+                who,
+                &format!("CPU per cycle at 64 tasks: {side} (median of 3 windows)"),
+                median(v),
+                "µs",
+            ));
+        }
+    }
     let peer_handoff = rslock_handoff(&rl, 16, plan.handoffs.min(100)).await?;
     rows.push(Row::latency(
         "rslock 0.10",

@@ -179,12 +179,18 @@ impl Report {
                 Some(false) => "**no**",
                 None => "",
             };
+            // Whole units, but a tenth below 100 where the figure has one (CPU per cycle,
+            // average ops per hand-off).
+            let value = if r.value.abs() < 100.0 && r.value.fract() != 0.0 && r.unit != "µs p50" {
+                format!("{:.1}", r.value)
+            } else {
+                format!("{:.0}", r.value)
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} {} | {p99} | {ratio} | {} | {target} | {met} |",
+                "| {} | {} | {value} {} | {p99} | {ratio} | {} | {target} | {met} |",
                 r.backend,
                 r.metric,
-                r.value,
                 r.unit,
                 r.baseline.as_deref().unwrap_or("")
             );
