@@ -431,7 +431,8 @@ impl LockBackend for PgSessionBackend {
             // text costs two (parse, then execute).
             Scope::Session => tokio::time::timeout(op, async {
                 let stmt = obj.prepare_cached(&self.shared.sql.session_release).await?;
-                obj.query_one(&stmt, &[&h.id]).await
+                let app = self.shared.pg.get_application_name().unwrap_or_default();
+                obj.query_one(&stmt, &[&h.id, &app]).await
             })
             .await
             .map(|r| r.map(|row| row.try_get::<_, bool>(0).unwrap_or(false))),
@@ -474,12 +475,17 @@ impl LockBackend for PgSessionBackend {
         let waiters = usize::try_from(waiters).ok();
         let app: Option<String> = row.try_get(3).map_err(map_err)?;
         if let Some((lease, token)) = app.as_deref().and_then(parse_app_name) {
-            // A transaction-scoped holder (its fence row is not committed yet).
+            // A holder of this version (or a transaction-scoped holder of an earlier one,
+            // whose metadata was not recorded: none is reported).
+            let meta: Option<String> = row.try_get(5).map_err(map_err)?;
+            let meta = meta
+                .as_deref()
+                .map_or_else(HolderMeta::default, HolderMeta::decode);
             return Ok(Some(
-                LockInfo::new(lease, FencingToken::new(token), HolderMeta::default())
-                    .waiters(waiters),
+                LockInfo::new(lease, FencingToken::new(token), meta).waiters(waiters),
             ));
         }
+        // A session holder of an earlier version: its `cursor` row.
         let lease: Option<String> = row.try_get(0).map_err(map_err)?;
         let token: Option<i64> = row.try_get(1).map_err(map_err)?;
         let meta: Option<String> = row.try_get(2).map_err(map_err)?;

@@ -3,6 +3,8 @@
 use lock_core::LockError;
 use tokio_postgres::error::SqlState;
 
+use crate::session::Scope;
+
 /// Backend name used in errors.
 pub(crate) const NAME: &str = "pg";
 
@@ -58,18 +60,20 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
-        // The grants as the functions run them, the lock being held: session_token, and
-        // session_acquire's transaction-scoped branch after its waiting lock.
+        // Earlier versions' session grant, as their `session_token` function runs it.
         let fn_session_grant =
             session_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
-        let fn_xact_grant = xact_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
+        let guc = meta_setting(s);
+        let epoch_lock = advisory_id(s, "\0epoch");
         let schema_ddl = format!(
             r#"
 CREATE SCHEMA IF NOT EXISTS {s};
--- One row per key, never deleted: the key's durable fencing counter. `token` is at or
--- above every token issued for the key: the last one a transaction-scoped lock issued, or
--- the end of the block of tokens session locks reserved (below). Transaction-scoped locks
--- also record their holder here (lease_id, meta, holder_pid).
+-- Advisory locks' per-key counter, rows never deleted. This version's grants take their
+-- tokens from token_seq and write here only when the sequence is not above the key's
+-- counter (set back by hand or by a restore: `token_above`). Earlier versions wrote here:
+-- the token of a transaction-scoped lock, with its holder (lease_id, meta, holder_pid),
+-- and the end of a session lock's block (`cursor`). Every value written here is at or
+-- below token_seq, unless the sequence was set back.
 CREATE TABLE IF NOT EXISTS {s}.fence (
     key        text PRIMARY KEY,
     token      bigint NOT NULL,
@@ -79,15 +83,18 @@ CREATE TABLE IF NOT EXISTS {s}.fence (
 );
 -- Source of token values: never rolled back, so a holder whose transaction rolled back
 -- (transaction-scoped locks, a terminated holder) cannot have its token issued again.
--- Each value also reserves the 31 below it: a session lock's block (below) is drawn
--- from it, so every block ends at or below the sequence.
+-- Durable: PostgreSQL logs it 32 draws ahead, and the draw that logs commits
+-- synchronously (it takes a transaction id), so after a crash it resumes above every value
+-- drawn before. Each value also reserves the 31 below it, for earlier versions' session
+-- blocks (`cursor`).
 CREATE SEQUENCE IF NOT EXISTS {s}.token_seq INCREMENT BY 32;
 DO $do$ BEGIN
     IF (SELECT seqincrement FROM pg_sequence WHERE seqrelid = '{s}.token_seq'::regclass) < 32 THEN
         ALTER SEQUENCE {s}.token_seq INCREMENT BY 32;
     END IF;
 END $do$;
--- Session locks: per key, the last token issued from the key's current block, the block's
+-- Earlier versions' session locks (session 10 and 11 clients): per key, the last token
+-- issued from the key's current block, the block's
 -- end, and the holder (lease_id, meta, holder_pid). UNLOGGED: written without WAL, and
 -- emptied by PostgreSQL's recovery after a crash. A grant inside the block writes only
 -- this row, so its commit waits for no WAL flush; a grant that needs a new block raises
@@ -118,10 +125,97 @@ CREATE TABLE IF NOT EXISTS {s}.lease (
 -- direct hand-off keeps it): a release notifies waiters only then.
 ALTER TABLE {s}.lease ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 
--- A session lock's token, the lock being held already: the next of the key's block, or a
--- new block. The uncontended grant statement calls it only when the block has none left
--- (once in a block's worth of grants), so that its own plan does not carry the new-block
--- path; session_acquire calls it after a wait.
+-- The holder metadata of each server process (backend) that holds or held an advisory
+-- lock: written once per connection (again only when the metadata changes), not per
+-- grant. A grant names its holder in the session's application_name
+-- ('lk <lease> <token>', visible in pg_stat_activity at once); inspect finds the
+-- metadata here by the holder's pid. A backend writes its own pid's row at its first
+-- grant, so a row left by an ended backend is replaced before its pid holds a lock again.
+-- UNLOGGED: recovery empties it, and every backend of before the crash is gone.
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.holder (
+    pid  integer PRIMARY KEY,
+    meta text NOT NULL
+);
+-- Records this backend's holder metadata, and remembers it in the session (the setting
+-- {guc}) so that later grants with the same metadata write nothing (a client that
+-- changes the metadata at every grant writes the row at every grant). A backend's first
+-- session grant (p_clear, a statement of its own) also clears the rows of ended backends
+-- when the role may delete them, skipping rows others have locked. A transaction-scoped grant writes
+-- only its own row, in the caller's transaction: it stays locked until that ends, and only
+-- this backend writes its pid's row.
+CREATE OR REPLACE FUNCTION {s}.record_holder(p_meta text, p_clear boolean)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_new boolean;
+BEGIN
+    -- xmax = 0: the row was inserted (this backend's first), not updated.
+    INSERT INTO {s}.holder AS h (pid, meta) VALUES (pg_backend_pid(), p_meta)
+    ON CONFLICT (pid) DO UPDATE SET meta = EXCLUDED.meta
+    RETURNING h.xmax = 0 INTO v_new;
+    IF p_clear AND v_new AND has_table_privilege('{s}.holder', 'DELETE') THEN
+        -- Never waits: a row another transaction is clearing (or writing) is skipped.
+        DELETE FROM {s}.holder WHERE pid IN (
+            SELECT h.pid FROM {s}.holder h
+            WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.pid)
+            FOR UPDATE SKIP LOCKED);
+    END IF;
+    PERFORM set_config('{guc}', p_meta, false);
+    RETURN true;
+END
+$fn$;
+
+-- The crash guard. A draw of token_seq is visible to every session at once, but the WAL
+-- record that covers it (one in 32 draws logs the next 32) reaches the disk only when the
+-- drawing transaction commits: a token handed out just before a crash can lie above the
+-- sequence as recovery restores it, and be drawn again. So the first grant of every
+-- server process (backend) first checks this UNLOGGED marker, which recovery (or a
+-- standby's promotion) empties: if it is missing, the sequence is moved 2^32 ahead before
+-- any draw, under an advisory lock so that two movers cannot set it back. Every process
+-- of before a crash ended with it, so no draw after recovery comes before the move.
+-- Assumes fewer than 2^27 draws (2^32 / 32) between the last WAL flush and the crash.
+-- SECURITY DEFINER: setval needs the sequence's UPDATE privilege, which a role that only
+-- uses the schema lacks.
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.epoch (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one)
+);
+CREATE OR REPLACE FUNCTION {s}.first_token()
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
+        -- A session-level lock, given back before the caller's transaction ends (a
+        -- transaction-scoped grant's may last long); an error gives it back too.
+        PERFORM pg_advisory_lock('{epoch_lock}'::bigint);
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
+                PERFORM setval('{s}.token_seq',
+                    (SELECT last_value FROM {s}.token_seq) + 4294967296);
+                INSERT INTO {s}.epoch VALUES (true) ON CONFLICT DO NOTHING;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM pg_advisory_unlock('{epoch_lock}'::bigint);
+            RAISE;
+        END;
+        PERFORM pg_advisory_unlock('{epoch_lock}'::bigint);
+    END IF;
+    RETURN nextval('{s}.token_seq');
+END
+$fn$;
+
+-- A session lock's token when the key's counter (fence.token) is not below the sequence,
+-- which this schema's writers never cause (every value they write is a draw of
+-- token_seq), but a sequence set back by hand or by a restore can: a token above the
+-- counter, written to it (WAL-logged, so the grant commits synchronously).
+CREATE OR REPLACE FUNCTION {s}.token_above(p_key text)
+RETURNS bigint LANGUAGE sql AS $fn$
+    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
+    ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token)
+    RETURNING f.token
+$fn$;
+
+-- Earlier versions' session token (session 10 and 11 clients call it from their
+-- statements): the next of the key's block of tokens (the `cursor` row), or a new block.
+-- This version's session grants draw their token from token_seq directly.
 CREATE OR REPLACE FUNCTION {s}.session_token(p_key text, p_lease text, p_meta text)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
@@ -164,10 +258,21 @@ BEGIN
         END IF;
         PERFORM set_config('lock_timeout', v_old, true);
     END IF;
-    IF p_xact THEN
-        {fn_xact_grant};
+    -- The token and the holder's name, as the plain statements do (see sql.rs); each
+    -- PL/pgSQL statement reads the newest committed rows, so the counter read is of after
+    -- the wait. The name is the transaction's own for a transaction-scoped lock (it
+    -- reverts at commit or rollback), the session's for a session lock (until release).
+    IF current_setting('{guc}', true) IS NULL THEN
+        v_token := {s}.first_token();
     ELSE
-        v_token := {s}.session_token(p_key, p_lease, p_meta);
+        v_token := nextval('{s}.token_seq');
+    END IF;
+    IF v_token <= coalesce((SELECT f.token FROM {s}.fence f WHERE f.key = p_key), 0) THEN
+        v_token := {s}.token_above(p_key);
+    END IF;
+    PERFORM set_config('application_name', 'lk ' || p_lease || ' ' || v_token, p_xact);
+    IF current_setting('{guc}', true) IS DISTINCT FROM p_meta THEN
+        PERFORM {s}.record_holder(p_meta, NOT p_xact);
     END IF;
     IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
         IF p_xact THEN
@@ -175,11 +280,6 @@ BEGIN
         ELSE
             PERFORM set_config('idle_session_timeout', p_idle_ms::text, false);
         END IF;
-    END IF;
-    IF p_xact THEN
-        -- The fence row stays invisible to others until commit; the session's
-        -- application_name is visible at once (pg_stat_activity) and reverts at commit.
-        PERFORM set_config('application_name', 'lk ' || p_lease || ' ' || v_token, true);
     END IF;
     RETURN v_token;
 END
@@ -194,49 +294,33 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
         Self {
             schema_ddl,
             session_acquire: format!("SELECT {s}.session_acquire($1, $2, $3, $4, $5, $6, $7)"),
-            // The session lock's uncontended path as one plain statement (what
-            // session_acquire does for a try, without the PL/pgSQL call). The lock's CTE
-            // is materialized, so the lock is tried exactly once, before any write; no row
-            // comes back (and nothing is written) when the lock is taken. The token is the
-            // next of the key's block; when the block has none left (one grant in 32),
-            // `session_token` starts a new one. The plan names only the two tables the
-            // block path reads: carrying the new-block path inline (the sequence, two
-            // upserts) cost the server about 15 µs per grant even where it wrote nothing
-            // (session 11). $5: the server-side idle limit (ms).
-            session_try: format!(
-                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS ok), \
-                 up AS ({}) \
-                 SELECT coalesce((SELECT token FROM up), {s}.session_token($1, $3, $4)), \
-                     {IDLE_IF_14}set_config('idle_session_timeout', $5, false) END \
-                 FROM l WHERE l.ok",
-                block_next(s, ["$1", "$3", "$4"])
-            ),
-            // The transaction-scoped lock's, sent right behind `BEGIN`: the idle limit and
-            // the holder's name (application_name, visible in pg_stat_activity at once)
-            // are local to the transaction.
-            xact_try: xact_grant(
-                s,
-                "pg_try_advisory_xact_lock($2)",
-                ["$1", "$3", "$4"],
-                &format!(
-                    ", {IDLE_IF_14}set_config('idle_in_transaction_session_timeout', $5, true) END, \
-                     set_config('application_name', 'lk ' || $3 || ' ' || f.token, true)"
-                ),
-            ),
+            // The session lock's uncontended path (see `advisory_try`).
+            session_try: advisory_try(s, Scope::Session),
+            // The transaction-scoped lock's, the same with the transaction's own lock,
+            // sent right behind `BEGIN`: the idle limit and the holder's name are local to
+            // the transaction (they revert at commit or rollback), and the metadata row,
+            // when written, is the transaction's.
+            xact_try: advisory_try(s, Scope::Transaction),
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            // One plain statement: give the lock back and clear the session's idle limit
-            // (the connection returns to the pool).
+            // One plain statement: give the lock back, clear the session's idle limit and
+            // give the session its own application_name ($2) again (the connection returns
+            // to the pool).
             session_release: "SELECT pg_advisory_unlock($1), \
                  CASE WHEN current_setting('server_version_num')::int >= 140000 \
-                      THEN set_config('idle_session_timeout', '0', false) END"
+                      THEN set_config('idle_session_timeout', '0', false) END, \
+                 set_config('application_name', $2, false)"
                 .to_owned(),
+            // The holder: its application_name ('lk <lease> <token>') and its recorded
+            // metadata; or, for a holder of an earlier version, its `cursor` row.
             session_inspect: format!(
                 "SELECT f.lease_id, f.token, f.meta, a.application_name, \
                     (SELECT count(*) FROM pg_locks w WHERE w.locktype = 'advisory' \
                        AND w.database = l.database AND w.classid::bigint = $2 \
-                       AND w.objid::bigint = $3 AND w.objsubid = 1 AND NOT w.granted) \
+                       AND w.objid::bigint = $3 AND w.objsubid = 1 AND NOT w.granted), \
+                    h.meta \
                  FROM pg_locks l \
                  LEFT JOIN {s}.cursor f ON f.key = $1 AND f.holder_pid = l.pid \
+                 LEFT JOIN {s}.holder h ON h.pid = l.pid \
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
                    AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
@@ -323,11 +407,72 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
     }
 }
 
+/// An advisory lock's uncontended grant as one plain statement (what session_acquire does
+/// for a try, without the PL/pgSQL call). Parameters: $1 key, $2 advisory id, $3 lease,
+/// $4 metadata, $5 the server-side idle limit (ms). No row when the lock is taken.
+///
+/// The lock's CTE is materialized, so the lock is tried exactly once, before anything
+/// else, and no token is drawn when it is taken. A server process's first grant (its
+/// session has no recorded metadata yet) draws through `first_token`, the crash guard
+/// (see the schema). The token is a draw of `token_seq`: a
+/// sequence writes WAL (and takes a transaction id) once in 32 draws, when it logs the
+/// next 32 ahead, so the grant writes no row. The draw is the token when it is above the
+/// key's `fence.token` (always, unless the sequence was set back by hand or by a restore);
+/// otherwise `token_above` issues one above that counter and writes it there. The
+/// counter is read in the statement's snapshot (taken before the lock was granted); its
+/// writers all draw from the sequence first, so that read only matters in that set-back
+/// state. The holder is named in application_name (`lk <lease> <token>`, in
+/// pg_stat_activity at once); its metadata is recorded once per connection
+/// (`record_holder`, only when the session's remembered metadata differs).
+fn advisory_try(s: &str, scope: Scope) -> String {
+    let (lock, local, idle) = match scope {
+        Scope::Session => ("pg_try_advisory_lock", false, "idle_session_timeout"),
+        Scope::Transaction => (
+            "pg_try_advisory_xact_lock",
+            true,
+            "idle_in_transaction_session_timeout",
+        ),
+    };
+    format!(
+        "WITH l AS MATERIALIZED (SELECT {lock}($2) AS ok), \
+         t AS MATERIALIZED (SELECT CASE WHEN current_setting('{guc}', true) IS NULL \
+             THEN {s}.first_token() ELSE nextval('{s}.token_seq') END AS tok FROM l WHERE l.ok), \
+         g AS MATERIALIZED (SELECT CASE \
+             WHEN t.tok > coalesce((SELECT f.token FROM {s}.fence f WHERE f.key = $1), 0) \
+             THEN t.tok ELSE {s}.token_above($1) END AS tok FROM t) \
+         SELECT g.tok, set_config('application_name', 'lk ' || $3 || ' ' || g.tok, {local}), \
+             {record}, \
+             {IDLE_IF_14}set_config('{idle}', $5, {local}) END \
+         FROM g",
+        record = record_if_changed(s, "$4", !local),
+        guc = meta_setting(s),
+    )
+}
+
+/// The session setting in which a backend remembers the holder metadata it recorded in
+/// `<schema>.holder` (a custom setting, one per schema).
+fn meta_setting(s: &str) -> String {
+    format!("lock_pg.{s}_meta")
+}
+
+/// Records the holder metadata `meta` (an SQL expression) for this backend only when the
+/// session has not recorded that value yet: once per connection in practice. `clear`: also
+/// clear ended backends' rows (session grants only, see `record_holder`).
+fn record_if_changed(s: &str, meta: &str, clear: bool) -> String {
+    format!(
+        "CASE WHEN current_setting('{guc}', true) IS DISTINCT FROM {meta} \
+         THEN {s}.record_holder({meta}, {clear}) END",
+        guc = meta_setting(s)
+    )
+}
+
 /// Sets the server's idle limit only on PostgreSQL 14 and later (`CASE ... END`).
 const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >= 140000 THEN ";
 
-/// A session lock's grant: takes the lock (`lock`, true when already held) and issues the
-/// token, in one statement. `[key, lease, meta]` name its inputs; `tail` follows the
+/// Earlier versions' session grant (session 10 and 11 clients, whose statements call the
+/// `session_token` function built from it; this version's grants are [`advisory_try`]):
+/// takes the lock (`lock`, true when already held) and issues the token from the key's
+/// block, in one statement. `[key, lease, meta]` name its inputs; `tail` follows the
 /// returned token (more columns, or `INTO` in PL/pgSQL). No row, and nothing written,
 /// when the lock is taken.
 ///
@@ -358,8 +503,11 @@ const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >
 /// every earlier draw of the sequence too (those are at or below `n - inc`). A block is
 /// used only while its ceiling equals `fence.token`, a value committed synchronously before
 /// any of the block's tokens was issued, so it survives a crash, while the block's row does
-/// not (recovery empties unlogged tables). A transaction-scoped grant ([`xact_grant`])
-/// takes `nextval`, above every block's end, and retires the key's block.
+/// not (recovery empties unlogged tables). Those versions' transaction-scoped grants
+/// retired the key's block. This version's grants draw `nextval`, above every block's end,
+/// but do not retire the block: while a client of those versions still runs, its block can
+/// go on below a newer token (an inversion, which a fence refuses; never a repeat, since a
+/// block's values belong to its own draw).
 fn session_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
     let next = block_next(s, [key, lease, meta]);
     format!(
@@ -395,27 +543,6 @@ fn block_next(s: &str, [key, lease, meta]: [&str; 3]) -> String {
          FROM l WHERE l.ok AND c.key = {key} AND c.token < c.ceiling \
            AND c.ceiling = (SELECT f.token FROM {s}.fence f WHERE f.key = {key}) \
          RETURNING c.token"
-    )
-}
-
-/// A transaction-scoped lock's grant, in the caller's transaction: takes the lock (`lock`)
-/// and writes the token to the key's `fence` row, `greatest(fence.token + 1, nextval)`,
-/// and retires the key's session block (`cursor.ceiling = 0`), so the next session grant
-/// starts a block above this token. If the transaction rolls back, both writes do too,
-/// but the sequence does not, so the token is never issued again (later session tokens,
-/// from the block, may be lower than it: the grant is void). Inputs and `tail` as in
-/// [`session_grant`].
-fn xact_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
-    format!(
-        "WITH l AS MATERIALIZED (SELECT {lock} AS ok), \
-         retire AS (UPDATE {s}.cursor SET ceiling = 0 \
-             WHERE key = {key} AND ceiling <> 0 AND (SELECT ok FROM l)) \
-         INSERT INTO {s}.fence AS f (key, token, lease_id, meta, holder_pid) \
-         SELECT {key}, nextval('{s}.token_seq'), {lease}, {meta}, pg_backend_pid() FROM l WHERE l.ok \
-         ON CONFLICT (key) DO UPDATE \
-             SET token = greatest(f.token + 1, EXCLUDED.token), lease_id = EXCLUDED.lease_id, \
-                 meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
-         RETURNING f.token{tail}"
     )
 }
 
