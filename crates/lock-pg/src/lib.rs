@@ -56,8 +56,10 @@ impl PgLocks {
         Ok(Self { shared })
     }
 
-    /// Creates or updates the lock schema (tables `fence`, `cursor` (unlogged) and `lease`, the
-    /// sequence `token_seq`, one function).
+    /// Creates or updates the lock schema (tables `fence`, `lease`, and the unlogged `holder`,
+    /// `epoch` and `cursor`; the sequence `token_seq`; the functions `session_acquire`,
+    /// `record_holder`, `token_above`, `first_token` and, for earlier versions' clients,
+    /// `session_token`).
     /// Idempotent and safe to run from many clients at once.
     pub async fn migrate(&self) -> Result<(), LockError> {
         self.shared.migrate().await
