@@ -140,9 +140,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {s}.holder (
 -- {guc}) so that later grants with the same metadata write nothing (a client that
 -- changes the metadata at every grant writes the row at every grant). A backend's first
 -- session grant (p_clear, a statement of its own) also clears the rows of ended backends
--- when the role may delete them, skipping rows others have locked. A transaction-scoped grant writes
--- only its own row, in the caller's transaction: it stays locked until that ends, and only
--- this backend writes its pid's row.
+-- when the role may delete them, skipping rows others have locked. A transaction-scoped
+-- grant writes only its own row, in the caller's transaction: it stays locked until that
+-- ends, and only this backend writes its pid's row.
 CREATE OR REPLACE FUNCTION {s}.record_holder(p_meta text, p_clear boolean)
 RETURNS boolean LANGUAGE plpgsql AS $fn$
 DECLARE
@@ -506,8 +506,10 @@ const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >
 /// not (recovery empties unlogged tables). Those versions' transaction-scoped grants
 /// retired the key's block. This version's grants draw `nextval`, above every block's end,
 /// but do not retire the block: while a client of those versions still runs, its block can
-/// go on below a newer token (an inversion, which a fence refuses; never a repeat, since a
-/// block's values belong to its own draw).
+/// go on below a newer token (an inversion, which a fence refuses). Its blocks also skip
+/// the crash guard (`first_token`): after a crash that lost the sequence's last record, its
+/// new block can even repeat a newer client's token. Upgrade every client of a schema
+/// before relying on the order of their tokens.
 fn session_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
     let next = block_next(s, [key, lease, meta]);
     format!(
