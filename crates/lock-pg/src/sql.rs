@@ -94,9 +94,9 @@ DO $do$ BEGIN
     END IF;
 END $do$;
 -- Earlier versions' session locks (session 10 and 11 clients): per key, the last token
--- issued from the key's current block, the block's
--- end, and the holder (lease_id, meta, holder_pid). UNLOGGED: written without WAL, and
--- emptied by PostgreSQL's recovery after a crash. A grant inside the block writes only
+-- issued from the key's current block, the block's end, and the holder (lease_id, meta,
+-- holder_pid). UNLOGGED: written without WAL, and emptied by PostgreSQL's recovery after
+-- a crash. A grant inside the block writes only
 -- this row, so its commit waits for no WAL flush; a grant that needs a new block raises
 -- fence.token (WAL-logged, committed synchronously) first. The block is used only while
 -- `ceiling` still equals fence.token (no other grant moved the durable counter since),
@@ -202,10 +202,10 @@ BEGIN
 END
 $fn$;
 
--- A session lock's token when the key's counter (fence.token) is not below the sequence,
--- which this schema's writers never cause (every value they write is a draw of
--- token_seq), but a sequence set back by hand or by a restore can: a token above the
--- counter, written to it (WAL-logged, so the grant commits synchronously).
+-- An advisory lock's token (either scope) when the key's counter (fence.token) is not
+-- below the draw, which this schema's writers never cause (every value they write is a
+-- draw of token_seq), but a sequence set back by hand or by a restore can: a token above
+-- the counter, written to it (WAL-logged, so the grant commits synchronously).
 CREATE OR REPLACE FUNCTION {s}.token_above(p_key text)
 RETURNS bigint LANGUAGE sql AS $fn$
     INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
