@@ -151,8 +151,16 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     out.push(
         check(
             "pg",
-            "counter_ahead_of_sequence_still_grows_tokens",
+            "lease_counter_ahead_of_sequence_still_grows_tokens",
             counter_ahead(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
+            "pg",
+            "holder_named_at_grant_and_name_given_back_at_release",
+            holder_name(url),
         )
         .await,
     );
@@ -953,54 +961,125 @@ async fn restart(url: &str, server: &mut Postgres) -> Res<String> {
     Ok(lines.join("; "))
 }
 
-/// A key whose counter row is ahead of the token sequence (a sequence reset by hand or by
-/// a restore): every mode's next grant is still above the counter, and the lease row
-/// (what `inspect` shows) carries the token actually issued.
+/// A lease row whose token is ahead of the token sequence (a row written by hand, or a
+/// sequence set back): the next grant is still above the row's token, and the row (what
+/// `inspect` shows) carries the token actually issued. (The advisory modes keep no
+/// per-key counter: their tokens are draws of the sequence, which must never be set
+/// back; see the README's "Restoring from a backup".)
 async fn counter_ahead(url: &str) -> Res<String> {
     let admin = admin(url).await?;
+    let (_locks, c) = client(url, PgMode::Lease).await?;
+    let key = "ahead-lease";
+    // Make sure the schema and the key's row exist, then push the row's token far ahead.
+    cycle(&c, key).await?;
+    let ahead: i64 = 1 << 50;
+    let n = admin
+        .execute(
+            "UPDATE distlock.lease SET token = $2 WHERE key = $1",
+            &[&key, &ahead],
+        )
+        .await
+        .map_err(e2s)?;
+    if n != 1 {
+        return Err(format!("no lease row for {key}"));
+    }
+    let g = c.acquire(key).await.map_err(e2s)?;
+    let token = g.token().get();
+    if token <= ahead as u64 {
+        return Err(format!("token {token} not above the row's {ahead}"));
+    }
+    let info = c
+        .inspect(key)
+        .await
+        .map_err(e2s)?
+        .ok_or("inspect found no holder")?;
+    if info.token != g.token() {
+        return Err(format!(
+            "the lease row shows token {} but the holder got {token}",
+            info.token
+        ));
+    }
+    g.release().await.map_err(e2s)?;
+    Ok(format!("row at 2^50; next token {token}"))
+}
+
+/// An advisory holder is named in `application_name` (`lk <lease> <token>`) from the moment
+/// its grant returns, and a released connection has its own name back before it is used
+/// again: the grant and release return as soon as their row arrives, ahead of the rest of
+/// the server's answer, so this checks that nothing they leave behind is seen late.
+async fn holder_name(url: &str) -> Res<String> {
+    let admin = admin(url).await?;
     let mut seen = Vec::new();
-    for mode in [PgMode::Lease, PgMode::Advisory, PgMode::Xact] {
-        let (_locks, c) = client(url, mode).await?;
-        let key = format!("ahead-{mode:?}");
-        // Make sure the schema exists, then push this key's counter far ahead.
-        cycle(&c, &key).await?;
-        let ahead: i64 = 1 << 50;
-        // Lease-mode keys count in their lease row; the advisory modes in the fence table.
-        // (A session grant writes no counter row: the row is made here if it is missing.)
-        let counter = if mode == PgMode::Lease {
-            "UPDATE distlock.lease SET token = $2 WHERE key = $1"
-        } else {
-            "INSERT INTO distlock.fence (key, token) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token"
-        };
-        let n = admin.execute(counter, &[&key, &ahead]).await.map_err(e2s)?;
-        if n != 1 {
-            return Err(format!("{mode:?}: no counter row for {key}"));
-        }
-        let g = c.acquire(&key).await.map_err(e2s)?;
-        let token = g.token().get();
-        if token <= ahead as u64 {
-            return Err(format!(
-                "{mode:?}: token {token} not above the counter {ahead}"
-            ));
-        }
-        if mode == PgMode::Lease {
+    for mode in [PgMode::Advisory, PgMode::Xact] {
+        // Two connections (the least a pool may have); both are checked after the release.
+        let locks = PgLocks::connect_with(pg_config(url).pool_size(2))
+            .await
+            .map_err(e2s)?;
+        let c = LockClient::from_arc(mode.backend(&locks)).with_options(opts());
+        let key = format!("name-{mode:?}-{}", rand::random::<u32>());
+        let (hi, lo) = lock_parts(&key);
+        for round in 0..3 {
+            let g = c.acquire(&key).await.map_err(e2s)?;
+            let want = format!("lk {} {}", g.lease_id(), g.token());
+            let row = admin
+                .query_one(
+                    "SELECT a.application_name FROM pg_locks l \
+                     JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                       AND l.classid::bigint = $1 AND l.objid::bigint = $2",
+                    &[&hi, &lo],
+                )
+                .await
+                .map_err(e2s)?;
+            let name: String = row.get(0);
+            if name != want {
+                return Err(format!(
+                    "{mode:?} round {round}: the holder is named {name:?}, not {want:?}"
+                ));
+            }
             let info = c
                 .inspect(&key)
                 .await
                 .map_err(e2s)?
-                .ok_or("inspect found no holder")?;
-            if info.token != g.token() {
+                .ok_or_else(|| format!("{mode:?}: inspect found no holder"))?;
+            if info.lease_id != *g.lease_id() || info.token != g.token() {
                 return Err(format!(
-                    "the lease row shows token {} but the holder got {token}",
-                    info.token
+                    "{mode:?}: inspect shows {} {}, the holder is {} {}",
+                    info.lease_id,
+                    info.token,
+                    g.lease_id(),
+                    g.token()
                 ));
             }
+            g.release().await.map_err(e2s)?;
+            let conns = [
+                locks.pool().get().await.map_err(e2s)?,
+                locks.pool().get().await.map_err(e2s)?,
+            ];
+            for conn in &conns {
+                let row = conn
+                    .query_one(
+                        "SELECT current_setting('application_name'), \
+                                current_setting('idle_session_timeout')",
+                        &[],
+                    )
+                    .await
+                    .map_err(e2s)?;
+                let (name, idle): (String, String) = (row.get(0), row.get(1));
+                if name != "lock-pg" || idle != "0" {
+                    return Err(format!(
+                        "{mode:?} round {round}: a pooled connection after the release is \
+                         named {name:?} with idle_session_timeout {idle}"
+                    ));
+                }
+            }
         }
-        g.release().await.map_err(e2s)?;
-        seen.push(format!("{mode:?} {token}"));
+        seen.push(format!("{mode:?}"));
     }
-    Ok(format!("counter at 2^50; next tokens: {}", seen.join(", ")))
+    Ok(format!(
+        "{}: named at the grant, own name back after the release",
+        seen.join(", ")
+    ))
 }
 
 /// The lease release commits without waiting for a WAL flush (`synchronous_commit` off for

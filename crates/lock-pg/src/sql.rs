@@ -68,12 +68,12 @@ impl Sql {
         let schema_ddl = format!(
             r#"
 CREATE SCHEMA IF NOT EXISTS {s};
--- Advisory locks' per-key counter, rows never deleted. This version's grants take their
--- tokens from token_seq and write here only when the sequence is not above the key's
--- counter (set back by hand or by a restore: `token_above`). Earlier versions wrote here:
--- the token of a transaction-scoped lock, with its holder (lease_id, meta, holder_pid),
--- and the end of a session lock's block (`cursor`). Every value written here is at or
--- below token_seq, unless the sequence was set back.
+-- Earlier versions' per-key counter for advisory locks, rows never deleted. This
+-- version's grants take their tokens from token_seq and neither read nor write here.
+-- Earlier versions wrote the token of a transaction-scoped lock, with its holder
+-- (lease_id, meta, holder_pid), and the end of a session lock's block (`cursor`), and
+-- session 12 clients read it (`token_above`). Every value written here is a draw of
+-- token_seq, or a block's end at one.
 CREATE TABLE IF NOT EXISTS {s}.fence (
     key        text PRIMARY KEY,
     token      bigint NOT NULL,
@@ -202,10 +202,10 @@ BEGIN
 END
 $fn$;
 
--- An advisory lock's token (either scope) when the key's counter (fence.token) is not
--- below the draw, which this schema's writers never cause (every value they write is a
--- draw of token_seq), but a sequence set back by hand or by a restore can: a token above
--- the counter, written to it (WAL-logged, so the grant commits synchronously).
+-- Session 12 clients' advisory token when the key's counter (fence.token) is not below
+-- their draw, which this schema's writers never cause (every value they write is a draw
+-- of token_seq): a token above the counter, written to it. Kept so that their statements,
+-- which name it, still prepare; this version does not call it.
 CREATE OR REPLACE FUNCTION {s}.token_above(p_key text)
 RETURNS bigint LANGUAGE sql AS $fn$
     INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
@@ -258,17 +258,15 @@ BEGIN
         END IF;
         PERFORM set_config('lock_timeout', v_old, true);
     END IF;
-    -- The token and the holder's name, as the plain statements do (see sql.rs); each
-    -- PL/pgSQL statement reads the newest committed rows, so the counter read is of after
-    -- the wait. The name is the transaction's own for a transaction-scoped lock (it
-    -- reverts at commit or rollback), the session's for a session lock (until release).
+    -- The token and the holder's name, as the plain statements do (see `advisory_try` in
+    -- sql.rs): a draw of token_seq, through the crash guard at a server process's first
+    -- grant. The name is the transaction's own for a transaction-scoped lock (it reverts
+    -- at commit or rollback), the session's for a session lock (until release). p_key is
+    -- unused since session 13 (kept for the signature that clients call).
     IF current_setting('{guc}', true) IS NULL THEN
         v_token := {s}.first_token();
     ELSE
         v_token := nextval('{s}.token_seq');
-    END IF;
-    IF v_token <= coalesce((SELECT f.token FROM {s}.fence f WHERE f.key = p_key), 0) THEN
-        v_token := {s}.token_above(p_key);
     END IF;
     PERFORM set_config('application_name', 'lk ' || p_lease || ' ' || v_token, p_xact);
     IF current_setting('{guc}', true) IS DISTINCT FROM p_meta THEN
@@ -408,22 +406,27 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
 }
 
 /// An advisory lock's uncontended grant as one plain statement (what session_acquire does
-/// for a try, without the PL/pgSQL call). Parameters: $1 key, $2 advisory id, $3 lease,
-/// $4 metadata, $5 the server-side idle limit (ms). No row when the lock is taken.
+/// for a try, without the PL/pgSQL call). Parameters: $1 advisory id, $2 lease, $3
+/// metadata, $4 the server-side idle limit (ms). No row when the lock is taken.
 ///
-/// The lock's CTE is materialized, so the lock is tried exactly once, before anything
-/// else, and no token is drawn when it is taken. A server process's first grant (its
-/// session has no recorded metadata yet) draws through `first_token`, the crash guard
-/// (see the schema). The token is a draw of `token_seq`: a
-/// sequence writes WAL (and takes a transaction id) once in 32 draws, when it logs the
-/// next 32 ahead, so the grant writes no row. The draw is the token when it is above the
-/// key's `fence.token` (always, unless the sequence was set back by hand or by a restore);
-/// otherwise `token_above` issues one above that counter and writes it there. The
-/// counter is read in the statement's snapshot (taken before the lock was granted); its
-/// writers all draw from the sequence first, so that read only matters in that set-back
-/// state. The holder is named in application_name (`lk <lease> <token>`, in
-/// pg_stat_activity at once); its metadata is recorded once per connection
-/// (`record_holder`, only when the session's remembered metadata differs).
+/// The plan is two nodes: a `Result` that tries the lock and, only when granted, draws
+/// the token, under a subquery scan (`OFFSET 0` keeps the subquery, so the draw is
+/// evaluated once per row) that drops the row when the lock was taken and otherwise
+/// names the holder. No token is drawn when the lock is taken. A server process's first
+/// grant (its session has no recorded metadata yet) draws through `first_token`, the
+/// crash guard (see the schema). The token is a draw of `token_seq`: a sequence writes
+/// WAL (and takes a transaction id) once in 32 draws, when it logs the next 32 ahead, so
+/// the grant writes no row and reads none. Every token of the key, in either scope and
+/// from every client version, was an earlier draw of the same sequence or lies in a block
+/// at or below one (session 10 and 11 clients), so the draw is above them all: the
+/// argument rests on the sequence never going back, which the crash guard keeps through a
+/// crash and which an operator must keep through a restore (the README's procedure). The
+/// holder is named in application_name (`lk <lease> <token>`, in pg_stat_activity at once);
+/// its metadata is recorded once per connection (`record_holder`, only when the session's
+/// remembered metadata differs).
+///
+/// Session 12's form (three materialized CTEs and a lookup of the key's `fence` row)
+/// spent about 5 µs more server CPU per grant, mostly in setting up its plan.
 fn advisory_try(s: &str, scope: Scope) -> String {
     let (lock, local, idle) = match scope {
         Scope::Session => ("pg_try_advisory_lock", false, "idle_session_timeout"),
@@ -434,17 +437,15 @@ fn advisory_try(s: &str, scope: Scope) -> String {
         ),
     };
     format!(
-        "WITH l AS MATERIALIZED (SELECT {lock}($2) AS ok), \
-         t AS MATERIALIZED (SELECT CASE WHEN current_setting('{guc}', true) IS NULL \
-             THEN {s}.first_token() ELSE nextval('{s}.token_seq') END AS tok FROM l WHERE l.ok), \
-         g AS MATERIALIZED (SELECT CASE \
-             WHEN t.tok > coalesce((SELECT f.token FROM {s}.fence f WHERE f.key = $1), 0) \
-             THEN t.tok ELSE {s}.token_above($1) END AS tok FROM t) \
-         SELECT g.tok, set_config('application_name', 'lk ' || $3 || ' ' || g.tok, {local}), \
+        "SELECT x.tok, set_config('application_name', 'lk ' || $2 || ' ' || x.tok, {local}), \
              {record}, \
-             {IDLE_IF_14}set_config('{idle}', $5, {local}) END \
-         FROM g",
-        record = record_if_changed(s, "$4", !local),
+             {IDLE_IF_14}set_config('{idle}', $4, {local}) END \
+         FROM (SELECT CASE WHEN {lock}($1) THEN \
+                 CASE WHEN current_setting('{guc}', true) IS NULL \
+                 THEN {s}.first_token() ELSE nextval('{s}.token_seq') END END AS tok \
+               OFFSET 0) x \
+         WHERE x.tok IS NOT NULL",
+        record = record_if_changed(s, "$3", !local),
         guc = meta_setting(s),
     )
 }
