@@ -76,13 +76,15 @@ impl InFlight {
 /// The grant and release statements change `application_name`, which the server reports
 /// (a ParameterStatus message) between the statement's result and the end of its response
 /// (ReadyForQuery). tokio-postgres hands such a response over in two parts, and waiting
-/// for the second costs the caller's task another wake-up: about 10 µs per lock cycle on
-/// a 2-core machine, 0.13 x `SELECT 1` (session 13's A/B). The row already holds
-/// everything the caller needs: session-level advisory locks, unlocks and sequence draws
-/// take effect when they run, not at commit (the rest of the implicit transaction is the
-/// holder record, whose loss only leaves `inspect` without metadata, and the name, which
-/// the release sets again). The connection discards the rest of the response before
-/// answering the next statement sent on it (requests are answered in order).
+/// for the second costs the caller's task another wake-up: 2.24 to 2.31 x `SELECT 1` per
+/// lock cycle against 2.16 to 2.21 x returning at the row, in session 13's A/B on a
+/// 2-core machine (docs/benchmarks.md). The row already holds everything the caller
+/// needs: session-level advisory locks, unlocks and sequence draws take effect when they
+/// run, not at commit. What the implicit transaction still commits after the row is the
+/// holder record (lost, it leaves `inspect` without metadata until the next grant records
+/// it), the crash guard's marker (lost, the next grant moves the sequence again) and the
+/// name. The connection discards the rest of the response before answering the next
+/// statement sent on it (requests are answered in order).
 async fn first_row(
     conn: &tokio_postgres::Client,
     stmt: &tokio_postgres::Statement,
