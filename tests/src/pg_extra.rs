@@ -166,6 +166,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     );
     out.push(
         check(
+            "pg",
+            "crash_guard_inside_an_older_repeatable_read_snapshot",
+            guard_in_old_snapshot(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
             "pg lease",
             "async_release_commit_stays_in_its_own_transaction",
             async_release(url),
@@ -1079,6 +1087,66 @@ async fn holder_name(url: &str) -> Res<String> {
     Ok(format!(
         "{}: named at the grant, own name back after the release",
         seen.join(", ")
+    ))
+}
+
+/// Right after a crash (the crash guard's marker gone, every server process new), a
+/// transaction-scoped lock taken in the caller's REPEATABLE READ transaction whose snapshot
+/// is older than another process's first grant: the guard reads the marker as missing in
+/// that snapshot, moves the sequence again (harmless) and finds the marker already there
+/// when it writes it. The lock must be granted, not fail with a serialization error, and
+/// its token must be above every earlier one.
+async fn guard_in_old_snapshot(url: &str) -> Res<String> {
+    let admin = admin(url).await?;
+    let key = format!("rr-guard-{}", rand::random::<u32>());
+    let (_l, c) = client(url, PgMode::Advisory).await?;
+    let g = c.acquire(&key).await.map_err(e2s)?;
+    let before = g.token().get();
+    g.release().await.map_err(e2s)?;
+    // What crash recovery does to the unlogged marker; the clients below are new, so
+    // their first grants go through the guard.
+    admin
+        .batch_execute("TRUNCATE distlock.epoch")
+        .await
+        .map_err(e2s)?;
+    let old = PgLocks::connect_with(pg_config(url).pool_size(2))
+        .await
+        .map_err(e2s)?;
+    let mut conn = old.pool().get().await.map_err(e2s)?;
+    let tx = conn
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(e2s)?;
+    // The transaction's snapshot, taken now: no marker.
+    let seen: i64 = tx
+        .query_one("SELECT count(*) FROM distlock.epoch", &[])
+        .await
+        .map_err(e2s)?
+        .get(0);
+    if seen != 0 {
+        return Err(format!("{seen} markers right after the truncate"));
+    }
+    // Another process's first grant puts the marker back and moves the sequence.
+    let (_l2, other) = client(url, PgMode::Advisory).await?;
+    let g = other.acquire(&format!("{key}-other")).await.map_err(e2s)?;
+    let moved = g.token().get();
+    g.release().await.map_err(e2s)?;
+    let t = old
+        .lock_in_transaction(&tx, &key, WaitPolicy::NoWait)
+        .await
+        .map_err(|e| format!("the lock in the older snapshot failed: {e}"))?
+        .get();
+    tx.commit().await.map_err(e2s)?;
+    if moved <= before || t <= before {
+        return Err(format!(
+            "tokens did not grow across the guard: {before} before, {moved} and {t} after"
+        ));
+    }
+    Ok(format!(
+        "token {before} before the marker went; {moved} by the first new process, {t} in the \
+         older snapshot"
     ))
 }
 

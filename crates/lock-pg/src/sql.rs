@@ -190,7 +190,15 @@ BEGIN
             IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
                 PERFORM setval('{s}.token_seq',
                     (SELECT last_value FROM {s}.token_seq) + 4294967296);
-                INSERT INTO {s}.epoch VALUES (true) ON CONFLICT DO NOTHING;
+                BEGIN
+                    INSERT INTO {s}.epoch VALUES (true) ON CONFLICT DO NOTHING;
+                EXCEPTION WHEN serialization_failure THEN
+                    -- A REPEATABLE READ or SERIALIZABLE caller whose snapshot is older
+                    -- than another process's insert of the marker: this call saw no marker
+                    -- and moved the sequence again (setval is not rolled back, and a
+                    -- second move is harmless), and the marker is there. Go on.
+                    NULL;
+                END;
             END IF;
         EXCEPTION WHEN OTHERS THEN
             PERFORM pg_advisory_unlock('{epoch_lock}'::bigint);
