@@ -33,3 +33,17 @@ where
     lock_conformance::print_result(&r);
     r
 }
+
+/// A check that cannot run in this setup, reported (and printed) as skipped with the reason.
+pub fn skip(target: &str, case: &str, reason: &str) -> CaseResult {
+    let r = CaseResult {
+        target: target.to_owned(),
+        case: case.to_owned(),
+        outcome: Outcome::Skipped {
+            reason: reason.to_owned(),
+        },
+        millis: 0,
+    };
+    lock_conformance::print_result(&r);
+    r
+}

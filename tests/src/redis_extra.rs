@@ -25,76 +25,72 @@ async fn client(url: &str, fair: bool) -> Result<LockClient, String> {
     Ok(LockClient::new(b).with_options(opts()))
 }
 
-/// Runs every Redis-specific check.
-pub async fn run() -> Vec<CaseResult> {
+type CheckFn = fn() -> lock_conformance::BoxFuture<'static, Result<String, String>>;
+
+/// Every Redis-specific check: (target, name, check). Each starts the servers it needs.
+fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
     vec![
-        check(
+        (
             "redis-extra",
             "restart_losing_data_reports_loss_and_tokens_still_grow",
-            restart_losing_data(),
-        )
-        .await,
-        check(
+            || Box::pin(restart_losing_data()),
+        ),
+        (
             "redis-extra",
             "one_release_wakes_exactly_one_of_64_waiters",
-            herd(),
-        )
-        .await,
-        check(
+            || Box::pin(herd()),
+        ),
+        (
             "redis-extra",
             "replica_ack_refuses_unacknowledged_grant",
-            replica_ack(),
-        )
-        .await,
-        check(
-            "redlock",
-            "majority_rules_with_nodes_down",
-            redlock_nodes_down(),
-        )
-        .await,
-        check(
-            "redlock",
-            "tokens_grow_after_a_node_restarts_empty",
-            redlock_restart_empty(),
-        )
-        .await,
-        check(
-            "redis-extra",
-            "fenced_set_refuses_stale_token",
-            fenced_set(),
-        )
-        .await,
-        check(
-            "redlock",
-            "paused_node_does_not_extend_validity",
-            redlock_paused_node(),
-        )
-        .await,
-        check(
+            || Box::pin(replica_ack()),
+        ),
+        ("redlock", "majority_rules_with_nodes_down", || {
+            Box::pin(redlock_nodes_down())
+        }),
+        ("redlock", "tokens_grow_after_a_node_restarts_empty", || {
+            Box::pin(redlock_restart_empty())
+        }),
+        ("redis-extra", "fenced_set_refuses_stale_token", || {
+            Box::pin(fenced_set())
+        }),
+        ("redlock", "paused_node_does_not_extend_validity", || {
+            Box::pin(redlock_paused_node())
+        }),
+        (
             "redis-extra",
             "batched_operations_stay_exclusive_and_isolated",
-            batched_exact(),
-        )
-        .await,
-        check(
+            || Box::pin(batched_exact()),
+        ),
+        (
             "redis-extra",
             "abandoned_batched_acquires_leave_nothing",
-            batched_abandoned(),
-        )
-        .await,
-        check(
+            || Box::pin(batched_abandoned()),
+        ),
+        (
             "redis-extra",
             "batched_grant_whose_caller_left_is_given_back",
-            batched_caller_gone(),
-        )
-        .await,
-        check(
+            || Box::pin(batched_caller_gone()),
+        ),
+        (
             "redis-extra",
             "an_attempt_under_the_holding_lease_is_granted_again_past_the_queue",
-            holder_attempts_again(),
-        )
-        .await,
+            || Box::pin(holder_attempts_again()),
+        ),
     ]
+}
+
+/// Runs every Redis-specific check; with `skip`, reports each as skipped by name with that
+/// reason instead (the checks start local redis-server processes of their own).
+pub async fn run(skip: Option<&str>) -> Vec<CaseResult> {
+    let mut out = Vec::new();
+    for (target, name, f) in checks() {
+        out.push(match skip {
+            Some(reason) => crate::skip(target, name, reason),
+            None => check(target, name, f()).await,
+        });
+    }
+    out
 }
 
 /// A holder whose attempt is repeated under its own lease (its answer was lost) is

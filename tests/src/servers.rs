@@ -45,6 +45,35 @@ fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) -> R
     Err(format!("{what} not ready within {limit:?}"))
 }
 
+/// The program to start for a server: the value of `env` when set (a test of the runners
+/// points it at a binary that exits at once), else `default`.
+fn server_program(env: &str, default: &str) -> PathBuf {
+    std::env::var_os(env)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+/// Waits until `ready`, failing at once if `proc` exits first.
+fn wait_ready_or_exit(
+    proc: &mut Proc,
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Res<()> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = proc.exited() {
+            return Err(format!("{what} exited before it was ready ({status})"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} not ready within {limit:?}"))
+}
+
 /// Sends `msg` to `addr` and returns what comes back (four-letter words, RESP PING).
 pub fn ask(addr: SocketAddr, msg: &[u8]) -> Option<String> {
     send_recv(addr, msg)
@@ -92,6 +121,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A handle that owns no process.
+    fn none() -> Self {
+        Self {
+            child: None,
+            name: String::new(),
+        }
+    }
+
     fn spawn(name: &str, cmd: &mut Command) -> Res<Self> {
         let child = cmd
             .stdin(Stdio::null())
@@ -103,6 +140,13 @@ impl Proc {
             child: Some(child),
             name: name.to_owned(),
         })
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// The pid.
@@ -168,10 +212,11 @@ impl Redis {
     }
 
     fn start_on(port: u16, dir: PathBuf, persist: bool, replica_of: Option<u16>) -> Res<Self> {
-        if !have("redis-server") {
+        let program = server_program("LOCK_REDIS_SERVER", "redis-server");
+        if !have(&program.to_string_lossy()) {
             return Err("redis-server is not installed (apt-get install redis-server)".into());
         }
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(&program);
         cmd.args([
             "--port",
             &port.to_string(),
@@ -197,9 +242,9 @@ impl Redis {
         if let Some(primary) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
-        let proc = Proc::spawn("redis-server", &mut cmd)?;
+        let mut proc = Proc::spawn("redis-server", &mut cmd)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        wait_until("redis-server", Duration::from_secs(10), || {
+        wait_ready_or_exit(&mut proc, "redis-server", Duration::from_secs(10), || {
             send_recv(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
         })?;
         Ok(Self {
@@ -253,6 +298,31 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.proc.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs SQL through psql against the local server on `port` and returns its output.
+fn psql_at(port: u16, sql: &str) -> Res<String> {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-tAq",
+            "-c",
+            sql,
+        ])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -326,7 +396,7 @@ impl Postgres {
         }
         let extra: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
         let proc = Self::launch(&dir, port, &extra)?;
-        let me = Self {
+        let mut me = Self {
             proc,
             port,
             dir,
@@ -337,7 +407,10 @@ impl Postgres {
     }
 
     fn launch(dir: &Path, port: u16, extra: &[String]) -> Res<Proc> {
-        let postgres = pg_bin("postgres").ok_or("postgres binary not found")?;
+        let postgres = match std::env::var_os("LOCK_POSTGRES").filter(|v| !v.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => pg_bin("postgres").ok_or("postgres binary not found")?,
+        };
         let mut cmd = as_pg_user(&postgres);
         cmd.arg("-D")
             .arg(dir.join("data"))
@@ -357,10 +430,13 @@ impl Postgres {
         Proc::spawn("postgres", &mut cmd)
     }
 
-    fn wait_ready(&self) -> Res<()> {
-        wait_until("postgres", Duration::from_secs(30), || {
-            self.psql("SELECT 1").is_ok()
-        })
+    fn wait_ready(&mut self) -> Res<()> {
+        let (port, mut proc) = (self.port, std::mem::replace(&mut self.proc, Proc::none()));
+        let r = wait_ready_or_exit(&mut proc, "postgres", Duration::from_secs(30), || {
+            psql_at(port, "SELECT 1").is_ok()
+        });
+        self.proc = proc;
+        r
     }
 
     /// The postmaster's pid and its children's (the backends and background workers): all
@@ -446,27 +522,7 @@ impl Postgres {
 
     /// Runs SQL through psql and returns its output.
     pub fn psql(&self, sql: &str) -> Res<String> {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-tAq",
-                "-c",
-                sql,
-            ])
-            .output()
-            .map_err(|e| format!("psql: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        psql_at(self.port, sql)
     }
 
     /// A smoke check: write, then read back.
@@ -507,7 +563,8 @@ impl ZooKeeper {
     /// Starts `members` servers (1: standalone; 3: an ensemble) on free ports.
     pub fn start(members: usize) -> Res<Self> {
         let cp = zk_classpath().ok_or("ZooKeeper is not installed (apt-get install zookeeper)")?;
-        if !have("java") {
+        let java = server_program("LOCK_ZK_JAVA", "java");
+        if !have(&java.to_string_lossy()) {
             return Err("java is not installed".into());
         }
         let dir = temp_dir("zk")?;
@@ -535,7 +592,7 @@ impl ZooKeeper {
             }
             let cfg_path = data.join("zoo.cfg");
             std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
-            let mut cmd = Command::new("java");
+            let mut cmd = Command::new(&java);
             cmd.arg("-Xmx256m")
                 .arg(format!("-Dzookeeper.log.dir={}", data.display()));
             cmd.arg("-cp").arg(&cp);
@@ -543,16 +600,21 @@ impl ZooKeeper {
                 .arg(&cfg_path);
             procs.push(Proc::spawn("zookeeper", &mut cmd)?);
         }
-        let me = Self { procs, ports, dir };
-        for p in &me.ports {
-            let addr: SocketAddr = ([127, 0, 0, 1], *p).into();
-            wait_until("zookeeper", Duration::from_secs(60), || {
-                send_recv(addr, b"srvr").is_some_and(|r| {
-                    r.contains("Mode: standalone")
-                        || r.contains("Mode: leader")
-                        || r.contains("Mode: follower")
-                })
-            })?;
+        let mut me = Self { procs, ports, dir };
+        for (i, p) in me.ports.clone().into_iter().enumerate() {
+            let addr: SocketAddr = ([127, 0, 0, 1], p).into();
+            wait_ready_or_exit(
+                &mut me.procs[i],
+                "zookeeper",
+                Duration::from_secs(60),
+                || {
+                    send_recv(addr, b"srvr").is_some_and(|r| {
+                        r.contains("Mode: standalone")
+                            || r.contains("Mode: leader")
+                            || r.contains("Mode: follower")
+                    })
+                },
+            )?;
         }
         Ok(me)
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lock_conformance::proxy::Proxy;
-use lock_conformance::{CaseResult, Outcome};
+use lock_conformance::CaseResult;
 use lock_core::{LockClient, LockError, LockKey, LockOptions, LockStatus, WaitPolicy};
 use lock_zk::ZkBackend;
 use tokio::time::{sleep, Instant};
@@ -54,82 +54,66 @@ fn key(tag: &str) -> String {
 
 use lock_conformance::record_statuses as record;
 
-/// Runs every ZooKeeper-specific check against `zk` (None: servers given by the
-/// environment, so the checks that need control of the servers are skipped).
-pub async fn run(zk: Option<ZooKeeper>, target: &str) -> Vec<CaseResult> {
-    let Some(mut zk) = zk else {
-        let r = CaseResult {
-            target: target.into(),
-            case: "server_control_checks".into(),
-            outcome: Outcome::Skipped {
-                reason: "these checks control server processes the local provider started; this run used servers from the environment or containers".into(),
-            },
-            millis: 0,
-        };
-        lock_conformance::print_result(&r);
-        return vec![r];
-    };
-    let connect = zk.connect_string();
-    let name = if zk.ports.len() == 1 {
-        "zk"
-    } else {
-        "zk-ensemble3"
-    };
+/// Runs every ZooKeeper-specific check against the servers at `connect`. The checks that
+/// need control of the server processes run only when `zk` holds them (servers this run
+/// started); otherwise each is reported skipped by name, with the reason.
+pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseResult> {
     let mut out = vec![
         check(
             name,
             "partition_shorter_than_session_uncertain_then_held",
-            short_partition(&connect),
+            short_partition(connect),
         )
         .await,
         check(
             name,
             "partition_longer_than_session_lost_before_next_grant",
-            long_partition(&connect),
+            long_partition(connect),
         )
         .await,
         check(
             name,
             "lost_create_reply_leaves_one_node",
-            lost_create_reply(&connect),
+            lost_create_reply(connect),
         )
         .await,
         check(
             name,
             "each_release_fires_exactly_one_of_64_watches",
-            herd(&connect),
+            herd(connect),
         )
         .await,
         check(
             name,
             "client_library_closes_session_on_drop",
-            drop_closes(&connect),
+            drop_closes(connect),
         )
         .await,
         check(
             name,
             "client_library_rearms_watches_after_reconnect",
-            watch_rearmed(&connect),
+            watch_rearmed(connect),
         )
         .await,
         check(
             name,
             "digest_auth_creator_acl_and_chroot",
-            digest_chroot(&connect),
+            digest_chroot(connect),
         )
         .await,
     ];
-    if zk.ports.len() > 1 {
-        out.push(
-            check(
+    let ensemble = connect.split(',').count() > 1;
+    if ensemble {
+        let case = "leader_killed_while_held_no_double_grant";
+        out.push(match zk {
+            Some(mut zk) => check(name, case, leader_killed(&mut zk)).await,
+            None => crate::skip(
                 name,
-                "leader_killed_while_held_no_double_grant",
-                leader_killed(&mut zk),
-            )
-            .await,
-        );
+                case,
+                "kills the leader process: needs servers this run started (--via local)",
+            ),
+        });
     }
-    drop(zk);
     out
 }
 

@@ -204,7 +204,8 @@ struct Provisioned {
 
 /// Finds servers for a backend: `env` where the variable is set, else containers where a
 /// Docker engine answers and the image is present or can be pulled, else local binaries.
-/// Err is the skip reason.
+/// Err is the provider tried and why no server came up: a failure of the run for every
+/// store this machine can run (only MongoDB, which cannot be obtained here, is skipped).
 async fn provision<L>(
     r: &Run,
     kind: Kind,
@@ -290,7 +291,6 @@ where
 }
 
 async fn redis(r: &Run) -> Line {
-    let names = lock_conformance::case_names();
     let p = match provision(r, Kind::Redis, 1, "LOCK_REDIS_URL", || {
         let s = Redis::start(false)?;
         Ok((
@@ -302,9 +302,7 @@ async fn redis(r: &Run) -> Line {
     .await
     {
         Ok(p) => p,
-        Err((prov, why)) => {
-            return skipped("redis", &prov, &format!("no Redis server: {why}"), &names)
-        }
+        Err((prov, why)) => return failed("redis", &prov, format!("no Redis server: {why}")),
     };
     let url = p.urls[0].clone();
     let mut results = Vec::new();
@@ -314,9 +312,10 @@ async fn redis(r: &Run) -> Line {
             Err(e) => return failed("redis", &p.provider, e),
         }
     }
-    if p.local.is_some() {
-        results.extend(redis_extra::run().await);
-    }
+    let skip = p.local.is_none().then_some(
+        "starts local redis-server processes of its own: runs in the local leg (--via local)",
+    );
+    results.extend(redis_extra::run(skip).await);
     Line {
         backend: "redis".into(),
         provider: p.provider,
@@ -325,7 +324,6 @@ async fn redis(r: &Run) -> Line {
 }
 
 async fn redlock(r: &Run) -> Line {
-    let names = lock_conformance::case_names();
     let p = match provision(r, Kind::Redis, 5, "LOCK_REDLOCK_URLS", || {
         let s = (0..5)
             .map(|_| Redis::start(false))
@@ -339,14 +337,7 @@ async fn redlock(r: &Run) -> Line {
     .await
     {
         Ok(p) => p,
-        Err((prov, why)) => {
-            return skipped(
-                "redlock",
-                &prov,
-                &format!("no Redis servers: {why}"),
-                &names,
-            )
-        }
+        Err((prov, why)) => return failed("redlock", &prov, format!("no Redis servers: {why}")),
     };
     let results = match targets::redlock(p.urls.clone()) {
         Ok(t) => run_suite(t, None).await.results,
@@ -360,7 +351,6 @@ async fn redlock(r: &Run) -> Line {
 }
 
 async fn pg(r: &Run) -> Line {
-    let names = lock_conformance::case_names();
     let p = match provision(r, Kind::Postgres, 1, "LOCK_PG_URL", || {
         let s = Postgres::start()?;
         Ok((
@@ -372,9 +362,7 @@ async fn pg(r: &Run) -> Line {
     .await
     {
         Ok(p) => p,
-        Err((prov, why)) => {
-            return skipped("pg", &prov, &format!("no PostgreSQL server: {why}"), &names)
-        }
+        Err((prov, why)) => return failed("pg", &prov, format!("no PostgreSQL server: {why}")),
     };
     let url = p.urls[0].clone();
     let mut results = Vec::new();
@@ -427,15 +415,13 @@ async fn zk(r: &Run) -> Line {
         {
             Ok(p) => p,
             Err((prov, why)) => {
-                results.extend(
-                    skipped(name, &prov, &format!("no ZooKeeper server: {why}"), &names).results,
-                );
+                results.extend(failed(name, &prov, format!("no ZooKeeper server: {why}")).results);
                 continue;
             }
         };
         // Containers give `host:port`; env and local give connect strings already.
         let connect = p.urls.join(",");
-        match targets::zk(name, connect) {
+        match targets::zk(name, connect.clone()) {
             Ok(t) => results.extend(run_suite(t, None).await.results),
             Err(e) => return failed("zk", &p.provider, e),
         }
@@ -443,7 +429,7 @@ async fn zk(r: &Run) -> Line {
             .local
             .and_then(|b| b.downcast::<ZooKeeper>().ok())
             .map(|b| *b);
-        results.extend(zk_extra::run(server, name).await);
+        results.extend(zk_extra::run(&connect, server, name).await);
         providers.push(p.provider);
     }
     Line {

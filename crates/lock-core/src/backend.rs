@@ -206,15 +206,34 @@ pub enum SessionHealth {
 pub struct Grant {
     /// The fencing token issued with the grant.
     pub token: FencingToken,
-    /// Monotonic deadline of the lease (before any drift margin), measured from before the
-    /// request was sent. `None` for session backends.
+    /// Monotonic instant until which the store keeps the lock without a renewal (before any
+    /// drift margin), measured from before the request was sent. `None` for session
+    /// backends that report on the session instead ([`Grant::session`]).
     pub lease_deadline: Option<Instant>,
     /// Session health updates, for session backends.
     pub session: Option<watch::Receiver<SessionHealth>>,
-    /// For session backends: the channel does not change before this instant (the
-    /// backend's first check of the session is not due sooner), so the guard starts
-    /// watching it only then. `None`: watch from the grant on.
-    pub session_quiet_until: Option<Instant>,
+    /// For a lock held by a session that the server ends after a set time of silence
+    /// (PostgreSQL's idle limits): the guard confirms the session on this schedule through
+    /// [`LockBackend::renew`], and the lock is safe until the deadline the last
+    /// confirmation gave, exactly as a TTL lease. `None`: the lease is the request's ttl.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// How a session lock with a server-side limit is kept (see [`Grant::keepalive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Keepalive {
+    /// How long the server keeps a silent holder's session after a request reached it.
+    pub limit: Duration,
+    /// How often the guard confirms the session.
+    pub every: Duration,
+}
+
+impl Keepalive {
+    /// A session kept for `limit` after each request, confirmed every `every`.
+    pub fn new(limit: Duration, every: Duration) -> Self {
+        Self { limit, every }
+    }
 }
 
 impl Grant {
@@ -223,26 +242,36 @@ impl Grant {
         Self {
             token,
             lease_deadline: Some(lease_deadline),
-            session_quiet_until: None,
             session: None,
+            keepalive: None,
         }
     }
 
-    /// A session grant.
+    /// A session grant whose health the backend reports on `session`.
     pub fn session(token: FencingToken, session: watch::Receiver<SessionHealth>) -> Self {
         Self {
             token,
             lease_deadline: None,
             session: Some(session),
-            session_quiet_until: None,
+            keepalive: None,
         }
     }
 
-    /// Declares that the session channel will not change before `at` (see
-    /// [`Grant::session_quiet_until`]).
-    pub fn quiet_until(mut self, at: Instant) -> Self {
-        self.session_quiet_until = Some(at);
-        self
+    /// A session grant the server keeps until `deadline` unless confirmed again (see
+    /// [`Grant::keepalive`]).
+    pub fn kept_alive(token: FencingToken, deadline: Instant, keepalive: Keepalive) -> Self {
+        Self {
+            token,
+            lease_deadline: Some(deadline),
+            session: None,
+            keepalive: Some(keepalive),
+        }
+    }
+
+    /// The length of the lease behind `lease_deadline`: the server's limit for a
+    /// kept-alive session, else the requested ttl.
+    pub fn lease_len(&self, requested: Duration) -> Duration {
+        self.keepalive.map_or(requested, |k| k.limit)
     }
 }
 
@@ -352,7 +381,9 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Extends the lease to `ttl` from now if the store still holds `lease`; returns the new
     /// monotonic deadline measured from before the request was sent. Fails with
-    /// [`LockError::NotHeld`] if the lease is gone. Must never create a lease.
+    /// [`LockError::NotHeld`] if the lease is gone. Must never create a lease. For a
+    /// kept-alive session grant ([`Grant::kept_alive`]) it confirms the session and returns
+    /// the deadline the server's limit gives (`ttl` is the limit).
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError>;
 
     /// Removes `lease` (held, or waiting in a queue). Idempotent.

@@ -1,7 +1,7 @@
 //! The client: acquire with a wait policy, cancellation safety, `with_lock`.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
@@ -10,7 +10,7 @@ use tracing::Instrument;
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
 use crate::guard::{LockGuard, LockHandle, LockStatus};
-use crate::key::LockKey;
+use crate::key::{LeaseId, LockKey};
 use crate::options::{LockOptions, WaitPolicy};
 
 /// Acquires locks on any backend.
@@ -90,23 +90,21 @@ impl LockClient {
         let backend = self.backend.clone();
         let name = backend.name();
         let req = AcquireRequest::new(key, opts.lease, opts.meta.clone(), opts.backoff);
-        let lease = req.lease();
         let started = Instant::now();
-        let span = tracing::debug_span!("lock.acquire", backend = name, key = %req.key, lease = %req.lease_id);
-        // Armed while the request is in flight: a caller that goes away mid-request (its
-        // own timeout, a select, a dropped task) cannot leave a lease or a queue entry behind.
-        let mut pending = Pending {
+        let span = tracing::debug_span!("lock.acquire", backend = name, key = %req.key);
+        // Armed while a request is in flight: a caller that goes away mid-request (its own
+        // timeout, a select, a dropped task) cannot leave a lease or a queue entry behind.
+        let pending = Pending {
             backend: Some(&backend),
-            lease: &lease,
+            lease: Mutex::new(req.lease()),
             op_timeout: opts.op_timeout,
         };
         // The backend's own events belong to this span (entered on each poll, never held
         // across an await).
-        let res = settle(&*backend, &req, &lease, opts, started)
+        let res = settle(&*backend, req, &pending, opts, started)
             .instrument(span.clone())
             .await;
-        pending.backend = None;
-        drop(pending);
+        pending.disarm();
         let _enter = span.enter();
         let waited = started.elapsed().as_secs_f64();
         metrics::histogram!("lock_wait_seconds", "backend" => name).record(waited);
@@ -119,8 +117,8 @@ impl LockClient {
         metrics::counter!("lock_acquire_total", "backend" => name, "outcome" => outcome)
             .increment(1);
         match res {
-            Ok(grant) => {
-                tracing::debug!(token = %grant.token, waited, "granted");
+            Ok((lease, grant)) => {
+                tracing::debug!(token = %grant.token, lease = %lease.lease_id, waited, "granted");
                 Ok(LockGuard::start(self.backend.clone(), lease, grant, opts))
             }
             Err(e) => {
@@ -193,14 +191,23 @@ impl LockClient {
 }
 
 /// An acquire request in flight. Dropped while armed (the caller went away before the
-/// backend answered, or before the caller saw the answer), it releases whatever the request
-/// may have created, by lease id, in a task of its own.
-///
-/// It borrows what it would need: the copies are made only when it goes off.
+/// backend answered, or before the caller saw the answer), it releases whatever the current
+/// request may have created, by lease id, in a task of its own.
 struct Pending<'a> {
     backend: Option<&'a Arc<dyn LockBackend>>,
-    lease: &'a LeaseRef,
+    /// The lease of the request in flight (each retry has its own).
+    lease: Mutex<LeaseRef>,
     op_timeout: Duration,
+}
+
+impl Pending<'_> {
+    fn disarm(mut self) {
+        self.backend = None;
+    }
+
+    fn set(&self, lease: LeaseRef) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+    }
 }
 
 impl Drop for Pending<'_> {
@@ -208,7 +215,10 @@ impl Drop for Pending<'_> {
         let Some(backend) = self.backend.take().cloned() else {
             return;
         };
-        let (lease, op) = (self.lease.clone(), self.op_timeout);
+        let (lease, op) = (
+            self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            self.op_timeout,
+        );
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move { cleanup(&*backend, &lease, op).await });
@@ -240,25 +250,27 @@ async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
     tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
 }
 
-/// Runs the request, gives back late grants (retrying a waiting acquire after a backoff),
-/// and cleans up after an error that leaves the outcome unknown.
+/// Runs the request, gives back late grants (retrying a waiting acquire after a backoff,
+/// under a fresh lease id), and cleans up after an error that leaves the outcome unknown.
+/// Returns the lease that was granted.
 async fn settle(
     backend: &dyn LockBackend,
-    req: &AcquireRequest,
-    lease: &LeaseRef,
+    mut req: AcquireRequest,
+    pending: &Pending<'_>,
     opts: &LockOptions,
     started: Instant,
-) -> Result<Grant, LockError> {
-    let mut res = run_acquire(backend, req, opts, started).await;
+) -> Result<(LeaseRef, Grant), LockError> {
+    let mut res = run_acquire(backend, &req, opts, started).await;
     let mut late = 0u32;
     while matches!(&res, Ok(g) if arrived_late(g, opts)) {
         // A grant whose reply took most of the lease to arrive (a slow network, a
         // paused client): the holder would have no time to use it, and the store may
         // already be handing the key on. Give it back; a waiting acquire tries again
-        // after a backoff (whatever slowed the reply may still be there), within
-        // its wait.
+        // after a backoff (whatever slowed the reply may still be there), within its
+        // wait, as a new request: the give-back may still be on its way when the retry
+        // is granted, and must not find the retry's lease.
         tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
-        cleanup(backend, lease, opts.op_timeout).await;
+        cleanup(backend, &req.lease(), opts.op_timeout).await;
         res = if matches!(opts.wait, WaitPolicy::NoWait) {
             Err(LockError::backend(
                 backend.name(),
@@ -272,34 +284,40 @@ async fn settle(
             }
             tokio::time::sleep(pause).await;
             late = late.saturating_add(1);
-            run_acquire(backend, req, opts, started).await
+            req.lease_id = LeaseId::random();
+            pending.set(req.lease());
+            run_acquire(backend, &req, opts, started).await
         };
     }
-    if let Err(e) = &res {
-        // Errors that leave the outcome unknown may have created a lease or a queue
-        // entry: remove it before answering, so the caller sees a clean slate. A
-        // `Timeout` is definite: the backend contract has it leave nothing behind.
-        let unknown = !matches!(
-            e,
-            LockError::Contended { .. }
-                | LockError::Timeout { .. }
-                | LockError::InvalidKey { .. }
-                | LockError::InvalidOptions(_)
-                | LockError::InvalidConfig(_)
-        );
-        if unknown {
-            cleanup(backend, lease, opts.op_timeout).await;
+    match res {
+        Ok(grant) => Ok((req.lease(), grant)),
+        Err(e) => {
+            // Errors that leave the outcome unknown may have created a lease or a queue
+            // entry: remove it before answering, so the caller sees a clean slate. A
+            // `Timeout` is definite: the backend contract has it leave nothing behind.
+            let unknown = !matches!(
+                e,
+                LockError::Contended { .. }
+                    | LockError::Timeout { .. }
+                    | LockError::InvalidKey { .. }
+                    | LockError::InvalidOptions(_)
+                    | LockError::InvalidConfig(_)
+            );
+            if unknown {
+                cleanup(backend, &req.lease(), opts.op_timeout).await;
+            }
+            Err(e)
         }
     }
-    res
 }
 
-/// Whether a TTL grant has under a tenth of its lease left (after the drift margin) on
+/// Whether a grant has under a tenth of its lease left (after the drift margin) on
 /// arrival.
 fn arrived_late(grant: &Grant, opts: &LockOptions) -> bool {
+    let len = grant.lease_len(opts.lease);
     grant.lease_deadline.is_some_and(|d| {
-        d.checked_sub(opts.drift())
-            .is_none_or(|safe| safe < Instant::now() + opts.lease / 10)
+        d.checked_sub(crate::options::drift_for(len))
+            .is_none_or(|safe| safe < Instant::now() + len / 10)
     })
 }
 

@@ -8,11 +8,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::Instrument;
 
-use crate::backend::{LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
+use crate::backend::{Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
 use crate::error::{LockError, LossReason};
 use crate::keeper::{Scheduler, Ticket};
 use crate::key::{LeaseId, LockKey};
-use crate::options::LockOptions;
+use crate::options::{drift_for, LockOptions};
 use crate::token::FencingToken;
 
 /// The state of a lock the caller was granted.
@@ -38,27 +38,51 @@ impl LockStatus {
     }
 }
 
+/// How the guard keeps its lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// A TTL lease, renewed automatically (or only watched, with renewal off).
+    Ttl { auto: bool },
+    /// A session with a server-side limit, confirmed on the backend's schedule; the length
+    /// is fixed by the server, so `extend` does not apply.
+    Confirmed,
+    /// A session the backend reports on; no deadline of its own.
+    Session,
+}
+
+/// The lease the guard keeps: when it is safe until, how long a renewal asks for, when the
+/// next renewal is due.
+#[derive(Debug)]
+struct Lease {
+    safe_until: Option<Instant>,
+    len: Duration,
+    every: Duration,
+    next: Instant,
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) lease: LeaseRef,
     pub(crate) token: FencingToken,
     status: watch::Sender<LockStatus>,
-    safe_until: Mutex<Option<Instant>>,
+    state: Mutex<Lease>,
     safe_changed: Notify,
+    /// One renewal at a time (automatic or `extend`): a reply can only describe the last
+    /// request the store applied.
+    renewing: tokio::sync::Mutex<()>,
+    keep: Keep,
     pub(crate) opts: LockOptions,
     granted_at: Instant,
     keeper: Mutex<Keeper>,
-    /// A session channel whose watch is scheduled but not started yet.
-    session: Mutex<Option<watch::Receiver<SessionHealth>>>,
 }
 
-/// What the scheduler runs when a guard's background work comes due.
+/// What the scheduler runs when a guard's renewal comes due.
 fn starter(sh: &Arc<Shared>) -> crate::keeper::Starter {
     let weak = Arc::downgrade(sh);
-    Box::new(move |now| {
+    Box::new(move |_| {
         if let Some(sh) = weak.upgrade() {
-            Shared::start_keeper(&sh, now);
+            Shared::start_keeper(&sh);
         }
     })
 }
@@ -75,26 +99,20 @@ enum Keeper {
 }
 
 impl Shared {
-    /// Starts the renewal task now, if it is still only scheduled; its first renewal is
-    /// due at `first`.
-    pub(crate) fn start_keeper(sh: &Arc<Shared>, first: Instant) {
-        let mut k = sh.keeper.lock().unwrap_or_else(|p| p.into_inner());
+    /// Starts the renewal task now, if it is still only scheduled.
+    fn start_keeper(sh: &Arc<Shared>) {
+        let mut k = lock(&sh.keeper);
         if let Keeper::Scheduled(_) = &*k {
             if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Stopped) {
                 ticket.cancel();
             }
-            let session = sh.session.lock().unwrap_or_else(|p| p.into_inner()).take();
-            *k = Keeper::Running(match session {
-                Some(session) => tokio::spawn(watch_session(sh.clone(), session)),
-                None => tokio::spawn(keep_alive(sh.clone(), first)),
-            });
+            *k = Keeper::Running(tokio::spawn(keep_alive(sh.clone())));
         }
     }
 
     /// Stops the background work; returns the task if one was running.
     fn stop_keeper(&self) -> Option<JoinHandle<()>> {
-        let mut k = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
-        match std::mem::replace(&mut *k, Keeper::Stopped) {
+        match std::mem::replace(&mut *lock(&self.keeper), Keeper::Stopped) {
             Keeper::Scheduled(ticket) => {
                 ticket.cancel();
                 None
@@ -104,8 +122,10 @@ impl Shared {
         }
     }
 
-    fn set_status(&self, new: LockStatus) {
+    /// Sets a non-final status; returns false if the status was already final.
+    fn set_status(&self, new: LockStatus) -> bool {
         let backend = self.backend.name();
+        let mut changed = false;
         self.status.send_if_modified(|cur| {
             if cur.is_final() || *cur == new {
                 return false;
@@ -121,21 +141,56 @@ impl Shared {
                 _ => {}
             }
             *cur = new;
+            changed = true;
             true
         });
+        changed
+    }
+
+    /// Declares the lock lost (final): renewal stops at once and the lease is given back,
+    /// best effort, so that nothing this guard started can keep the key.
+    fn lose(sh: &Arc<Self>, reason: LossReason) {
+        if !sh.set_status(LockStatus::Lost(reason)) {
+            return;
+        }
+        if let Some(task) = sh.stop_keeper() {
+            // From inside the keeper itself this only marks it: it returns right after.
+            task.abort();
+        }
+        sh.safe_changed.notify_waiters();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let sh = sh.clone();
+            rt.spawn(async move {
+                let _ = bounded(&sh, "release", sh.backend.release(&sh.lease)).await;
+            });
+        }
     }
 
     fn safe_until(&self) -> Option<Instant> {
-        *self.safe_until.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state).safe_until
     }
 
-    fn set_safe_until(&self, lease_deadline: Instant) {
-        let safe = lease_deadline
-            .checked_sub(self.opts.drift())
-            .unwrap_or(lease_deadline);
-        *self.safe_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(safe);
+    /// A renewal (or extend) confirmed the lease until `deadline`; `len` is the lease it
+    /// asked for, `sent` when it was sent.
+    fn renewed(&self, deadline: Instant, len: Duration, sent: Instant) {
+        {
+            let mut st = lock(&self.state);
+            st.safe_until = Some(deadline.checked_sub(drift_for(len)).unwrap_or(deadline));
+            if st.len != len {
+                st.len = len;
+                st.every = match self.keep {
+                    Keep::Confirmed => st.every,
+                    _ => self.opts.renewal_period_for(len),
+                };
+            }
+            st.next = sent + st.every;
+        }
         self.safe_changed.notify_waiters();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A cheap, cloneable view of a held lock: its token, status and lost signal. Handed to the
@@ -167,11 +222,8 @@ impl LockHandle {
     /// not been scheduled yet (a starved runtime, a paused process that just woke up).
     pub fn status(&self) -> LockStatus {
         let s = self.status.borrow().clone();
-        if matches!(s, LockStatus::Held | LockStatus::Uncertain)
-            && self.safe_until().is_some_and(|d| Instant::now() >= d)
-        {
-            self.shared
-                .set_status(LockStatus::Lost(LossReason::Expired));
+        if !s.is_final() && self.safe_until().is_some_and(|d| Instant::now() >= d) {
+            Shared::lose(&self.shared, LossReason::Expired);
             return self.status.borrow().clone();
         }
         s
@@ -184,7 +236,8 @@ impl LockHandle {
 
     /// Until when the lock is safe to act on, on the monotonic clock: the lease deadline
     /// measured from before the (last successful) request was sent, minus a drift margin.
-    /// `None` for session-based locks (they are safe while the status is `Held`).
+    /// `None` for locks whose session the backend reports on (ZooKeeper): they are safe
+    /// while the status is `Held`.
     pub fn safe_until(&self) -> Option<Instant> {
         self.shared.safe_until()
     }
@@ -196,17 +249,10 @@ impl LockHandle {
     pub fn check(&self) -> Result<(), LockError> {
         let key = self.key().to_string();
         match self.status() {
-            LockStatus::Held => {}
-            LockStatus::Lost(reason) => return Err(LockError::Lost { key, reason }),
-            LockStatus::Released => return Err(LockError::NotHeld { key }),
-            LockStatus::Uncertain => return Err(LockError::Uncertain { key }),
-        }
-        match self.safe_until() {
-            Some(s) if Instant::now() >= s => Err(LockError::Lost {
-                key,
-                reason: LossReason::Expired,
-            }),
-            _ => Ok(()),
+            LockStatus::Held => Ok(()),
+            LockStatus::Lost(reason) => Err(LockError::Lost { key, reason }),
+            LockStatus::Released => Err(LockError::NotHeld { key }),
+            LockStatus::Uncertain => Err(LockError::Uncertain { key }),
         }
     }
 
@@ -224,7 +270,7 @@ impl LockHandle {
                 }
             };
             tokio::select! {
-                seen = rx.wait_for(|s| s.is_final()) => {
+                seen = rx.wait_for(LockStatus::is_final) => {
                     return match seen.as_deref() {
                         Ok(LockStatus::Lost(r)) => Some(r.clone()),
                         _ => None,
@@ -259,7 +305,7 @@ impl LockGuard {
     pub(crate) fn start(
         backend: Arc<dyn LockBackend>,
         lease: LeaseRef,
-        grant: crate::backend::Grant,
+        grant: Grant,
         opts: &LockOptions,
     ) -> Self {
         let (tx, rx) = watch::channel(LockStatus::Held);
@@ -274,38 +320,47 @@ impl LockGuard {
             op_timeout: opts.op_timeout,
             meta: crate::key::HolderMeta::default(),
         };
-        // Set here, not through `set_safe_until`: nobody can wait on a guard not yet made.
+        let len = grant.lease_len(opts.lease);
+        let (keep, every) = match (&grant.keepalive, &grant.session) {
+            (Some(k), _) => (Keep::Confirmed, k.every),
+            (None, Some(_)) => (Keep::Session, opts.renewal_period()),
+            (None, None) => (
+                Keep::Ttl {
+                    auto: opts.auto_renew,
+                },
+                opts.renewal_period(),
+            ),
+        };
         let safe_until = grant
             .lease_deadline
-            .map(|d| d.checked_sub(opts.drift()).unwrap_or(d));
+            .map(|d| d.checked_sub(drift_for(len)).unwrap_or(d));
         let now = Instant::now();
         let shared = Arc::new(Shared {
             backend,
             lease,
             token: grant.token,
             status: tx,
-            safe_until: Mutex::new(safe_until),
+            state: Mutex::new(Lease {
+                safe_until,
+                len,
+                every,
+                next: now + every,
+            }),
             safe_changed: Notify::new(),
+            renewing: tokio::sync::Mutex::new(()),
+            keep,
             opts,
             granted_at: now,
             keeper: Mutex::new(Keeper::Idle),
-            session: Mutex::new(None),
         });
-        let keeper = match (grant.lease_deadline, grant.session) {
-            (_, Some(session)) => match (grant.session_quiet_until, Scheduler::current()) {
-                // Nothing to mirror before then: watch from then on (see `keeper.rs`).
-                (Some(at), Some(sched)) if at > now => {
-                    *shared.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
-                    Keeper::Scheduled(sched.schedule(at, starter(&shared)))
-                }
-                _ => Keeper::Running(tokio::spawn(watch_session(shared.clone(), session))),
-            },
-            (Some(deadline), None) => {
-                let safe = safe_until.unwrap_or(deadline);
-                let due = if shared.opts.auto_renew {
-                    (now + shared.opts.renewal_period()).min(safe)
-                } else {
-                    safe
+        let keeper = match (grant.session, safe_until) {
+            (Some(session), _) => {
+                Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
+            }
+            (None, Some(safe)) => {
+                let due = match keep {
+                    Keep::Ttl { auto: false } => safe,
+                    _ => (now + every).min(safe),
                 };
                 match Scheduler::current() {
                     Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
@@ -315,7 +370,7 @@ impl LockGuard {
             }
             (None, None) => Keeper::Idle,
         };
-        *shared.keeper.lock().unwrap_or_else(|p| p.into_inner()) = keeper;
+        *lock(&shared.keeper) = keeper;
         Self {
             handle: LockHandle { shared, status: rx },
             done: false,
@@ -367,33 +422,51 @@ impl LockGuard {
         self.handle.watch()
     }
 
-    /// Extends the lease to `lease` from now (TTL backends), independent of automatic
-    /// renewal. Fails with [`LockError::NotHeld`] (and the guard turns `Lost`) if the store
-    /// no longer holds this lease.
+    /// Extends the lease to `lease` from now (TTL backends), and makes it the lease that
+    /// automatic renewal keeps from then on (renewing every third of it, or `renew_every`
+    /// if that is shorter than the new lease minus its drift margin). Fails with
+    /// [`LockError::NotHeld`] (and the guard turns `Lost`) if the store no longer holds this
+    /// lease; [`LockError::Unsupported`] for locks whose session is the lease.
     pub async fn extend(&self, lease: Duration) -> Result<(), LockError> {
         let sh = &self.handle.shared;
-        if lease.is_zero() || lease > crate::options::MAX_LEASE {
+        if lease < crate::options::MIN_LEASE || lease > crate::options::MAX_LEASE {
             return Err(LockError::InvalidOptions(format!(
-                "extend by {lease:?} is out of range"
+                "extend to {lease:?} is out of range ({:?} to {:?})",
+                crate::options::MIN_LEASE,
+                crate::options::MAX_LEASE
             )));
         }
-        if let LockStatus::Lost(reason) = self.status() {
+        if !matches!(sh.keep, Keep::Ttl { .. }) {
+            return Err(LockError::no_lease_to_extend(sh.backend.name()));
+        }
+        let _turn = sh.renewing.lock().await;
+        let key = self.key().to_string();
+        match self.status() {
+            LockStatus::Lost(reason) => return Err(LockError::Lost { key, reason }),
+            LockStatus::Released => return Err(LockError::NotHeld { key }),
+            _ => {}
+        }
+        let safe = sh.safe_until();
+        let sent = Instant::now();
+        let res = bounded(sh, "renew", sh.backend.renew(&sh.lease, lease)).await;
+        if safe.is_some_and(|s| Instant::now() >= s) {
+            // Confirmed too late: the lock was no longer safe while the request was out.
+            Shared::lose(sh, LossReason::Expired);
             return Err(LockError::Lost {
-                key: self.key().to_string(),
-                reason,
+                key,
+                reason: LossReason::Expired,
             });
         }
-        let res = bounded(sh, "renew", sh.backend.renew(&sh.lease, lease)).await;
         match res {
             Ok(deadline) => {
-                sh.set_safe_until(deadline);
+                sh.renewed(deadline, lease, sent);
                 sh.set_status(LockStatus::Held);
-                // The schedule was made for the old deadline: start renewing from here.
-                Shared::start_keeper(sh, Instant::now() + sh.opts.renewal_period());
+                // A renewal schedule made for the old lease starts now, on the new one.
+                Shared::start_keeper(sh);
                 Ok(())
             }
             Err(e @ LockError::NotHeld { .. }) => {
-                sh.set_status(LockStatus::Lost(LossReason::NotHeld));
+                Shared::lose(sh, LossReason::NotHeld);
                 Err(e)
             }
             Err(e) => Err(e),
@@ -437,7 +510,9 @@ impl LockGuard {
             // With no receiver but this guard's own (no handle or watch given out), nobody
             // can see the final status: skip waking the channel's listeners.
             Ok(ReleaseOutcome::Released) if sh.status.receiver_count() <= 1 => {}
-            Ok(ReleaseOutcome::Released) => sh.set_status(LockStatus::Released),
+            Ok(ReleaseOutcome::Released) => {
+                sh.set_status(LockStatus::Released);
+            }
             Ok(_) => {
                 sh.set_status(LockStatus::Lost(LossReason::NotHeld));
             }
@@ -460,7 +535,9 @@ impl Drop for LockGuard {
             Ok(rt) => {
                 rt.spawn(async move {
                     match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
-                        Ok(_) => sh.set_status(LockStatus::Released),
+                        Ok(_) => {
+                            sh.set_status(LockStatus::Released);
+                        }
                         Err(e) => tracing::warn!(key = %sh.lease.key, error = %e, "background release failed; the lease will expire"),
                     }
                 });
@@ -488,53 +565,68 @@ async fn bounded<T>(
     }
 }
 
-/// Keeps a TTL lease alive (or, with renewal off, watches its deadline). Marks the lock
+/// Keeps a lease alive (or, with renewal off, watches its deadline). Marks the lock
 /// `Uncertain` while renewals fail and `Lost` when the safe deadline passes, which is
-/// before the store's own expiry by the drift margin.
-async fn keep_alive(sh: Arc<Shared>, first: Instant) {
-    let period = sh.opts.renewal_period();
-    let retry = (period / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut next = first;
+/// before the store's own expiry by the drift margin. A renewal answered after the safe
+/// deadline does not count: by then the lock was already not safe to act on.
+async fn keep_alive(sh: Arc<Shared>) {
+    let auto = !matches!(sh.keep, Keep::Ttl { auto: false });
     let mut last_error: Option<String> = None;
     loop {
-        let Some(safe) = sh.safe_until() else { return };
         let changed = sh.safe_changed.notified();
-        let wake = if sh.opts.auto_renew {
-            next.min(safe)
-        } else {
-            safe
+        let (safe, next, every, len) = {
+            let st = lock(&sh.state);
+            (st.safe_until, st.next, st.every, st.len)
         };
+        let Some(safe) = safe else { return };
+        if sh.status.borrow().is_final() {
+            return;
+        }
+        let wake = if auto { next.min(safe) } else { safe };
         tokio::select! {
             _ = sleep_until(wake) => {}
             _ = changed => continue,
         }
-        let now = Instant::now();
-        let safe = sh.safe_until().unwrap_or(now);
-        if now >= safe {
+        if Instant::now() >= safe {
             let reason = match last_error.take() {
                 Some(e) => LossReason::RenewalFailed(e),
                 None => LossReason::Expired,
             };
-            sh.set_status(LockStatus::Lost(reason));
+            Shared::lose(&sh, reason);
             return;
         }
-        if !sh.opts.auto_renew || now < next {
+        if !auto || Instant::now() < next {
             continue;
         }
+        let turn = sh.renewing.lock().await;
+        if lock(&sh.state).safe_until != Some(safe) {
+            // `extend` moved the lease while this waited its turn: start over from it.
+            continue;
+        }
+        let retry = (every / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let sent = Instant::now();
         // Bounded by the period too, so a renewal that hangs raises Uncertain well before
         // the safe deadline instead of at it.
-        let budget = sh.opts.op_timeout.min(period).min(safe - now);
-        let renewed = timeout(budget, sh.backend.renew(&sh.lease, sh.opts.lease)).await;
+        let budget = sh.opts.op_timeout.min(every).min(safe - sent);
+        let renewed = timeout(budget, sh.backend.renew(&sh.lease, len)).await;
+        if sh.status.borrow().is_final() {
+            return;
+        }
+        if Instant::now() >= safe {
+            drop(turn);
+            Shared::lose(&sh, LossReason::Expired);
+            return;
+        }
         match renewed {
             Ok(Ok(deadline)) => {
-                sh.set_safe_until(deadline);
+                sh.renewed(deadline, len, sent);
                 sh.set_status(LockStatus::Held);
                 last_error = None;
-                next = now + period;
                 tracing::trace!(key = %sh.lease.key, "renewed");
             }
             Ok(Err(LockError::NotHeld { .. })) => {
-                sh.set_status(LockStatus::Lost(LossReason::NotHeld));
+                drop(turn);
+                Shared::lose(&sh, LossReason::NotHeld);
                 return;
             }
             failed => {
@@ -547,7 +639,7 @@ async fn keep_alive(sh: Arc<Shared>, first: Instant) {
                 tracing::debug!(key = %sh.lease.key, error = %msg, "renewal failed");
                 last_error = Some(msg);
                 sh.set_status(LockStatus::Uncertain);
-                next = Instant::now() + retry;
+                lock(&sh.state).next = Instant::now() + retry;
             }
         }
     }
@@ -558,17 +650,22 @@ async fn watch_session(sh: Arc<Shared>, mut session: watch::Receiver<SessionHeal
     loop {
         let health = session.borrow_and_update().clone();
         match health {
-            SessionHealth::Alive => sh.set_status(LockStatus::Held),
-            SessionHealth::Suspended => sh.set_status(LockStatus::Uncertain),
+            SessionHealth::Alive => {
+                sh.set_status(LockStatus::Held);
+            }
+            SessionHealth::Suspended => {
+                sh.set_status(LockStatus::Uncertain);
+            }
             SessionHealth::Ended(reason) => {
-                sh.set_status(LockStatus::Lost(reason));
+                Shared::lose(&sh, reason);
                 return;
             }
         }
         if session.changed().await.is_err() {
-            sh.set_status(LockStatus::Lost(LossReason::SessionEnded(
-                "the backend stopped reporting the session".into(),
-            )));
+            Shared::lose(
+                &sh,
+                LossReason::SessionEnded("the backend stopped reporting the session".into()),
+            );
             return;
         }
     }

@@ -325,33 +325,4 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 10);
         on_time.stop().await;
     }
-
-    /// A session grant declared quiet for a while is watched from then on: a loss the
-    /// backend reports after the quiet time reaches the guard.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn quiet_session_is_watched_after_the_quiet_time() {
-        use crate::backend::{Grant, LeaseRef, SessionHealth};
-        use crate::{LockGuard, LockKey, LossReason};
-        let backend = MemoryStore::new().connect();
-        let (tx, rx) = tokio::sync::watch::channel(SessionHealth::Alive);
-        let grant = Grant::session(crate::FencingToken::new(7), rx)
-            .quiet_until(Instant::now() + Duration::from_millis(100));
-        let lease = LeaseRef::new(LockKey::new("q").expect("key"), crate::LeaseId::random());
-        let g = LockGuard::start(Arc::new(backend), lease, grant, &LockOptions::default());
-        assert_eq!(pending(), 1, "the watch was not deferred");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        tx.send_replace(SessionHealth::Ended(LossReason::SessionEnded(
-            "gone".into(),
-        )));
-        let mut w = g.watch();
-        let seen = tokio::time::timeout(
-            Duration::from_secs(2),
-            w.wait_for(|s| matches!(s, LockStatus::Lost(_))),
-        )
-        .await;
-        assert!(
-            matches!(seen, Ok(Ok(_))),
-            "the loss did not reach the guard"
-        );
-    }
 }

@@ -40,6 +40,8 @@ pub mod backend;
 mod client;
 pub mod error;
 mod guard;
+#[cfg(test)]
+mod guard_tests;
 mod keeper;
 pub mod key;
 pub mod keyed;
@@ -48,7 +50,7 @@ pub mod options;
 pub mod token;
 
 pub use backend::{
-    AcquireRequest, Capabilities, Grant, LeaseKind, LeaseRef, LockBackend, LockInfo,
+    AcquireRequest, Capabilities, Grant, Keepalive, LeaseKind, LeaseRef, LockBackend, LockInfo,
     ReleaseOutcome, SessionHealth, TokenGuarantee,
 };
 pub use client::LockClient;

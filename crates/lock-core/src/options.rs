@@ -11,6 +11,12 @@ pub const MIN_LEASE: Duration = Duration::from_millis(50);
 /// holder would block the key for that long.
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 
+/// The margin taken off a lease of `lease` for clock drift between client and store:
+/// 1% of the lease plus 2 ms (the figure Redlock uses).
+pub fn drift_for(lease: Duration) -> Duration {
+    lease / 100 + Duration::from_millis(2)
+}
+
 /// How long `acquire` waits for a held key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -168,13 +174,23 @@ impl LockOptions {
 
     /// The renewal period in effect.
     pub fn renewal_period(&self) -> Duration {
-        self.renew_every.unwrap_or(self.lease / 3)
+        self.renewal_period_for(self.lease)
+    }
+
+    /// The renewal period for a lease of `lease` (after [`LockGuard::extend`](crate::LockGuard::extend)
+    /// changed it): `renew_every` while it leaves room before the safe deadline, else a
+    /// third of the lease.
+    pub fn renewal_period_for(&self, lease: Duration) -> Duration {
+        match self.renew_every {
+            Some(every) if every + drift_for(lease) < lease => every,
+            _ => lease / 3,
+        }
     }
 
     /// The margin taken off every lease for clock drift between client and store:
     /// 1% of the lease plus 2 ms (the figure Redlock uses).
     pub fn drift(&self) -> Duration {
-        self.lease / 100 + Duration::from_millis(2)
+        drift_for(self.lease)
     }
 
     /// Checks the options; called before any I/O.
@@ -196,10 +212,14 @@ impl LockOptions {
             ));
         }
         if let Some(every) = self.renew_every {
-            if every.is_zero() || every >= self.lease {
+            let room = self.lease.saturating_sub(self.drift());
+            if every.is_zero() || every >= room {
                 return bad(format!(
-                    "renew_every {every:?} must be greater than zero and shorter than the lease {:?}",
-                    self.lease
+                    "renew_every {every:?} must be greater than zero and shorter than the lease \
+                     {:?} minus its drift margin {:?}: the lock would be lost before its first \
+                     renewal",
+                    self.lease,
+                    self.drift()
                 ));
             }
         }

@@ -354,7 +354,7 @@ impl PgSessionBackend {
         );
         self.held().insert(lease_id, Held { id, conn, probe });
         // Only the probe reports on the session, so nothing changes before its first check.
-        Grant::session(token, rx).quiet_until(first)
+        Grant::session(token, rx)
     }
 }
 
