@@ -4,6 +4,7 @@ pub mod containers;
 pub mod mongo_extra;
 pub mod pg_extra;
 pub mod redis_extra;
+pub mod redis_safety;
 pub mod servers;
 pub mod targets;
 pub mod zk_extra;
@@ -11,11 +12,19 @@ pub mod zk_extra;
 use lock_conformance::{CaseResult, Outcome};
 use tokio::time::Instant;
 
+/// The case filter of this run (`cargo xtask integration --only <part of a name>`).
+pub fn only() -> Option<String> {
+    std::env::var("LOCK_ONLY").ok().filter(|v| !v.is_empty())
+}
+
 /// Runs one named check and turns its outcome into a printed [`CaseResult`].
 pub async fn check<F>(target: &str, case: &str, fut: F) -> CaseResult
 where
     F: std::future::Future<Output = Result<String, String>>,
 {
+    if let Some(only) = only().filter(|o| !case.contains(o.as_str())) {
+        return skip(target, case, &format!("not selected (--only {only})"));
+    }
     let t = Instant::now();
     let outcome = match tokio::time::timeout(std::time::Duration::from_secs(120), fut).await {
         Ok(Ok(detail)) => Outcome::Passed { detail },

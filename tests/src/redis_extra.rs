@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lock_conformance::CaseResult;
 use lock_core::{LockClient, LockError, LockOptions, WaitPolicy};
-use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
+use lock_redis::{RedisBackend, RedisConfig};
 use tokio::time::{sleep, Instant};
 
 use crate::check;
@@ -29,7 +29,46 @@ type CheckFn = fn() -> lock_conformance::BoxFuture<'static, Result<String, Strin
 
 /// Every Redis-specific check: (target, name, check). Each starts the servers it needs.
 fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
+    use crate::redis_safety as s;
     vec![
+        ("redlock", "majority_counts_configured_nodes", || {
+            Box::pin(s::redlock_majority_counts_configured_nodes())
+        }),
+        (
+            "redlock",
+            "restarted_empty_node_sits_out_until_the_longest_lease_ends",
+            || Box::pin(s::redlock_restarted_node_sits_out()),
+        ),
+        (
+            "redis-extra",
+            "eviction_policies_refused_at_connect",
+            || Box::pin(s::eviction_policies_refused_at_connect()),
+        ),
+        ("redis-extra", "cluster_mode_refused_at_connect", || {
+            Box::pin(s::cluster_mode_refused_at_connect())
+        }),
+        ("redis-extra", "token_records_expire", || {
+            Box::pin(s::token_records_expire())
+        }),
+        ("redis-extra", "tokens_exact_beyond_2_pow_53", || {
+            Box::pin(s::tokens_exact_beyond_2_pow_53())
+        }),
+        ("redis-extra", "server_clock_far_ahead_is_refused", || {
+            Box::pin(s::clock_far_ahead_is_refused())
+        }),
+        ("redis-extra", "fence_lives_with_its_data", || {
+            Box::pin(s::fence_lives_with_its_data())
+        }),
+        (
+            "redis-extra",
+            "fenced_read_modify_write_loses_no_update",
+            || Box::pin(s::fenced_read_modify_write_loses_no_update()),
+        ),
+        (
+            "redis-extra",
+            "failover_to_a_replica_whose_clock_is_behind",
+            || Box::pin(s::failover_to_a_replica_whose_clock_is_behind()),
+        ),
         (
             "redis-extra",
             "restart_losing_data_reports_loss_and_tokens_still_grow",
@@ -208,7 +247,7 @@ async fn batched_exact() -> Result<String, String> {
     let mut conn = b.connection();
     // A key of the wrong type where a lock would be.
     let _: i64 = lock_redis::redis::cmd("HSET")
-        .arg("lock:clobbered")
+        .arg("lock:{clobbered}")
         .arg("x")
         .arg("1")
         .query_async(&mut conn)
@@ -332,7 +371,7 @@ async fn batched_abandoned() -> Result<String, String> {
     let t = Instant::now();
     loop {
         let keys: Vec<String> = lock_redis::redis::cmd("KEYS")
-            .arg("lock:ab-*")
+            .arg("lock:{ab-*")
             .query_async(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
@@ -512,10 +551,7 @@ async fn replica_ack() -> Result<String, String> {
 async fn redlock_nodes_down() -> Result<String, String> {
     let mut nodes = start_nodes(5).await?;
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
-    let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let backend = RedlockBackend::connect(&refs)
-        .await
-        .map_err(|e| e.to_string())?;
+    let backend = crate::redis_safety::redlock(&urls, Duration::from_secs(2)).await?;
     let c = LockClient::new(backend).with_options(opts().wait(WaitPolicy::NoWait));
     nodes[0].proc.stop();
     let g = c
@@ -554,13 +590,8 @@ async fn redlock_nodes_down() -> Result<String, String> {
 async fn redlock_restart_empty() -> Result<String, String> {
     let mut nodes = start_nodes(3).await?;
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
-    let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let c = LockClient::new(
-        RedlockBackend::connect(&refs)
-            .await
-            .map_err(|e| e.to_string())?,
-    )
-    .with_options(opts());
+    let c = LockClient::new(crate::redis_safety::redlock(&urls, Duration::from_secs(2)).await?)
+        .with_options(opts());
     let mut last = 0;
     let mut seen = Vec::new();
     for round in 0..3 {
@@ -587,56 +618,55 @@ async fn redlock_restart_empty() -> Result<String, String> {
 }
 
 async fn fenced_set() -> Result<String, String> {
+    use lock_redis::FencedWrite;
     let (_server, b) = server_and_backend().await?;
     let c = LockClient::new(b.clone())
         .with_options(opts().lease(Duration::from_millis(300)).auto_renew(false));
     let old = c.acquire("stock").await.map_err(|e| e.to_string())?;
-    b.fenced_set("stock:value", old.token(), "10")
+    let w = b
+        .fenced_set("stock:value", old.token(), "10")
         .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    if w != FencedWrite::Applied(1) {
+        return Err(format!("the holder's write gave {w:?}"));
+    }
     sleep(Duration::from_millis(400)).await; // old's lease ends
     let new = c.acquire("stock").await.map_err(|e| e.to_string())?;
     b.fenced_set("stock:value", new.token(), "9")
         .await
-        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let refused = b
         .fenced_set("stock:value", old.token(), "stale")
         .await
         .map_err(|e| e.to_string())?;
-    let rejected = refused
-        .err()
-        .ok_or("the stale token's write was accepted")?;
-    if rejected.highest != new.token() {
+    let FencedWrite::Refused { highest } = refused else {
+        return Err(format!("the stale token's write gave {refused:?}"));
+    };
+    if highest != new.token() {
         return Err(format!(
-            "refusal names highest {} instead of {}",
-            rejected.highest,
+            "refusal names highest {highest} instead of {}",
             new.token()
         ));
     }
-    let mut conn = b.connection();
-    let v: String = lock_redis::redis::cmd("GET")
-        .arg("stock:value")
-        .query_async(&mut conn)
+    let v = b
+        .fenced_get("stock:value")
         .await
-        .map_err(|e| e.to_string())?;
-    if v != "9" {
+        .map_err(|e| e.to_string())?
+        .ok_or("no value")?;
+    if v.value != "9" {
         return Err(format!("value is {v:?} after the stale write"));
     }
     new.release().await.map_err(|e| e.to_string())?;
-    Ok(format!("stale token refused: {rejected}"))
+    Ok(format!(
+        "stale token {} refused below {highest}",
+        old.token()
+    ))
 }
 
 async fn redlock_paused_node() -> Result<String, String> {
     let nodes = start_nodes(5).await?;
-    let cfgs = nodes
-        .iter()
-        .map(|n| RedisConfig::new(n.url()).op_timeout(Duration::from_millis(800)))
-        .collect();
-    let backend = RedlockBackend::connect_with(cfgs)
-        .await
-        .map_err(|e| e.to_string())?;
+    let urls: Vec<String> = nodes.iter().map(Redis::url).collect();
+    let backend = crate::redis_safety::redlock(&urls, Duration::from_millis(800)).await?;
     let pid = nodes[0].proc.pid().ok_or("no pid")?;
     crate::servers::signal(pid, "STOP")?;
     let lease = Duration::from_secs(3);
@@ -656,21 +686,13 @@ async fn redlock_paused_node() -> Result<String, String> {
         ));
     }
     g.release().await.map_err(|e| e.to_string())?;
-    let short = LockClient::new(
-        RedlockBackend::connect_with(
-            nodes
-                .iter()
-                .map(|n| RedisConfig::new(n.url()).op_timeout(Duration::from_millis(800)))
-                .collect(),
-        )
-        .await
-        .map_err(|e| e.to_string())?,
-    )
-    .with_options(
-        opts()
-            .lease(Duration::from_millis(500))
-            .wait(WaitPolicy::NoWait),
-    );
+    let short =
+        LockClient::new(crate::redis_safety::redlock(&urls, Duration::from_millis(800)).await?)
+            .with_options(
+                opts()
+                    .lease(Duration::from_millis(500))
+                    .wait(WaitPolicy::NoWait),
+            );
     crate::servers::signal(pid, "STOP")?;
     let res = short.acquire("paused-short").await;
     crate::servers::signal(pid, "CONT")?;
@@ -765,7 +787,7 @@ async fn batched_caller_gone() -> Result<String, String> {
     // The batch did reach the server: each key got a token.
     let mut conn = direct.connection();
     let fences: Vec<String> = lock_redis::redis::cmd("KEYS")
-        .arg("lock:gone-*:fence")
+        .arg("lock:{gone-*}:fence")
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;

@@ -113,6 +113,102 @@ pub fn signal(pid: u32, sig: &str) -> Res<()> {
         .ok_or(format!("kill -{sig} {pid} failed"))
 }
 
+/// libfaketime's preload library (Debian's `faketime` package), if installed.
+pub fn faketime_lib() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// A preload library that moves a server's wall clock (`CLOCK_REALTIME`, `gettimeofday`,
+/// `time`) by `LOCK_CLOCK_OFFSET_S` seconds, monotonic clocks untouched. libfaketime does
+/// the same for most programs but cannot start one built with jemalloc (redis-server): its
+/// set-up recurses through the allocator. This one calls the kernel directly and needs no
+/// set-up. Compiled with `cc` on first use.
+pub fn clock_shim() -> Res<PathBuf> {
+    static SHIM: std::sync::OnceLock<Res<PathBuf>> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        let dir = temp_dir("clock-shim")?;
+        let src = dir.join("shim.c");
+        std::fs::write(&src, CLOCK_SHIM_C).map_err(|e| e.to_string())?;
+        let lib = dir.join("clock-shim.so");
+        let out = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+            .map_err(|e| format!("cc (needed to build the clock shim): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "building the clock shim failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(lib)
+    })
+    .clone()
+}
+
+/// The environment that runs a server with its wall clock `offset_s` seconds off.
+pub fn clock_offset_env(offset_s: i64) -> Res<Vec<(String, String)>> {
+    Ok(vec![
+        (
+            "LD_PRELOAD".to_owned(),
+            clock_shim()?.to_string_lossy().into_owned(),
+        ),
+        ("LOCK_CLOCK_OFFSET_S".to_owned(), offset_s.to_string()),
+    ])
+}
+
+const CLOCK_SHIM_C: &str = r#"#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+static long offset_s(void) {
+    static long offset;
+    static int ready;
+    if (!ready) {
+        const char *v = getenv("LOCK_CLOCK_OFFSET_S");
+        offset = v ? atol(v) : 0;
+        ready = 1;
+    }
+    return offset;
+}
+
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    long r = syscall(SYS_clock_gettime, id, ts);
+    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += offset_s();
+    return (int)r;
+}
+
+int gettimeofday(struct timeval *tv, void *tz) {
+    struct timespec ts;
+    (void)tz;
+    if (syscall(SYS_clock_gettime, CLOCK_REALTIME, &ts) != 0) return -1;
+    if (tv) {
+        tv->tv_sec = ts.tv_sec + offset_s();
+        tv->tv_usec = ts.tv_nsec / 1000;
+    }
+    return 0;
+}
+
+time_t time(time_t *t) {
+    struct timespec ts;
+    syscall(SYS_clock_gettime, CLOCK_REALTIME, &ts);
+    time_t v = ts.tv_sec + offset_s();
+    if (t) *t = v;
+    return v;
+}
+"#;
+
 /// A child process stopped by its pid on drop.
 #[derive(Debug)]
 pub struct Proc {
@@ -201,6 +297,8 @@ pub struct Redis {
     dir: PathBuf,
     persist: bool,
     replica_of: Option<u16>,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Redis {
@@ -208,10 +306,33 @@ impl Redis {
     pub fn start(persist: bool) -> Res<Self> {
         let port = free_port()?;
         let dir = temp_dir("redis")?;
-        Self::start_on(port, dir, persist, None)
+        Self::start_on(port, dir, persist, None, Vec::new(), Vec::new())
     }
 
-    fn start_on(port: u16, dir: PathBuf, persist: bool, replica_of: Option<u16>) -> Res<Self> {
+    /// Starts redis-server on a free port, without persistence, with extra arguments
+    /// (`--maxmemory-policy allkeys-lru`, `--cluster-enabled yes`, ...) and environment
+    /// (libfaketime's, for a server whose clock is off).
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Res<Self> {
+        Self::start_on(
+            free_port()?,
+            temp_dir("redis")?,
+            false,
+            None,
+            args.iter().map(|a| (*a).to_owned()).collect(),
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    fn start_on(
+        port: u16,
+        dir: PathBuf,
+        persist: bool,
+        replica_of: Option<u16>,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Res<Self> {
         let program = server_program("LOCK_REDIS_SERVER", "redis-server");
         if !have(&program.to_string_lossy()) {
             return Err("redis-server is not installed (apt-get install redis-server)".into());
@@ -242,6 +363,8 @@ impl Redis {
         if let Some(primary) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
+        cmd.args(&extra);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn("redis-server", &mut cmd)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_ready_or_exit(&mut proc, "redis-server", Duration::from_secs(10), || {
@@ -253,6 +376,8 @@ impl Redis {
             dir,
             persist,
             replica_of,
+            extra,
+            env,
         })
     }
 
@@ -268,6 +393,23 @@ impl Redis {
             temp_dir("redis-replica")?,
             false,
             Some(primary_port),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// Starts a replica of the server on `primary_port`, on a free port, with extra
+    /// environment (libfaketime's, for a replica whose clock is off).
+    pub fn start_replica_with(primary_port: u16, env: &[(&str, &str)]) -> Res<Self> {
+        Self::start_on(
+            free_port()?,
+            temp_dir("redis-replica")?,
+            false,
+            Some(primary_port),
+            Vec::new(),
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         )
     }
 
@@ -279,7 +421,14 @@ impl Redis {
     /// Kills the server (SIGKILL) and starts it again on the same port and directory.
     pub fn restart(&mut self) -> Res<()> {
         self.proc.kill9();
-        let fresh = Self::start_on(self.port, self.dir.clone(), self.persist, self.replica_of)?;
+        let fresh = Self::start_on(
+            self.port,
+            self.dir.clone(),
+            self.persist,
+            self.replica_of,
+            self.extra.clone(),
+            self.env.clone(),
+        )?;
         *self = fresh;
         Ok(())
     }

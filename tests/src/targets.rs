@@ -82,6 +82,20 @@ pub fn redis(name: &str, url: String, fair: bool) -> Result<Target, String> {
     })))
 }
 
+/// The longest lease of the Redlock target: the suite's default lease. Fresh nodes sit this
+/// out once before they take part.
+pub const REDLOCK_MAX_LEASE: Duration = Duration::from_secs(10);
+
+/// A Redlock backend over `cfgs`, waited until a majority of its nodes takes part.
+async fn redlock_ready(cfgs: Vec<RedisConfig>) -> Result<RedlockBackend, LockError> {
+    let b = RedlockBackend::connect_with(
+        lock_redis::RedlockConfig::with_nodes(cfgs).max_lease(REDLOCK_MAX_LEASE),
+    )
+    .await?;
+    tokio::time::sleep(b.warm_up().await?).await;
+    Ok(b)
+}
+
 /// Redlock over independent Redis servers.
 pub fn redlock(urls: Vec<String>) -> Result<Target, String> {
     let addrs = urls
@@ -94,8 +108,8 @@ pub fn redlock(urls: Vec<String>) -> Result<Target, String> {
         Arc::new(move || {
             let urls = u1.clone();
             Box::pin(async move {
-                let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
-                let b: Arc<dyn LockBackend> = Arc::new(RedlockBackend::connect(&refs).await?);
+                let cfgs = urls.iter().map(|u| RedisConfig::new(u.as_str())).collect();
+                let b: Arc<dyn LockBackend> = Arc::new(redlock_ready(cfgs).await?);
                 Ok(b)
             })
         }),
@@ -111,7 +125,7 @@ pub fn redlock(urls: Vec<String>) -> Result<Target, String> {
                 cfgs.push(RedisConfig::new(via).op_timeout(std::time::Duration::from_millis(500)));
                 proxies.push(p);
             }
-            let b: Arc<dyn LockBackend> = Arc::new(RedlockBackend::connect_with(cfgs).await?);
+            let b: Arc<dyn LockBackend> = Arc::new(redlock_ready(cfgs).await?);
             let c: Arc<dyn Cut> = Arc::new(MultiCut(proxies));
             Ok((b, c))
         })

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use lock_conformance::history::{check_events, lease_findings, Event, LeaseFindings, Stamped};
 use lock_conformance::proxy::Proxy;
-use lock_tests::servers::{signal, Postgres, Redis, ZooKeeper};
+use lock_tests::servers::{faketime_lib, signal, Postgres, Redis, ZooKeeper};
 use lock_tests::targets::addr_of;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -439,18 +439,6 @@ async fn spawn_worker(
         events,
         proxies,
     })
-}
-
-/// libfaketime's preload library (Debian's `faketime` package), if installed.
-fn faketime_lib() -> Option<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
-        "/usr/lib/faketime/libfaketimeMT.so.1",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
 }
 
 /// Waits until some worker reports a grant stamped after `after_us` (or `limit` passes);

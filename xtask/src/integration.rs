@@ -72,6 +72,8 @@ pub(crate) async fn run(args: &[String]) -> bool {
                 );
             }
             "--require-all" => require_all = true,
+            // Only the cases whose name contains this (the others are reported skipped).
+            "--only" => std::env::set_var("LOCK_ONLY", it.next().cloned().unwrap_or_default()),
             other => {
                 eprintln!("unknown argument {other}");
                 return false;
@@ -118,7 +120,9 @@ pub(crate) async fn run(args: &[String]) -> bool {
             "memory" => Line {
                 backend: b.into(),
                 provider: "in-process".into(),
-                results: run_suite(targets::memory(), None).await.results,
+                results: run_suite(targets::memory(), lock_tests::only().as_deref())
+                    .await
+                    .results,
             },
             "redis" => redis(&r).await,
             "redlock" => redlock(&r).await,
@@ -308,7 +312,7 @@ async fn redis(r: &Run) -> Line {
     let mut results = Vec::new();
     for (name, fair) in [("redis", true), ("redis-unfair", false)] {
         match targets::redis(name, url.clone(), fair) {
-            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
             Err(e) => return failed("redis", &p.provider, e),
         }
     }
@@ -340,7 +344,7 @@ async fn redlock(r: &Run) -> Line {
         Err((prov, why)) => return failed("redlock", &prov, format!("no Redis servers: {why}")),
     };
     let results = match targets::redlock(p.urls.clone()) {
-        Ok(t) => run_suite(t, None).await.results,
+        Ok(t) => run_suite(t, lock_tests::only().as_deref()).await.results,
         Err(e) => return failed("redlock", &p.provider, e),
     };
     Line {
@@ -368,7 +372,7 @@ async fn pg(r: &Run) -> Line {
     let mut results = Vec::new();
     for mode in targets::PgMode::ALL {
         match targets::pg(mode, url.clone()) {
-            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
             Err(e) => return failed("pg", &p.provider, e),
         }
     }
@@ -422,7 +426,7 @@ async fn zk(r: &Run) -> Line {
         // Containers give `host:port`; env and local give connect strings already.
         let connect = p.urls.join(",");
         match targets::zk(name, connect.clone()) {
-            Ok(t) => results.extend(run_suite(t, None).await.results),
+            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
             Err(e) => return failed("zk", &p.provider, e),
         }
         let server = p
@@ -463,7 +467,7 @@ async fn mongo(r: &Run) -> Line {
     };
     let url = p.urls[0].clone();
     let mut results = match targets::mongo(url.clone()) {
-        Ok(t) => run_suite(t, None).await.results,
+        Ok(t) => run_suite(t, lock_tests::only().as_deref()).await.results,
         Err(e) => return failed("mongo", &p.provider, e),
     };
     results.extend(mongo_extra::run(&url).await);

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use lock_core::LockBackend;
 
+/// The longest lease a chaos worker takes on Redlock (the scenarios' leases are 0.8 s and,
+/// for a failover, 3 s).
+pub(crate) const REDLOCK_MAX_LEASE: Duration = Duration::from_secs(3);
+
 /// The backend `kind` on `url`, configured as the chaos workers use it.
 pub(crate) async fn backend(
     kind: &str,
@@ -27,11 +31,14 @@ pub(crate) async fn backend(
         }
         "redlock" => {
             let urls: Vec<&str> = url.split(',').collect();
-            Arc::new(
-                lock_redis::RedlockBackend::connect(&urls)
-                    .await
-                    .map_err(e)?,
+            let b = lock_redis::RedlockBackend::connect_with(
+                lock_redis::RedlockConfig::new(&urls).max_lease(REDLOCK_MAX_LEASE),
             )
+            .await
+            .map_err(e)?;
+            // Nodes new to the lock (or restarted empty) sit out the longest lease first.
+            tokio::time::sleep(b.warm_up().await.map_err(e)?).await;
+            Arc::new(b)
         }
         "zk" => Arc::new(
             lock_zk::ZkBackend::connect_with(

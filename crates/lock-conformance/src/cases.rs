@@ -87,6 +87,7 @@ pub(crate) fn all() -> Vec<Case> {
         case!(many_keys_independent, always),
         case!(bad_input_rejected_and_writes_nothing, always),
         case!(illegal_backend_key_rejected, needs_illegal),
+        case!(adversarial_names_are_independent_locks, always),
         case!(unreachable_server_errors_in_time, needs_cut),
         case!(vanishing_server_turns_guard_lost, needs_cut),
         case!(with_lock_returns_value_and_reports_loss, needs_cut),
@@ -859,4 +860,127 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
         "{} grants, {} accepted writes, {} belief overlaps",
         report.grants, report.accepted_writes, report.belief_overlaps
     ))
+}
+
+/// Names that look like the keys a backend derives for its own bookkeeping, or that stress
+/// its encoding: every pair, locked in both orders and held together, must behave as two
+/// independent locks, and `inspect` must report each one's own holder.
+async fn adversarial_names_are_independent_locks(c: Ctx) -> Result<String, String> {
+    let a = c.client().await?;
+    let base = c.key("a");
+    let longest = {
+        let room = c.caps.max_key_len.saturating_sub(base.len());
+        format!("{base}{}", "z".repeat(room))
+    };
+    let mut names: Vec<String> = [
+        "",
+        ":fence",
+        ":q",
+        ":w:x",
+        ":wake:x",
+        "}",
+        "}{",
+        "{x}",
+        " with spaces",
+        "/ü/日本",
+        "%7B",
+        "%",
+        "\\",
+        "/",
+        "//",
+        ".",
+        "..",
+    ]
+    .iter()
+    .map(|s| format!("{base}{s}"))
+    .collect();
+    names.push(format!("{{{base}}}"));
+    names.push(longest);
+    // Every pair, in both orders.
+    let mut pairs = 0;
+    for (i, x) in names.iter().enumerate() {
+        for (j, y) in names.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let gx = a.try_acquire(x).await.ctx(&format!("lock {x:?}"))?;
+            let gy = a
+                .try_acquire(y)
+                .await
+                .ctx(&format!("lock {y:?} while {x:?} is held"))?;
+            for g in [&gx, &gy] {
+                let info = a
+                    .inspect(g.key().as_str())
+                    .await
+                    .ctx(&format!("inspect {:?}", g.key().as_str()))?
+                    .ok_or(format!("{:?} shows no holder", g.key().as_str()))?;
+                ensure!(
+                    info.lease_id == *g.lease_id() && info.token == g.token(),
+                    "{:?} reports holder {} token {} (want {} token {})",
+                    g.key().as_str(),
+                    info.lease_id,
+                    info.token,
+                    g.lease_id(),
+                    g.token()
+                );
+            }
+            ensure!(
+                gy.release().await.ctx("release")? == ReleaseOutcome::Released,
+                "releasing {y:?} found nothing"
+            );
+            ensure!(
+                a.inspect(x).await.ctx("inspect")?.is_some(),
+                "releasing {y:?} freed {x:?}"
+            );
+            ensure!(
+                gx.release().await.ctx("release")? == ReleaseOutcome::Released,
+                "releasing {x:?} found nothing"
+            );
+            pairs += 1;
+        }
+    }
+    // All held at once (a client each: a PostgreSQL advisory lock holds a pooled connection
+    // for its life), while a waiter queues on the first.
+    let mut held = Vec::new();
+    for n in &names {
+        let holder = c.client().await?;
+        held.push(holder.try_acquire(n).await.ctx(&format!("lock {n:?}"))?);
+    }
+    let b = c.client().await?;
+    let (first, w) = (names[0].clone(), b.clone());
+    let waiter = tokio::spawn(async move { w.acquire(&first).await.map(|g| g.token()) });
+    sleep(Duration::from_millis(200)).await;
+    for (n, g) in names.iter().zip(&held).skip(1) {
+        match b.try_acquire(n).await {
+            Err(LockError::Contended { .. }) => {}
+            other => return Err(format!("{n:?} while held by another: {other:?}")),
+        }
+        let info = b.inspect(n).await.ctx("inspect")?.ok_or("no holder")?;
+        ensure!(info.lease_id == *g.lease_id(), "{n:?} shows another holder");
+    }
+    let mut it = held.into_iter();
+    let first = it.next().ok_or("no names")?;
+    let first_token = first.token();
+    first.release().await.ctx("release")?;
+    let next = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .map_err(|_| "the waiter was not granted after the release")?
+        .ctx("waiter")?
+        .ctx("waiter acquire")?;
+    ensure!(
+        next > first_token,
+        "waiter token {next} after {first_token}"
+    );
+    for g in it {
+        ensure!(
+            g.release().await.ctx("release")? == ReleaseOutcome::Released,
+            "a held name was gone at release"
+        );
+    }
+    // A name the core refuses writes nothing.
+    match a.try_acquire(&format!("{base}\nx")).await {
+        Err(LockError::InvalidKey { .. }) => {}
+        other => return Err(format!("a name with a newline: {other:?}")),
+    }
+    Ok(format!("{} names, {pairs} ordered pairs", names.len()))
 }

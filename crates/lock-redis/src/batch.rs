@@ -12,16 +12,20 @@
 //! they have not gone out; a reply that finds its caller gone (an acquire that was sent, then
 //! abandoned) is undone by a release of that lease, so an abandoned acquire never leaves
 //! a grant or a queue entry behind, whichever way it raced with the caller's own clean-up.
+//!
+//! A batch carries unrelated keys, which a standalone server (the only kind this backend
+//! connects to) accepts; a cluster would need one batch per hash slot.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lock_core::LockError;
 use redis::aio::ConnectionManager;
-use redis::{ErrorKind, Script, ServerErrorKind, Value};
+use redis::{Script, Value};
 use tokio::sync::oneshot;
 
-use crate::single::{map_err, NAME};
+use crate::error::{map_err, NAME};
+use crate::scripts::{FENCE_KEEP, MAX_CLOCK_LEAD};
 
 /// Scripts on their way at once. Two keep the connection busy while the next batch fills.
 pub(crate) const MAX_IN_FLIGHT: usize = 2;
@@ -48,29 +52,60 @@ impl Kind {
             Kind::Release => "r",
         }
     }
-
-    /// The integers in this op's reply (an error is always `-1, message`).
-    fn width(self) -> usize {
-        match self {
-            Kind::Try | Kind::Wait => 3,
-            Kind::Release => 1,
-        }
-    }
 }
 
 /// One acquire or release.
 #[derive(Debug)]
 pub(crate) struct Op {
     pub(crate) kind: Kind,
-    /// The full lock key (namespace included).
+    /// The full lock key ([`crate::scripts::lock_key`]).
     pub(crate) key: String,
     pub(crate) lease: String,
     pub(crate) ttl_ms: u64,
     pub(crate) meta: String,
 }
 
-/// An op's reply: the integers the script returned for it.
-pub(crate) type Reply = Result<Vec<i64>, LockError>;
+/// What the script answered for one op.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// An acquire's answer.
+    Attempt(Attempt),
+    /// A release's answer: whether this lease held the key.
+    Released(bool),
+}
+
+/// An acquire's answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Attempt {
+    pub(crate) outcome: Outcome,
+    /// The token (granted only).
+    pub(crate) token: u64,
+    /// Remaining lease of the holder (ms), or -1/-2 when unknown or free; for `SitsOut`,
+    /// how long the node still sits out.
+    pub(crate) pttl: i64,
+}
+
+/// How an acquire went on one server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Granted,
+    Refused,
+    /// A Redlock node whose lock data began less than the longest lease ago.
+    SitsOut,
+}
+
+/// An op's reply.
+pub(crate) type Reply = Result<Answer, LockError>;
+
+/// What every script call of one backend sends besides its ops.
+#[derive(Debug, Clone)]
+pub(crate) struct Params {
+    pub(crate) fair: bool,
+    pub(crate) waiter_ttl: Duration,
+    /// Redlock: the longest lease, for which a node that lost its data sits out; zero off.
+    pub(crate) sit_out: Duration,
+    pub(crate) marker: String,
+}
 
 struct Queued {
     op: Op,
@@ -87,8 +122,7 @@ struct State {
 pub(crate) struct Batcher {
     conn: ConnectionManager,
     script: Script,
-    fair: bool,
-    waiter_ttl: Duration,
+    params: Params,
     state: Mutex<State>,
 }
 
@@ -103,17 +137,11 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn new(
-        conn: ConnectionManager,
-        script: Script,
-        fair: bool,
-        waiter_ttl: Duration,
-    ) -> Self {
+    pub(crate) fn new(conn: ConnectionManager, script: Script, params: Params) -> Self {
         Self {
             conn,
             script,
-            fair,
-            waiter_ttl,
+            params,
             state: Mutex::new(State::default()),
         }
     }
@@ -161,41 +189,30 @@ impl Batcher {
     }
 
     /// Sends `ops` as one script and returns one reply per op.
-    ///
-    /// The `EVALSHA` is built as one command buffer, sized up front, rather than through
-    /// `Script::prepare_invoke` (which allocates a buffer per key and argument, then copies
-    /// them all into the command): a batch of 20 ops is 100 arguments.
     async fn run(&self, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
-        let hash = self.script.get_hash();
-        let data = hash.len()
-            + 32
-            + ops
-                .iter()
-                .map(|op| op.key.len() + op.lease.len() + op.meta.len() + 24)
-                .sum::<usize>();
-        let mut cmd = redis::Cmd::with_capacity(5 + 5 * ops.len(), data);
-        cmd.arg("EVALSHA").arg(hash).arg(ops.len());
+        let p = &self.params;
+        let client_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut inv = self.script.prepare_invoke();
         for op in ops {
-            cmd.arg(&op.key);
+            inv.key(&op.key);
         }
-        cmd.arg(if self.fair { "1" } else { "0" })
-            .arg(self.waiter_ttl.as_millis() as u64);
+        inv.arg(if p.fair { "1" } else { "0" })
+            .arg(p.waiter_ttl.as_millis() as u64)
+            .arg(client_ms as u64)
+            .arg(FENCE_KEEP.as_millis() as u64)
+            .arg(p.sit_out.as_millis() as u64)
+            .arg(&p.marker)
+            .arg(MAX_CLOCK_LEAD.as_millis() as u64);
         for op in ops {
-            cmd.arg(op.kind.code())
+            inv.arg(op.kind.code())
                 .arg(&op.lease)
                 .arg(op.ttl_ms)
                 .arg(&op.meta);
         }
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = match cmd.query_async(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // The server lost its script cache (a restart, SCRIPT FLUSH): load the
-                // script and send the same command again.
-                self.script.load_async(&mut conn).await.map_err(map_err)?;
-                cmd.query_async(&mut conn).await.map_err(map_err)?
-            }
-            other => other.map_err(map_err)?,
-        };
+        let reply: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(map_err)?;
         split(reply, ops)
     }
 
@@ -307,7 +324,7 @@ fn short(got: usize, want: usize) -> LockError {
     ))
 }
 
-/// Splits the script's flat reply into one reply per op: `granted, token, pttl` for an
+/// Splits the script's flat reply into one reply per op: `status, token, pttl` for an
 /// acquire, `released` for a release, `-1, message` for an op's own error.
 fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
     let mut items = reply.into_iter();
@@ -323,12 +340,31 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
             out.push(Err(LockError::backend(NAME, false, msg)));
             continue;
         }
-        let mut r = Vec::with_capacity(op.kind.width());
-        r.push(first);
-        for _ in 1..op.kind.width() {
-            r.push(int(items.next(), out.len(), ops.len())?);
-        }
-        out.push(Ok(r));
+        let answer = match op.kind {
+            Kind::Release => Answer::Released(first == 1),
+            Kind::Try | Kind::Wait => {
+                let outcome = match first {
+                    1 => Outcome::Granted,
+                    0 => Outcome::Refused,
+                    2 => Outcome::SitsOut,
+                    n => return Err(LockError::Protocol(format!("acquire status {n}"))),
+                };
+                let token = match items.next() {
+                    Some(Value::BulkString(b)) => std::str::from_utf8(&b)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok()),
+                    _ => None,
+                }
+                .ok_or_else(|| LockError::Protocol("acquire reply without a token".into()))?;
+                let pttl = int(items.next(), out.len(), ops.len())?;
+                Answer::Attempt(Attempt {
+                    outcome,
+                    token,
+                    pttl,
+                })
+            }
+        };
+        out.push(Ok(answer));
     }
     if let Some(extra) = items.next() {
         return Err(LockError::Protocol(format!(
@@ -364,6 +400,10 @@ mod tests {
         }
     }
 
+    fn tok(t: &str) -> Value {
+        Value::BulkString(t.as_bytes().to_vec())
+    }
+
     #[test]
     fn split_reads_each_op_at_its_width_and_errors_alone() {
         let ops = [
@@ -371,33 +411,52 @@ mod tests {
             op(Kind::Release),
             op(Kind::Try),
             op(Kind::Release),
+            op(Kind::Try),
         ];
         let reply = vec![
             Value::Int(1),
-            Value::Int(42),
+            tok("18446744073709551615"),
             Value::Int(1000),
             Value::Int(0),
             Value::Int(-1),
             Value::BulkString(b"WRONGTYPE Operation against a key".to_vec()),
             Value::Int(1),
+            Value::Int(2),
+            tok("0"),
+            Value::Int(700),
         ];
         let out = split(reply, &ops).expect("well-formed reply");
-        assert_eq!(out.len(), 4);
-        assert_eq!(out[0].as_ref().ok(), Some(&vec![1, 42, 1000]));
-        assert_eq!(out[1].as_ref().ok(), Some(&vec![0]));
+        assert_eq!(out.len(), 5);
+        assert_eq!(
+            out[0].as_ref().ok(),
+            Some(&Answer::Attempt(Attempt {
+                outcome: Outcome::Granted,
+                token: u64::MAX,
+                pttl: 1000
+            }))
+        );
+        assert_eq!(out[1].as_ref().ok(), Some(&Answer::Released(false)));
         let err = out[2].as_ref().expect_err("the third op failed alone");
         assert!(err.to_string().contains("WRONGTYPE"), "{err}");
-        assert_eq!(out[3].as_ref().ok(), Some(&vec![1]));
+        assert_eq!(out[3].as_ref().ok(), Some(&Answer::Released(true)));
+        assert!(matches!(
+            out[4].as_ref().ok(),
+            Some(Answer::Attempt(Attempt {
+                outcome: Outcome::SitsOut,
+                pttl: 700,
+                ..
+            }))
+        ));
     }
 
     #[test]
     fn split_refuses_short_long_and_odd_replies() {
         let ops = [op(Kind::Try), op(Kind::Release)];
-        let short = vec![Value::Int(1), Value::Int(7), Value::Int(10)];
+        let short = vec![Value::Int(1), tok("7"), Value::Int(10)];
         assert!(matches!(split(short, &ops), Err(LockError::Protocol(_))));
         let long = vec![
             Value::Int(1),
-            Value::Int(7),
+            tok("7"),
             Value::Int(10),
             Value::Int(1),
             Value::Int(1),
@@ -405,5 +464,10 @@ mod tests {
         assert!(matches!(split(long, &ops), Err(LockError::Protocol(_))));
         let odd = vec![Value::Int(1), Value::Nil, Value::Int(10), Value::Int(1)];
         assert!(matches!(split(odd, &ops), Err(LockError::Protocol(_))));
+        let too_big = vec![Value::Int(1), tok("18446744073709551616"), Value::Int(10)];
+        assert!(matches!(
+            split(too_big, &ops[..1]),
+            Err(LockError::Protocol(_))
+        ));
     }
 }

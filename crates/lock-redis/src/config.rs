@@ -1,24 +1,61 @@
 //! Settings for the Redis backends.
 
+use std::fmt;
 use std::time::Duration;
 
 use lock_core::LockError;
 
 /// Settings for [`RedisBackend`](crate::RedisBackend).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// Server URL, `redis://[user:pass@]host:port[/db]`.
+    /// Server URL, `redis://[user:pass@]host:port[/db]`. Shown with the password redacted.
     pub url: String,
-    /// Prefix of every key this backend writes. Default `lock:`.
+    /// Prefix of every key this backend writes. Default `lock:`. 1 to 64 characters,
+    /// without spaces, control characters, `{` or `}`.
     pub namespace: String,
     /// Grant waiters in arrival order (default), or let any acquirer take a free key.
     pub fair: bool,
     /// Bound on connecting and on each command. Default 2 s.
     pub op_timeout: Duration,
-    /// After each grant, wait for this many replicas to acknowledge it (`WAIT n timeout`);
-    /// if they do not, the grant is given back and acquire fails. Default off.
+    /// After each grant and fenced write, wait for this many replicas to acknowledge it
+    /// (`WAIT n timeout`); if they do not, the grant is given back and acquire fails (a
+    /// fenced write reports an error). Default off.
     pub replica_acks: Option<(usize, Duration)>,
+    /// Accept a server whose `maxmemory-policy` may evict keys. Evicting a held lock gives
+    /// the key to a second holder, and evicting a fenced resource forgets its fence: leave
+    /// this off unless the server can never reach its memory limit. Default off.
+    pub allow_eviction: bool,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("fair", &self.fair)
+            .field("op_timeout", &self.op_timeout)
+            .field("replica_acks", &self.replica_acks)
+            .field("allow_eviction", &self.allow_eviction)
+            .finish()
+    }
+}
+
+/// `url` with the password (if any) replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (a, h),
+        None => return url.to_owned(),
+    };
+    let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+    if auth.contains(':') {
+        format!("{scheme}://{user}:***@{host}")
+    } else {
+        format!("{scheme}://***@{host}")
+    }
 }
 
 impl RedisConfig {
@@ -30,6 +67,7 @@ impl RedisConfig {
             fair: true,
             op_timeout: Duration::from_secs(2),
             replica_acks: None,
+            allow_eviction: false,
         }
     }
 
@@ -54,23 +92,37 @@ impl RedisConfig {
         self
     }
 
-    /// Requires `replicas` acknowledgements within `timeout` after each grant.
+    /// Requires `replicas` acknowledgements within `timeout` after each grant and fenced
+    /// write.
     #[must_use]
     pub fn replica_acks(mut self, replicas: usize, timeout: Duration) -> Self {
         self.replica_acks = Some((replicas, timeout));
         self
     }
 
+    /// Accepts a server that may evict keys (see [`RedisConfig::allow_eviction`]).
+    #[must_use]
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
     /// Checks the settings before connecting.
     pub fn validate(&self) -> Result<(), LockError> {
+        if self.url.starts_with("rediss://") {
+            return Err(LockError::InvalidConfig(
+                "rediss:// (TLS) is not supported by lock-redis: connect with redis:// over a \
+                 trusted network or a TLS tunnel"
+                    .into(),
+            ));
+        }
         if !(self.url.starts_with("redis://")
-            || self.url.starts_with("rediss://")
             || self.url.starts_with("redis+unix://")
             || self.url.starts_with("unix://"))
         {
             return Err(LockError::InvalidConfig(format!(
-                "Redis URL must start with redis://, rediss:// or unix://, got {:?}",
-                self.url.chars().take(40).collect::<String>()
+                "Redis URL must start with redis:// or unix://, got {:?}",
+                redact(&self.url).chars().take(60).collect::<String>()
             )));
         }
         if self.namespace.is_empty()
@@ -78,10 +130,11 @@ impl RedisConfig {
             || self
                 .namespace
                 .chars()
-                .any(|c| c.is_control() || c.is_whitespace())
+                .any(|c| c.is_control() || c.is_whitespace() || c == '{' || c == '}')
         {
             return Err(LockError::InvalidConfig(
-                "namespace must be 1 to 64 characters without spaces or control characters".into(),
+                "namespace must be 1 to 64 characters without spaces, control characters, { or }"
+                    .into(),
             ));
         }
         if self.op_timeout.is_zero() {
@@ -97,5 +150,45 @@ impl RedisConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        let c = RedisConfig::new("redis://app:s3cret@db.example:6380/2");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("redis://app:***@db.example:6380/2"),
+            "{shown}"
+        );
+        assert_eq!(redact("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redact("redis://tokenonly@h:1"), "redis://***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        let e = RedisConfig::new("http://u:s3cret@h")
+            .validate()
+            .unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_cannot_hold_hash_tag_braces() {
+        for ns in ["", "a b", "{x}", "x}", "x{", &"n".repeat(65)] {
+            assert!(
+                RedisConfig::new("redis://h")
+                    .namespace(ns)
+                    .validate()
+                    .is_err(),
+                "{ns:?}"
+            );
+        }
+        assert!(RedisConfig::new("redis://h")
+            .namespace("app:locks:")
+            .validate()
+            .is_ok());
     }
 }

@@ -6,17 +6,18 @@
 
 mod batch;
 mod config;
+mod error;
 mod redlock;
 mod scripts;
 mod single;
 
 pub use config::RedisConfig;
-pub use redlock::RedlockBackend;
-pub use single::RedisBackend;
+pub use redlock::{RedlockBackend, RedlockConfig};
+pub use single::{FencedValue, RedisBackend};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, FenceRejected, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
+    self, FencedWrite, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
     LockStatus, WaitPolicy,
 };
 /// The client library this backend is built on.

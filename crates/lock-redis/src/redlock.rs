@@ -1,23 +1,40 @@
 //! Redlock: one lock over N independent Redis servers.
 //!
-//! Acquire sends the single-node acquire script to every node in parallel. It succeeds when
-//! a majority granted it and the validity, `lease - elapsed - drift` with `elapsed` measured
-//! from before the first request went out (monotonic clock) and `drift = lease/100 + 2 ms`,
-//! is still positive; otherwise it releases on every node. Renewal also needs a majority.
+//! Acquire sends the single-node acquire script to every configured node in parallel. It
+//! succeeds when a majority **of the configured nodes** granted it and the validity,
+//! `lease - elapsed - drift` with `elapsed` measured from before the first request went out
+//! (monotonic clock) and `drift = lease/100 + 2 ms`, is still positive; otherwise it releases
+//! on every node. Renewal also needs a majority of the configured nodes.
+//!
+//! ## Nodes that are down, or come back empty
+//!
+//! A node unreachable when the backend connects is kept: it is connected again on later
+//! operations and takes part once it answers. [`RedlockBackend::connect`] fails (with a
+//! retryable error) when fewer than a majority answer, since no lock could be granted.
+//!
+//! A node that restarts forgets the leases it held (without persistence, or from a snapshot
+//! older than its last grants), and so does one whose data is flushed: another client could
+//! then gather a majority that overlaps a live holder's only in that node. So every node
+//! keeps a marker (its `run_id` and the time its lock data began); a node whose marker is
+//! missing or names another `run_id` grants nothing for [`RedlockConfig::max_lease`] (the
+//! longest lease any client may take, which acquire and extend enforce), after which no
+//! lease it forgot can still run. A node new to the lock sits out the same way once:
+//! [`RedlockBackend::warm_up`] starts that wait and tells how long it is.
 //!
 //! ## Fencing tokens
 //!
 //! Each node issues its own token, `max(last + 1, its clock in µs)`. The grant's token is the
 //! highest of the majority's, and before the grant is returned that value is written as a
-//! floor into the token counter of a majority of nodes (a second parallel round).
+//! floor into the token record of a majority of nodes (a second parallel round).
 //! Argument: if grant A completed before acquire B was invoked, B's majority and the
 //! majority that took A's floor share a node `n`; B's request reached `n` after A's floor
 //! did, so `n` issued B a token above A's, and B's token (the maximum over its majority) is
-//! at least that. A node that restarts empty loses its counter but not its clock term, so
+//! at least that. A node that restarts empty loses its record but not its clock term, so
 //! this holds across such a restart as long as the nodes' clocks agree to within the time a
 //! restart takes (on one host they share a clock). Hence
 //! [`TokenGuarantee::Monotonic`], not `Durable`.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,99 +43,221 @@ use lock_core::{
     AcquireRequest, Capabilities, FencingToken, Grant, LeaseKind, LeaseRef, LockBackend, LockError,
     LockInfo, LockKey, ReleaseOutcome, TokenGuarantee,
 };
+use tokio::sync::OnceCell;
 use tokio::time::{timeout, Instant};
 
+use crate::batch::Outcome;
 use crate::{RedisBackend, RedisConfig};
 
 const NAME: &str = "redlock";
+/// How long a node that could not be reached is left alone before the next connect attempt.
+const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+
+/// Settings for [`RedlockBackend`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedlockConfig {
+    /// One config per node (fairness is forced off: Redlock has no queue).
+    pub nodes: Vec<RedisConfig>,
+    /// The longest lease any client of these nodes takes (and extends to). A node that lost
+    /// its lock data grants nothing for this long. Every client of one set of nodes must use
+    /// the same value or a smaller one. Default 60 s.
+    pub max_lease: Duration,
+}
+
+impl RedlockConfig {
+    /// Defaults for `urls`.
+    pub fn new(urls: &[&str]) -> Self {
+        Self {
+            nodes: urls.iter().map(|u| RedisConfig::new(*u)).collect(),
+            max_lease: Duration::from_secs(60),
+        }
+    }
+
+    /// One explicit config per node.
+    pub fn with_nodes(nodes: Vec<RedisConfig>) -> Self {
+        Self {
+            nodes,
+            max_lease: Duration::from_secs(60),
+        }
+    }
+
+    /// Sets the longest lease.
+    #[must_use]
+    pub fn max_lease(mut self, max: Duration) -> Self {
+        self.max_lease = max;
+        self
+    }
+
+    /// Checks the settings before connecting.
+    pub fn validate(&self) -> Result<(), LockError> {
+        if self.nodes.is_empty() {
+            return Err(LockError::InvalidConfig(
+                "Redlock needs at least one node".into(),
+            ));
+        }
+        if self.max_lease < lock_core::options::MIN_LEASE
+            || self.max_lease > lock_core::options::MAX_LEASE
+        {
+            return Err(LockError::InvalidConfig(format!(
+                "max_lease {:?} is out of range",
+                self.max_lease
+            )));
+        }
+        self.nodes.iter().try_for_each(RedisConfig::validate)
+    }
+}
+
+/// One configured node, connected when it can be.
+#[derive(Debug)]
+struct Node {
+    cfg: RedisConfig,
+    sit_out: Duration,
+    conn: OnceCell<RedisBackend>,
+    failed_at: Mutex<Option<Instant>>,
+}
+
+impl Node {
+    /// The node's backend, connecting it if it was not reachable so far.
+    async fn backend(&self) -> Result<&RedisBackend, LockError> {
+        if let Some(b) = self.conn.get() {
+            return Ok(b);
+        }
+        let recent = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < RECONNECT_EVERY);
+        if recent {
+            return Err(LockError::backend(NAME, true, "node unreachable"));
+        }
+        let res = self
+            .conn
+            .get_or_try_init(|| RedisBackend::open(self.cfg.clone(), self.sit_out))
+            .await;
+        if res.is_err() {
+            *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        res
+    }
+}
 
 /// A Redlock backend over independent nodes.
 #[derive(Clone, Debug)]
 pub struct RedlockBackend {
-    nodes: Vec<RedisBackend>,
+    nodes: std::sync::Arc<Vec<Node>>,
     op_timeout: Duration,
+    max_lease: Duration,
 }
 
 impl RedlockBackend {
-    /// Connects to every node. Nodes that cannot be reached now are an error only if fewer
-    /// than a majority connect; the others are skipped (they may be started later by
-    /// creating a new backend).
+    /// Connects to the nodes at `urls` with default settings (see [`RedlockBackend::connect_with`]).
     pub async fn connect(urls: &[&str]) -> Result<Self, LockError> {
-        Self::connect_with(
-            urls.iter()
-                .map(|u| RedisConfig::new(*u).fair(false))
-                .collect(),
-        )
-        .await
+        Self::connect_with(RedlockConfig::new(urls)).await
     }
 
-    /// Connects with one config per node (fairness is forced off: Redlock has no queue).
-    pub async fn connect_with(configs: Vec<RedisConfig>) -> Result<Self, LockError> {
-        if configs.is_empty() {
-            return Err(LockError::InvalidConfig(
-                "Redlock needs at least one node".into(),
-            ));
-        }
-        let total = configs.len();
-        let op_timeout = configs
+    /// Connects to every node. Fails when fewer than a majority answer (retryable), or when
+    /// a node that answers is refused (see [`RedisBackend::connect_with`]); nodes that do not
+    /// answer are kept and connected again later.
+    pub async fn connect_with(cfg: RedlockConfig) -> Result<Self, LockError> {
+        cfg.validate()?;
+        let op_timeout = cfg
+            .nodes
             .iter()
             .map(|c| c.op_timeout)
             .max()
             .unwrap_or(Duration::from_secs(2));
-        for c in &configs {
-            c.validate()?;
-        }
-        let connected = join_all(
-            configs
-                .into_iter()
-                .map(|c| RedisBackend::connect_with(c.fair(false))),
-        )
-        .await;
-        let mut nodes = Vec::new();
+        let nodes: Vec<Node> = cfg
+            .nodes
+            .into_iter()
+            .map(|c| Node {
+                cfg: c.fair(false),
+                sit_out: cfg.max_lease,
+                conn: OnceCell::new(),
+                failed_at: Mutex::new(None),
+            })
+            .collect();
+        let me = Self {
+            nodes: std::sync::Arc::new(nodes),
+            op_timeout,
+            max_lease: cfg.max_lease,
+        };
         let mut errors = Vec::new();
-        for c in connected {
-            match c {
-                Ok(n) => nodes.push(n),
+        for r in me
+            .on_all(|n| async move { n.backend().await.map(|_| ()) })
+            .await
+        {
+            match r {
+                Ok(()) => {}
+                Err(e @ LockError::InvalidConfig(_)) => return Err(e),
                 Err(e) => errors.push(e.to_string()),
             }
         }
-        if nodes.len() < total / 2 + 1 {
+        let up = me.nodes.len() - errors.len();
+        if up < me.quorum() {
             return Err(LockError::backend(
                 NAME,
                 true,
                 format!(
-                    "only {} of {total} nodes reachable, a majority is {}: {}",
-                    nodes.len(),
-                    total / 2 + 1,
+                    "only {up} of {} nodes reachable, a majority is {}: {}",
+                    me.nodes.len(),
+                    me.quorum(),
                     errors.join("; ")
                 ),
             ));
         }
-        Ok(Self { nodes, op_timeout })
+        Ok(me)
     }
 
-    /// A Redlock over already connected single-node backends (the total is their number).
-    pub fn from_nodes(nodes: Vec<RedisBackend>) -> Result<Self, LockError> {
-        if nodes.is_empty() {
-            return Err(LockError::InvalidConfig(
-                "Redlock needs at least one node".into(),
+    /// Makes every reachable node check its marker, which starts the wait of a node new to
+    /// the lock (or one that lost its data), and returns how long until a majority of the
+    /// configured nodes takes part in grants (zero if one does now).
+    pub async fn warm_up(&self) -> Result<Duration, LockError> {
+        let key = LockKey::new("\u{1F512}warm-up")?;
+        let req = AcquireRequest::new(
+            key,
+            lock_core::options::MIN_LEASE,
+            lock_core::HolderMeta::default(),
+            lock_core::Backoff::default(),
+        );
+        let results = self
+            .on_all(|n| async {
+                let b = n.backend().await?;
+                let a = b.attempt(&req, false).await;
+                let _ = b.release(&req.lease()).await;
+                a
+            })
+            .await;
+        let mut waits: Vec<Duration> = results
+            .iter()
+            .map(|r| match r {
+                Ok(a) if a.outcome == Outcome::SitsOut => {
+                    Duration::from_millis(a.pttl.max(0) as u64)
+                }
+                Ok(_) => Duration::ZERO,
+                Err(_) => Duration::MAX,
+            })
+            .collect();
+        waits.sort();
+        let wait = waits[self.quorum() - 1];
+        if wait == Duration::MAX {
+            return Err(LockError::backend(
+                NAME,
+                true,
+                "fewer than a majority of the nodes answer",
             ));
         }
-        let op_timeout = nodes
-            .iter()
-            .map(|n| n.config().op_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(2));
-        Ok(Self { nodes, op_timeout })
+        Ok(wait)
     }
 
+    /// A majority of the configured nodes.
     fn quorum(&self) -> usize {
         self.nodes.len() / 2 + 1
     }
 
     async fn on_all<'a, T, F, Fut>(&'a self, f: F) -> Vec<Result<T, LockError>>
     where
-        F: Fn(&'a RedisBackend) -> Fut,
+        F: Fn(&'a Node) -> Fut,
         Fut: std::future::Future<Output = Result<T, LockError>> + 'a,
     {
         let t = self.op_timeout;
@@ -138,12 +277,23 @@ impl RedlockBackend {
     }
 
     async fn release_everywhere(&self, lease: &LeaseRef) -> Vec<Result<ReleaseOutcome, LockError>> {
-        self.on_all(|n| n.release(lease)).await
+        self.on_all(|n| async move { n.backend().await?.release(lease).await })
+            .await
+    }
+
+    fn check_lease(&self, ttl: Duration) -> Result<(), LockError> {
+        if ttl > self.max_lease {
+            return Err(LockError::InvalidOptions(format!(
+                "lease {ttl:?} is longer than this Redlock's max_lease {:?}",
+                self.max_lease
+            )));
+        }
+        Ok(())
     }
 }
 
 fn drift(ttl: Duration) -> Duration {
-    ttl / 100 + Duration::from_millis(2)
+    lock_core::options::drift_for(ttl)
 }
 
 #[async_trait]
@@ -160,64 +310,107 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        self.check_lease(req.ttl)?;
         let sent = Instant::now();
-        let results = self.on_all(|n| n.attempt(req, false)).await;
-        let mut tokens = Vec::new();
+        let results = self
+            .on_all(|n| async move { n.backend().await?.attempt(req, false).await })
+            .await;
         let mut granted = Vec::new();
-        let mut errors = Vec::new();
+        let (mut refused, mut sitting, mut errors) = (0, 0, Vec::new());
         for (node, r) in self.nodes.iter().zip(results) {
             match r {
-                Ok(a) if a.granted => {
-                    tokens.push(a.token);
-                    granted.push(node);
-                }
-                Ok(_) => {}
+                Ok(a) => match a.outcome {
+                    Outcome::Granted => granted.push((node, a.token)),
+                    Outcome::Refused => refused += 1,
+                    Outcome::SitsOut => sitting += 1,
+                },
                 Err(e) => errors.push(e),
             }
         }
         let valid_until = sent + req.ttl;
-        let ok = tokens.len() >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until;
-        if ok {
-            let top = tokens.iter().copied().max().unwrap_or(0);
+        if granted.len() >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until {
+            let top = granted.iter().map(|(_, t)| *t).max().unwrap_or(0);
             // The floor goes to the granting nodes only (a majority): a node that did not
             // answer the first round would only make the second wait for its timeout.
             let t = self.op_timeout;
-            let floors = join_all(
-                granted
-                    .iter()
-                    .map(|n| async move { timeout(t, n.raise_floor(&req.key, top)).await }),
-            )
+            let floors = join_all(granted.iter().map(|(n, _)| async move {
+                match timeout(t, n.backend()).await {
+                    Ok(Ok(b)) => timeout(t, b.raise_floor(&req.key, top))
+                        .await
+                        .unwrap_or_else(|_| Err(LockError::backend(NAME, true, "timeout"))),
+                    _ => Err(LockError::backend(NAME, true, "node unreachable")),
+                }
+            }))
             .await;
-            let raised = floors.iter().filter(|r| matches!(r, Ok(Ok(())))).count();
+            let raised = floors.iter().filter(|r| r.is_ok()).count();
             if raised >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until {
                 return Ok(Grant::ttl(FencingToken::new(top), valid_until));
             }
         }
         self.release_everywhere(&req.lease()).await;
-        if tokens.len() + errors.len() >= self.quorum() && errors.len() >= self.quorum() {
-            // Not contention: too many nodes failed to answer.
-            let first = errors
-                .into_iter()
-                .next()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            return Err(LockError::backend(
-                NAME,
-                true,
-                format!(
-                    "no majority of {} nodes answered: {first}",
-                    self.nodes.len()
-                ),
-            ));
+        let n = self.nodes.len();
+        if refused > n - self.quorum() {
+            // Held elsewhere on enough nodes that no majority can form.
+            return Err(LockError::Contended {
+                key: req.key.to_string(),
+            });
         }
-        Err(LockError::Contended {
-            key: req.key.to_string(),
-        })
+        if let Some(e) = errors.iter().find(|e| !e.is_retryable()) {
+            return Err(LockError::backend(NAME, false, e.to_string()));
+        }
+        let first = errors.first().map(|e| format!(": {e}")).unwrap_or_default();
+        Err(LockError::backend(
+            NAME,
+            true,
+            format!(
+                "granted by {} of {n} nodes, a majority is {} ({refused} held by another, \
+                 {sitting} sitting out after losing their data, {} unreachable){first}",
+                granted.len(),
+                self.quorum(),
+                errors.len()
+            ),
+        ))
+    }
+
+    /// Polls [`LockBackend::try_acquire`] with jittered backoff until `deadline`. A
+    /// majority that is out of reach for now (nodes down, or sitting out after losing their
+    /// data) is waited out like a held key; at the deadline the last such error is
+    /// returned rather than a timeout.
+    async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let unavailable = match self.try_acquire(req).await {
+                Err(LockError::Contended { .. }) => None,
+                Err(e) if e.is_retryable() => Some(e),
+                other => return other,
+            };
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(unavailable.unwrap_or(LockError::Timeout {
+                    key: req.key.to_string(),
+                    waited: now - started,
+                }));
+            }
+            let mut pause = req.backoff.delay(attempt);
+            if let Some(d) = deadline {
+                pause = pause.min(d - now);
+            }
+            attempt = attempt.saturating_add(1);
+            tokio::time::sleep(pause).await;
+        }
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        self.check_lease(ttl)?;
         let sent = Instant::now();
-        let results = self.on_all(|n| n.renew(lease, ttl)).await;
+        let results = self
+            .on_all(|n| async move { n.backend().await?.renew(lease, ttl).await })
+            .await;
         let ok = results.iter().filter(|r| r.is_ok()).count();
         let not_held = results
             .iter()
@@ -268,7 +461,9 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
-        let results = self.on_all(|n| n.inspect(key)).await;
+        let results = self
+            .on_all(|n| async move { n.backend().await?.inspect(key).await })
+            .await;
         let mut seen: Vec<(LockInfo, usize)> = Vec::new();
         let mut answered = 0;
         for info in results.into_iter().flatten() {

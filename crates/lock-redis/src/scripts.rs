@@ -1,51 +1,141 @@
 //! The server-side scripts. Each lock operation is one script, so one round trip, and
 //! atomic on the server.
 //!
-//! Keys, for a lock key `k` under namespace `ns` (the scripts derive the related keys from
-//! the lock key by suffix, so they need a standalone server or Redlock's independent nodes,
-//! not Redis Cluster):
-//! - `ns k`: a string `lease:token:meta` with the lease as its expiry (one `SET NX`, one
-//!   `GET`: the cheapest shape for the uncontended path);
-//! - `ns k :fence`: the highest token issued; never expires. An attempt issues its token
-//!   before it tries the key, so one that finds the key held has used a token up too;
-//! - `ns k :q`: sorted set of waiting lease ids, ordered by arrival;
-//! - `ns k :w: <lease>`: a waiter's liveness key, refreshed while it waits, expiring if it dies;
-//! - `ns k :wake: <lease>`: the list a waiter blocks on; release pushes to the first live one.
+//! # Keys
 //!
-//! Tokens: `max(last + 1, server time in microseconds)`, issued by one `SET fence now GET`
-//! (a second `SET` only when the clock has not moved past the last token). The counter
-//! alone would restart at 1 after the server lost its data; the clock term keeps tokens
-//! increasing across such a restart, on the assumption that the server's clock does not
-//! step back across the restart by more than the restart took, and that a key is not
-//! attempted more than a million times a second (each attempt may push the counter one
-//! microsecond ahead of the clock). The clock is read once per script call, so a batch of
-//! grants shares one reading (each still gets `last + 1` at least). Lua numbers are doubles:
-//! microsecond time stays exact below 2^53 (year 2255).
+//! A lock key `k` under namespace `ns` is stored at `ns{e}`, where `e` is `k` with `%`, `{`
+//! and `}` percent-encoded ([`lock_key`]). The namespace holds no braces, so the first `{`
+//! ends it and the first `}` after it ends `e`: no two lock keys, and no lock key and
+//! another lock's helper key, can ever be the same Redis key. The helpers are suffixes
+//! after the `}`, and the braces make every key of one lock share a Redis Cluster hash slot:
+//! - `ns{e}`: a string `lease:token:meta` with the lease as its expiry;
+//! - `ns{e}:fence`: the highest token issued (see *Tokens*);
+//! - `ns{e}:q`: sorted set of waiting lease ids, ordered by arrival;
+//! - `ns{e}:w:<lease>`: a waiter's liveness key, refreshed while it waits, expiring if it
+//!   dies;
+//! - `ns{e}:wake:<lease>`: the list a waiter blocks on; release pushes to the first live one.
+//!
+//! The scripts reach the helper keys by name rather than through `KEYS`, so they need a
+//! standalone server (or Redlock's independent servers); a cluster-enabled server is
+//! refused at connect.
+//!
+//! # Tokens
+//!
+//! `max(last + 1, server time in µs)`, issued before the key is tried, so an attempt that
+//! finds the key held uses a token up (tokens skip numbers; they never repeat or go back).
+//! Tokens are decimal strings in the scripts, compared and incremented digit by digit: a Lua
+//! number is exact only below 2^53. The clock term keeps tokens increasing after the
+//! server lost the counter (a restart without persistence), so the counter may expire: it
+//! does, [`FENCE_KEEP`] after the time its token stands for, when the clock alone gives a
+//! higher token. Both rest on one assumption: the server's clock never steps back by more
+//! than [`FENCE_KEEP`]. A server clock more than [`MAX_CLOCK_LEAD`] ahead of the client's
+//! is refused: one token from it would lift every later token of the key that far.
+
+use std::time::Duration;
 
 use redis::Script;
 
+/// How long a token record outlives the time its token stands for.
+pub(crate) const FENCE_KEEP: Duration = Duration::from_secs(3600);
+/// How far ahead of the client's clock a server's clock may be before its tokens are refused.
+pub(crate) const MAX_CLOCK_LEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// The Redis key of lock `key` under `namespace` (see the module docs).
+pub(crate) fn lock_key(namespace: &str, key: &str) -> String {
+    let mut out = String::with_capacity(namespace.len() + key.len() + 2);
+    out.push_str(namespace);
+    out.push('{');
+    for c in key.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The key of a Redlock node's marker (see [`OPS`]): outside every lock's key space, as no
+/// `{` follows the namespace.
+pub(crate) fn marker_key(namespace: &str) -> String {
+    format!("{namespace}#node")
+}
+
+/// Lua shared by the scripts: exact token arithmetic and the token record.
+const COMMON: &str = r#"
+-- Tokens are decimal strings without leading zeros.
+local function tgt(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local function tinc(s)
+  local i = #s
+  while i > 0 do
+    local d = string.byte(s, i)
+    if d < 57 then
+      return string.sub(s, 1, i - 1) .. string.char(d + 1) .. string.rep('0', #s - i)
+    end
+    i = i - 1
+  end
+  return '1' .. string.rep('0', #s)
+end
+-- Writes token `tok` to the record `fence`, to expire `keep` ms after the time it stands
+-- for (kept without expiry if it stands for no plausible time).
+local function record(fence, tok, keep)
+  if #tok > 3 and #tok <= 16 then
+    local ms = tonumber(string.sub(tok, 1, #tok - 3)) + tonumber(keep)
+    redis.call('SET', fence, tok, 'PXAT', ms)
+  else
+    redis.call('SET', fence, tok)
+  end
+end
+"#;
+
 /// Acquires and releases, several per call: `KEYS[i]` is op i's lock key; `ARGV` is
-/// `fair (0/1), waiter ttl ms`, then four per op: `op (t try, w wait, r release), lease,
-/// ttl_ms, meta`. Ops run in order, each as it would alone; one op's error (a key of the
-/// wrong type) is its own reply and does not stop the others. The reply is one flat array;
-/// per op, in order: acquire `granted, token, pttl`, release `released`, error
-/// `-1, message` (`granted` and `released` are 0 or 1, so -1 marks an error).
+/// `fair (0/1), waiter ttl ms, client clock ms, token record keep ms, sit-out ms, marker
+/// key, largest clock lead ms`, then four per op: `op (t try, w wait, r release), lease, ttl_ms, meta`.
+///
+/// A sit-out of 0 skips the node check. Otherwise (Redlock) the marker key holds the
+/// server's `run_id` and the time the node's lock data began; when it is missing (a new
+/// node, or one that lost its data) or names another `run_id` (a restart, even one with
+/// persistence, which may have come back from an older snapshot), the data begins now, and
+/// for the sit-out (the longest lease any client takes) this node grants nothing: a lease
+/// it lost may still run on another client's majority.
+///
+/// Ops run in order, each as it would alone; one op's error (a key of the wrong type) is
+/// its own reply and does not stop the others. The reply is one flat array; per op, in
+/// order: acquire `status, token, pttl` (status 1 granted, 0 refused, 2 the node sits out,
+/// pttl then its time left), release `released`, error `-1, message`.
 pub(crate) const OPS: &str = r#"
 local fair = ARGV[1] == '1'
 local wttl = ARGV[2]
--- The server clock in microseconds, read once per call (as a decimal string and a number):
--- every grant of this call is issued at this time or after it.
-local now_s, now_n
-local function clock()
-  if not now_s then
-    local t = redis.call('TIME')
-    now_s = t[1] .. string.format('%06d', tonumber(t[2]))
-    now_n = tonumber(now_s)
-  end
-  return now_s, now_n
+local client_ms, keep, sitout = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+-- The server clock, read once per call: in µs as a decimal string, and in ms.
+local t = redis.call('TIME')
+local now_s = t[1] .. string.format('%06d', tonumber(t[2]))
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local clock_err
+if now_ms - client_ms > tonumber(ARGV[7]) then
+  clock_err = 'the server clock is ' .. (now_ms - client_ms) .. ' ms ahead of the client clock: refusing to issue tokens from it (check both clocks)'
 end
--- Whether holder value `v` is `lease`'s (`lease:...`): a prefix test that makes no
--- substring (a new Lua string is hashed and interned).
+local sitting = 0
+if sitout > 0 then
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local m = redis.call('GET', ARGV[6])
+  local since
+  if m then
+    local r, s = string.match(m, '^(%x+) (%d+)$')
+    if r == run then since = tonumber(s) end
+  end
+  if not since then
+    since = now_ms
+    redis.call('SET', ARGV[6], run .. ' ' .. now_ms)
+  end
+  sitting = since + sitout - now_ms
+end
+-- Whether holder value `v` is `lease`'s (`lease:...`).
 local function holds(v, lease)
   return string.byte(v, #lease + 1) == 58 and string.find(v, lease, 1, true) == 1
 end
@@ -61,8 +151,7 @@ local function head(q, k)
 end
 local function enqueue(q, k, lease)
   if not redis.call('ZSCORE', q, lease) then
-    local t = redis.call('TIME')
-    redis.call('ZADD', q, tonumber(t[1]) * 1000000 + tonumber(t[2]), lease)
+    redis.call('ZADD', q, now_ms, lease)
   end
   redis.call('SET', k .. ':w:' .. lease, '1', 'PX', wttl)
   redis.call('PEXPIRE', q, tonumber(wttl) * 4)
@@ -74,35 +163,32 @@ local function refuse(q, k, lease, wait)
   local cur = redis.call('GET', k)
   if cur and holds(cur, lease) then
     local b = string.find(cur, ':', #lease + 2, true)
-    return 1, tonumber(string.sub(cur, #lease + 2, (b or 0) - 1)), redis.call('PTTL', k)
+    return 1, string.sub(cur, #lease + 2, (b or 0) - 1), redis.call('PTTL', k)
   end
   if wait then enqueue(q, k, lease) end
-  return 0, 0, redis.call('PTTL', k)
+  return 0, '0', redis.call('PTTL', k)
 end
--- The uncontended path is three commands (`EXISTS` of the queue when fair, the fence,
--- `SET NX`): the token is issued before the key is tried, so the holder's value can
--- carry it in the one `SET`. An attempt that finds the key held has then used up a token
--- (tokens may skip numbers; they never repeat or go back) and reads the holder's value.
+-- The uncontended path: `EXISTS` of the queue when fair, the token record, `SET NX`. The
+-- token is issued before the key is tried, so the holder's value can carry it.
 local function acquire(k, lease, ttl, meta, wait)
+  if sitting > 0 then return 2, '0', sitting end
+  if clock_err then error(clock_err) end
   local q = k .. ':q'
   -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
   local queued = wait
   if fair then
     local h = head(q, k)
     if not h then
-      -- head() dropped every dead entry on its way: the queue is empty.
       queued = false
     elseif h ~= lease then
       return refuse(q, k, lease, wait)
     end
   end
-  local tok, now = clock()
   local fence = k .. ':fence'
-  local prev = redis.call('SET', fence, tok, 'GET')
-  if prev and tonumber(prev) >= now then
-    tok = string.format('%d', tonumber(prev) + 1)
-    redis.call('SET', fence, tok)
-  end
+  local prev = redis.call('GET', fence)
+  local tok = now_s
+  if prev and not tgt(now_s, prev) then tok = tinc(prev) end
+  record(fence, tok, keep)
   if not redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'NX', 'PX', ttl) then
     -- Held (a script sees no key expire while it runs, so the key is there to read).
     return refuse(q, k, lease, wait)
@@ -110,7 +196,7 @@ local function acquire(k, lease, ttl, meta, wait)
   if queued and redis.call('ZREM', q, lease) == 1 then
     redis.call('DEL', k .. ':w:' .. lease)
   end
-  return 1, tonumber(tok), tonumber(ttl)
+  return 1, tok, tonumber(ttl)
 end
 local function release(k, lease)
   local released = 0
@@ -133,12 +219,9 @@ local function release(k, lease)
   end
   return released
 end
--- One flat reply for the whole call (a nested table per op costs the server more to
--- convert than the op's own commands): each op appends its integers, or -1 and a message.
--- The ops return their integers as multiple values, so no table is made per op.
 local out, n = {}, 0
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 4
+  local b = 7 + (i - 1) * 4
   local op, lease = ARGV[b + 1], ARGV[b + 2]
   if op == 'r' then
     local ok, r = pcall(release, KEYS[i], lease)
@@ -150,9 +233,9 @@ for i = 1, #KEYS do
       n = n + 2
     end
   else
-    local ok, g, t, p = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
+    local ok, g, tk, p = pcall(acquire, KEYS[i], lease, ARGV[b + 3], ARGV[b + 4], op == 'w')
     if ok then
-      out[n + 1], out[n + 2], out[n + 3] = g, t, p
+      out[n + 1], out[n + 2], out[n + 3] = g, tk, p
       n = n + 3
     else
       out[n + 1], out[n + 2] = -1, tostring(type(g) == 'table' and g.err or g)
@@ -184,22 +267,29 @@ end
 return {v, redis.call('PTTL', KEYS[1]), live}
 "#;
 
-/// `KEYS`: fence. `ARGV`: token. Raises the token floor (Redlock's second round).
+/// `KEYS`: token record. `ARGV`: token, keep ms. Raises the token floor (Redlock's second
+/// round).
 pub(crate) const RAISE_FLOOR: &str = r#"
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+local cur = redis.call('GET', KEYS[1])
+if not cur or tgt(ARGV[1], cur) then record(KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 "#;
 
-/// `KEYS`: resource, resource fence. `ARGV`: token, value. Writes only if the token is not
-/// lower than the highest accepted. Returns `{accepted, highest}`.
-pub(crate) const FENCED_SET: &str = r#"
-local high = tonumber(redis.call('GET', KEYS[2]) or '0')
-local tok = tonumber(ARGV[1])
-if tok < high then return {0, high} end
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[1], ARGV[2])
-return {1, tok}
+/// `KEYS`: resource (a hash of `value` and `token`). `ARGV`: token, value, then for a
+/// compare-and-set `1` and the value read (`0` if there was none). Writes only if the
+/// token is not lower than the stored one and, for a compare-and-set, the value is still
+/// the one read. Returns `{1, token}` written, `{0, stored token}` refused, `{2, stored
+/// token}` the value changed since it was read.
+pub(crate) const FENCED_WRITE: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'token', 'value')
+local high, val = cur[1], cur[2]
+if high and tgt(high, ARGV[1]) then return {0, high} end
+if ARGV[3] == '1' then
+  local want = ARGV[4] == '1' and ARGV[5] or false
+  if val ~= want then return {2, high or '0'} end
+end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
+return {1, ARGV[1]}
 "#;
 
 /// The compiled scripts (hashes computed once).
@@ -209,17 +299,53 @@ pub(crate) struct Scripts {
     pub(crate) renew: Script,
     pub(crate) inspect: Script,
     pub(crate) raise_floor: Script,
-    pub(crate) fenced_set: Script,
+    pub(crate) fenced_write: Script,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Self {
+        let with_common = |body: &str| Script::new(&format!("{COMMON}{body}"));
         Self {
-            ops: Script::new(OPS),
+            ops: with_common(OPS),
             renew: Script::new(RENEW),
             inspect: Script::new(INSPECT),
-            raise_floor: Script::new(RAISE_FLOOR),
-            fenced_set: Script::new(FENCED_SET),
+            raise_floor: with_common(RAISE_FLOOR),
+            fenced_write: with_common(FENCED_WRITE),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_never_collide_and_share_a_hash_slot() {
+        let names = [
+            "a", "a:fence", "a:q", "a:w:x", "{a}", "a}", "}{", "%7B", "{", "}", "%", "a b", "ü",
+        ];
+        let keys: Vec<String> = names.iter().map(|n| lock_key("lock:", n)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            // One `{`, one `}`: the hash tag is the whole encoded name.
+            assert_eq!(k.matches('{').count(), 1, "{k}");
+            assert_eq!(k.matches('}').count(), 1, "{k}");
+            assert!(k.ends_with('}'), "{k}");
+            for (j, other) in keys.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                for suffix in ["", ":fence", ":q", ":w:x", ":wake:x"] {
+                    assert_ne!(
+                        format!("{k}{suffix}"),
+                        *other,
+                        "{} vs {}",
+                        names[i],
+                        names[j]
+                    );
+                }
+            }
+        }
+        assert_eq!(lock_key("lock:", "a{b}%"), "lock:{a%7Bb%7D%25}");
+        assert!(!marker_key("lock:").starts_with("lock:{"));
     }
 }

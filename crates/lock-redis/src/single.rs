@@ -5,43 +5,28 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lock_core::{
-    AcquireRequest, Capabilities, FenceRejected, FencingToken, Grant, HolderMeta, LeaseId,
-    LeaseKind, LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome, TokenGuarantee,
+    AcquireRequest, Capabilities, FencedWrite, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind,
+    LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome, TokenGuarantee,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use redis::{AsyncConnectionConfig, Client, Value};
 use tokio::time::Instant;
 
-use crate::batch::{Batcher, Kind, Op};
-use crate::config::RedisConfig;
-use crate::scripts::Scripts;
+use crate::batch::{Answer, Attempt, Batcher, Kind, Op, Outcome, Params};
+use crate::config::{redact, RedisConfig};
+use crate::error::{map_err, NAME};
+use crate::scripts::{lock_key, marker_key, Scripts, FENCE_KEEP};
 
-pub(crate) const NAME: &str = "redis";
 /// How often a waiter re-checks (and refreshes its queue entry) without a wake-up.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A waiter not seen for this long is presumed dead and leaves the queue.
 const WAITER_TTL: Duration = Duration::from_secs(3);
 /// Idle blocking connections kept for reuse; more concurrent waiters open their own.
 const MAX_IDLE_BLOCKERS: usize = 16;
+/// How many times a fenced update reads again after the value changed under it.
+const MAX_UPDATE_TRIES: usize = 32;
 
-pub(crate) fn map_err(e: RedisError) -> LockError {
-    let retryable = e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.kind(),
-            redis::ErrorKind::Server(
-                redis::ServerErrorKind::BusyLoading
-                    | redis::ServerErrorKind::TryAgain
-                    | redis::ServerErrorKind::ReadOnly
-                    | redis::ServerErrorKind::MasterDown
-            )
-        );
-    LockError::backend(NAME, retryable, e)
-}
-
-/// A lock backend on one Redis server.
+/// A lock backend on one Redis server (6.2 or newer, standalone, `noeviction`).
 ///
 /// Acquire, renew and release are one round trip each (one script). Waiters queue on the
 /// server and block on a personal list; a release wakes exactly the first live waiter, so
@@ -64,12 +49,15 @@ struct Inner {
     blockers: Mutex<Vec<MultiplexedConnection>>,
 }
 
-/// The raw reply of the acquire script.
-pub(crate) struct Attempt {
-    pub(crate) granted: bool,
-    pub(crate) token: u64,
-    /// Remaining lease of the holder (ms), or -1/-2 when unknown or free.
-    pub(crate) pttl: i64,
+/// A fenced resource's value and the token that wrote it (see
+/// [`RedisBackend::fenced_set`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FencedValue {
+    /// The value.
+    pub value: String,
+    /// The highest token that wrote it.
+    pub token: FencingToken,
 }
 
 impl RedisBackend {
@@ -78,11 +66,20 @@ impl RedisBackend {
         Self::connect_with(RedisConfig::new(url)).await
     }
 
-    /// Connects with explicit settings.
+    /// Connects with explicit settings, and checks the server: Redis 6.2 or newer, not in
+    /// cluster mode, and a `maxmemory-policy` of `noeviction` (unless
+    /// [`RedisConfig::allow_eviction`]).
     pub async fn connect_with(cfg: RedisConfig) -> Result<Self, LockError> {
+        Self::open(cfg, Duration::ZERO).await
+    }
+
+    /// Connects as one node of a Redlock: a node whose lock data began less than `sit_out`
+    /// ago grants nothing (see the `scripts` module).
+    pub(crate) async fn open(cfg: RedisConfig, sit_out: Duration) -> Result<Self, LockError> {
         cfg.validate()?;
-        let client = Client::open(cfg.url.as_str())
-            .map_err(|e| LockError::InvalidConfig(format!("bad Redis URL: {e}")))?;
+        let client = Client::open(cfg.url.as_str()).map_err(|e| {
+            LockError::InvalidConfig(format!("bad Redis URL {}: {e}", redact(&cfg.url)))
+        })?;
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.op_timeout))
             .set_response_timeout(Some(cfg.op_timeout))
@@ -99,12 +96,23 @@ impl RedisBackend {
             after: cfg.op_timeout * 2,
         })?
         .map_err(map_err)?;
+        tokio::time::timeout(cfg.op_timeout * 2, check_server(&conn, &cfg))
+            .await
+            .map_err(|_| LockError::OperationTimeout {
+                backend: NAME,
+                op: "connect",
+                after: cfg.op_timeout * 2,
+            })??;
         let scripts = Scripts::new();
         let batch = Arc::new(Batcher::new(
             conn.clone(),
             scripts.ops.clone(),
-            cfg.fair,
-            WAITER_TTL,
+            Params {
+                fair: cfg.fair,
+                waiter_ttl: WAITER_TTL,
+                sit_out,
+                marker: marker_key(&cfg.namespace),
+            },
         ));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -129,7 +137,7 @@ impl RedisBackend {
     }
 
     fn lock_key(&self, key: &LockKey) -> String {
-        format!("{}{}", self.inner.cfg.namespace, key.as_str())
+        lock_key(&self.inner.cfg.namespace, key.as_str())
     }
 
     pub(crate) async fn attempt(
@@ -148,42 +156,45 @@ impl RedisBackend {
                 meta: req.meta.encode(),
             })
             .await?;
-        match reply[..] {
-            [g, t, p] if t >= 0 => Ok(Attempt {
-                granted: g == 1,
-                token: t as u64,
-                pttl: p,
-            }),
-            _ => Err(LockError::Protocol(format!(
-                "acquire script returned {reply:?}"
+        match reply {
+            Answer::Attempt(a) => Ok(a),
+            other => Err(LockError::Protocol(format!(
+                "acquire script answered {other:?}"
             ))),
         }
     }
 
-    /// Applies the optional replica acknowledgement; gives the grant back if it fails.
-    async fn acknowledge(&self, req: &AcquireRequest) -> Result<(), LockError> {
+    /// Waits until `replica_acks` replicas have everything written so far on this
+    /// connection; `Ok(true)` if they have (or none are asked for).
+    async fn replicated(&self) -> Result<Result<(), String>, LockError> {
         let Some((replicas, wait)) = self.inner.cfg.replica_acks else {
-            return Ok(());
+            return Ok(Ok(()));
         };
         let mut conn = self.inner.conn.clone();
-        let acked: Result<i64, _> = redis::cmd("WAIT")
+        let acked: i64 = redis::cmd("WAIT")
             .arg(replicas)
             .arg(wait.as_millis() as u64)
             .query_async(&mut conn)
-            .await;
-        match acked {
-            Ok(n) if n >= replicas as i64 => Ok(()),
-            other => {
-                let _ = self.release(&req.lease()).await;
-                let why = match other {
-                    Ok(n) => format!(
-                        "only {n} of {replicas} replicas acknowledged the grant within {wait:?}"
-                    ),
-                    Err(e) => format!("WAIT failed: {e}"),
-                };
-                Err(LockError::backend(NAME, true, why))
-            }
-        }
+            .await
+            .map_err(map_err)?;
+        Ok(if acked >= replicas as i64 {
+            Ok(())
+        } else {
+            Err(format!(
+                "only {acked} of {replicas} replicas acknowledged within {wait:?}"
+            ))
+        })
+    }
+
+    /// Applies the optional replica acknowledgement; gives the grant back if it fails.
+    async fn acknowledge(&self, req: &AcquireRequest) -> Result<(), LockError> {
+        let why = match self.replicated().await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(e) => format!("WAIT failed: {e}"),
+        };
+        let _ = self.release(&req.lease()).await;
+        Err(LockError::backend(NAME, true, format!("the grant: {why}")))
     }
 
     fn grant(&self, a: &Attempt, sent: Instant, ttl: Duration) -> Grant {
@@ -196,8 +207,9 @@ impl RedisBackend {
     }
 
     /// Waits for `req`'s turn after an attempt that found the key held (`pttl`: the
-    /// holder's remaining lease in ms, or 0 or less when there is none): blocks on this waiter's wake-up list, bounded by
-    /// the heartbeat, the holder's lease and `deadline`, then tries again.
+    /// holder's remaining lease in ms, or 0 or less when there is none): blocks on this
+    /// waiter's wake-up list, bounded by the heartbeat, the holder's lease and `deadline`,
+    /// then tries again.
     async fn wait_for_grant(
         &self,
         req: &AcquireRequest,
@@ -236,7 +248,7 @@ impl RedisBackend {
                 .map_err(map_err)?;
             let sent = Instant::now();
             let a = self.attempt(req, true).await?;
-            if a.granted {
+            if a.outcome == Outcome::Granted {
                 if let Some(b) = blocker.take() {
                     let mut idle = self
                         .inner
@@ -274,35 +286,141 @@ impl RedisBackend {
             .map_err(map_err)
     }
 
-    /// Writes `value` to the Redis key `resource` only if `token` is not lower than the
-    /// highest token accepted for it (kept at `resource:fence`), in one script.
+    /// The value of the fenced resource `resource` and the token that wrote it.
+    pub async fn fenced_get(&self, resource: &str) -> Result<Option<FencedValue>, LockError> {
+        let mut conn = self.inner.conn.clone();
+        let (value, token): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(resource)
+            .arg("value")
+            .arg("token")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        match (value, token) {
+            (Some(value), Some(token)) => Ok(Some(FencedValue {
+                value,
+                token: parse_token(&token)?,
+            })),
+            (None, None) => Ok(None),
+            other => Err(LockError::Protocol(format!(
+                "fenced resource {resource:?} holds {other:?}"
+            ))),
+        }
+    }
+
+    /// Writes `value` to the fenced resource `resource` (a hash of the value and the token
+    /// that wrote it, so the two cannot outlive each other) if `token` is not lower than
+    /// the token stored there; equal tokens are accepted, so one holder may write many
+    /// times. One round trip (plus `WAIT` with [`RedisConfig::replica_acks`], whose failure
+    /// is an error: the write may not survive a failover).
+    ///
+    /// For a value computed from the current one use [`RedisBackend::fenced_update`]: a
+    /// read followed by `fenced_set` lets an older holder's write slip in between and be
+    /// overwritten.
+    ///
+    /// One resource must be written under the tokens of one lock key only: tokens of
+    /// different keys are not ordered with each other.
     pub async fn fenced_set(
         &self,
         resource: &str,
         token: FencingToken,
         value: &str,
-    ) -> Result<Result<(), FenceRejected>, LockError> {
+    ) -> Result<FencedWrite, LockError> {
+        match self.fenced_write(resource, token, value, None).await? {
+            Written::Applied => self.written().await,
+            Written::Refused(highest) => Ok(FencedWrite::Refused { highest }),
+            Written::Changed => Err(LockError::Protocol(
+                "a fenced set reported a changed value".into(),
+            )),
+        }
+    }
+
+    /// A fenced read-modify-write of `resource`: `f` gets the current value (`None` if
+    /// there is none) and returns the new one, which is written only if the stored token is
+    /// not higher than `token` and the value is still the one `f` saw (if another write came
+    /// between, `f` runs again on the new value). Refused, nothing is written and `f` is not
+    /// run again. See [`RedisBackend::fenced_set`] for the fence itself.
+    ///
+    /// ```no_run
+    /// # async fn f(redis: lock_redis::RedisBackend, guard: lock_redis::LockGuard) -> Result<(), lock_redis::LockError> {
+    /// use lock_redis::FencedWrite;
+    /// let sold = redis
+    ///     .fenced_update("inventory:item-1", guard.token(), |stock| {
+    ///         let left: u64 = stock.and_then(|s| s.parse().ok()).unwrap_or(100);
+    ///         left.saturating_sub(1).to_string()
+    ///     })
+    ///     .await?;
+    /// assert!(matches!(sold, FencedWrite::Applied(1)), "a later holder already wrote");
+    /// # Ok(()) }
+    /// ```
+    pub async fn fenced_update<F>(
+        &self,
+        resource: &str,
+        token: FencingToken,
+        mut f: F,
+    ) -> Result<FencedWrite, LockError>
+    where
+        F: FnMut(Option<&str>) -> String,
+    {
+        for _ in 0..MAX_UPDATE_TRIES {
+            let cur = self.fenced_get(resource).await?;
+            if let Some(c) = cur.as_ref().filter(|c| c.token > token) {
+                return Ok(FencedWrite::Refused { highest: c.token });
+            }
+            let seen = cur.map(|c| c.value);
+            let new = f(seen.as_deref());
+            match self
+                .fenced_write(resource, token, &new, Some(seen.as_deref()))
+                .await?
+            {
+                Written::Applied => return self.written().await,
+                Written::Refused(highest) => return Ok(FencedWrite::Refused { highest }),
+                Written::Changed => {}
+            }
+        }
+        Err(LockError::backend(
+            NAME,
+            true,
+            format!(
+                "fenced update of {resource:?}: the value changed under it {MAX_UPDATE_TRIES} \
+                 times (another writer with the same or a lower token)"
+            ),
+        ))
+    }
+
+    /// The result of an applied fenced write, after the optional replica acknowledgement.
+    async fn written(&self) -> Result<FencedWrite, LockError> {
+        match self.replicated().await? {
+            Ok(()) => Ok(FencedWrite::Applied(1)),
+            Err(why) => Err(LockError::backend(
+                NAME,
+                true,
+                format!("the fenced write was applied on the primary, but {why}"),
+            )),
+        }
+    }
+
+    async fn fenced_write(
+        &self,
+        resource: &str,
+        token: FencingToken,
+        value: &str,
+        expected: Option<Option<&str>>,
+    ) -> Result<Written, LockError> {
         let mut conn = self.inner.conn.clone();
-        let reply: Vec<i64> = self
-            .inner
-            .scripts
-            .fenced_set
-            .key(resource)
-            .key(format!("{resource}:fence"))
-            .arg(token.get().to_string())
-            .arg(value)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(map_err)?;
-        match reply[..] {
-            [1, _] => Ok(Ok(())),
-            [0, high] => Ok(Err(FenceRejected {
-                offered: token,
-                highest: FencingToken::new(high.max(0) as u64),
-            })),
-            _ => Err(LockError::Protocol(format!(
-                "fenced set returned {reply:?}"
-            ))),
+        let mut inv = self.inner.scripts.fenced_write.prepare_invoke();
+        inv.key(resource).arg(token.get().to_string()).arg(value);
+        match expected {
+            None => inv.arg("0"),
+            Some(None) => inv.arg("1").arg("0"),
+            Some(Some(v)) => inv.arg("1").arg("1").arg(v),
+        };
+        let (code, stored): (i64, String) = inv.invoke_async(&mut conn).await.map_err(map_err)?;
+        match code {
+            1 => Ok(Written::Applied),
+            0 => Ok(Written::Refused(parse_token(&stored)?)),
+            2 => Ok(Written::Changed),
+            n => Err(LockError::Protocol(format!("fenced write answered {n}"))),
         }
     }
 
@@ -314,11 +432,78 @@ impl RedisBackend {
             .raise_floor
             .key(format!("{}:fence", self.lock_key(key)))
             .arg(token.to_string())
+            .arg(FENCE_KEEP.as_millis() as u64)
             .invoke_async(&mut conn)
             .await
             .map_err(map_err)?;
         Ok(())
     }
+}
+
+/// What a fenced write script did.
+enum Written {
+    Applied,
+    Refused(FencingToken),
+    /// The value was not the one read (compare-and-set only).
+    Changed,
+}
+
+fn parse_token(t: &str) -> Result<FencingToken, LockError> {
+    t.parse::<u64>()
+        .map(FencingToken::new)
+        .map_err(|_| LockError::Protocol(format!("token {t:?} is not a 64-bit number")))
+}
+
+/// The value of `field` in an `INFO` reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Refuses servers on which the lock is not safe: older than 6.2 (the scripts need
+/// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys.
+async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<(), LockError> {
+    let section = |name: &'static str| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("INFO")
+                .arg(name)
+                .query_async::<String>(&mut c)
+                .await
+                .map_err(map_err)
+        }
+    };
+    let server = section("server").await?;
+    let version: Vec<u32> = info_field(&server, "redis_version")
+        .unwrap_or("0")
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    if version.as_slice() < [6, 2].as_slice() {
+        return Err(LockError::InvalidConfig(format!(
+            "the server runs Redis {}; lock-redis needs 6.2 or newer",
+            info_field(&server, "redis_version").unwrap_or("of an unknown version")
+        )));
+    }
+    if info_field(&section("cluster").await?, "cluster_enabled") == Some("1") {
+        return Err(LockError::InvalidConfig(
+            "the server runs in cluster mode, which lock-redis does not support (its scripts \
+             reach keys they do not declare); use a standalone server or Redlock over \
+             independent servers"
+                .into(),
+        ));
+    }
+    let memory = section("memory").await?;
+    let policy = info_field(&memory, "maxmemory_policy").unwrap_or("unknown");
+    if policy != "noeviction" && !cfg.allow_eviction {
+        return Err(LockError::InvalidConfig(format!(
+            "the server's maxmemory-policy is {policy}: it may evict a held lock (a second \
+             holder) or a fenced resource (its fence forgotten). Set maxmemory-policy to \
+             noeviction, or accept the risk with RedisConfig::allow_eviction(true)"
+        )));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -338,7 +523,7 @@ impl LockBackend for RedisBackend {
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         let sent = Instant::now();
         let a = self.attempt(req, false).await?;
-        if !a.granted {
+        if a.outcome != Outcome::Granted {
             return Err(LockError::Contended {
                 key: req.key.to_string(),
             });
@@ -354,13 +539,12 @@ impl LockBackend for RedisBackend {
     ) -> Result<Grant, LockError> {
         let started = Instant::now();
         let a = self.attempt(req, true).await?;
-        if a.granted {
+        if a.outcome == Outcome::Granted {
             self.acknowledge(req).await?;
             return Ok(self.grant(&a, started, req.ttl));
         }
         // The waiting loop is a future of its own, allocated only when the key is held:
-        // the uncontended acquire's future stays small (a few hundred bytes, served from
-        // the allocator's thread cache, against 2.4 KB with the loop inlined).
+        // the uncontended acquire's future stays small.
         Box::pin(self.wait_for_grant(req, deadline, started, a.pttl)).await
     }
 
@@ -398,11 +582,11 @@ impl LockBackend for RedisBackend {
                 meta: String::new(),
             })
             .await?;
-        match reply[..] {
-            [1] => Ok(ReleaseOutcome::Released),
-            [0] => Ok(ReleaseOutcome::NotHeld),
-            _ => Err(LockError::Protocol(format!(
-                "release script returned {reply:?}"
+        match reply {
+            Answer::Released(true) => Ok(ReleaseOutcome::Released),
+            Answer::Released(false) => Ok(ReleaseOutcome::NotHeld),
+            other => Err(LockError::Protocol(format!(
+                "release script answered {other:?}"
             ))),
         }
     }
@@ -441,5 +625,19 @@ impl LockBackend for RedisBackend {
             .remaining((*pttl > 0).then(|| Duration::from_millis(*pttl as u64)))
             .waiters(Some((*live).max(0) as usize)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_fields_are_read_exactly() {
+        let info =
+            "# Memory\r\nmaxmemory:0\r\nmaxmemory_policy:allkeys-lru\r\nmaxmemory_policy_x:no\r\n";
+        assert_eq!(info_field(info, "maxmemory_policy"), Some("allkeys-lru"));
+        assert_eq!(info_field(info, "maxmemory"), Some("0"));
+        assert_eq!(info_field(info, "absent"), None);
     }
 }
