@@ -3,6 +3,7 @@
 pub mod containers;
 pub mod mongo_extra;
 pub mod pg_extra;
+pub mod pg_safety;
 pub mod redis_extra;
 pub mod redis_safety;
 pub mod servers;
@@ -17,12 +18,17 @@ pub fn only() -> Option<String> {
     std::env::var("LOCK_ONLY").ok().filter(|v| !v.is_empty())
 }
 
+/// Whether `case` is selected by the filter `only` (comma-separated parts of names).
+pub fn selected(only: &str, case: &str) -> bool {
+    only.split(',').any(|part| case.contains(part))
+}
+
 /// Runs one named check and turns its outcome into a printed [`CaseResult`].
 pub async fn check<F>(target: &str, case: &str, fut: F) -> CaseResult
 where
     F: std::future::Future<Output = Result<String, String>>,
 {
-    if let Some(only) = only().filter(|o| !case.contains(o.as_str())) {
+    if let Some(only) = only().filter(|o| !selected(o, case)) {
         return skip(target, case, &format!("not selected (--only {only})"));
     }
     let t = Instant::now();

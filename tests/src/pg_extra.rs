@@ -79,7 +79,63 @@ async fn advisory_state(url: &str, key: &str) -> Res<(i64, i64)> {
 /// Runs every PostgreSQL-specific check. `server` is the local server when this run
 /// started one (restart checks need it).
 pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
+    use crate::pg_safety as s;
     let mut out = Vec::new();
+    for mode in [PgMode::Advisory, PgMode::Xact] {
+        out.push(
+            check(
+                mode.name(),
+                "paused_holder_wakes_to_lost_past_the_servers_limit",
+                s::paused_session_holder_wakes_to_lost(url, mode),
+            )
+            .await,
+        );
+        out.push(
+            check(
+                mode.name(),
+                "blackholed_holder_lost_before_the_next_grant",
+                s::blackholed_session_holder_lost_before_next_grant(url, mode),
+            )
+            .await,
+        );
+    }
+    out.push(
+        check(
+            "pg",
+            "fenced_update_is_all_or_nothing",
+            s::fenced_update_is_all_or_nothing(url),
+        )
+        .await,
+    );
+    if server.is_some() {
+        out.push(
+            check(
+                "pg",
+                "two_crashes_in_a_row_never_repeat_a_token",
+                s::two_crashes_never_repeat_a_token(),
+            )
+            .await,
+        );
+        out.push(
+            check(
+                "pg",
+                "caller_transaction_across_a_crash_stalls_nobody",
+                s::caller_transaction_across_a_crash_stalls_nobody(),
+            )
+            .await,
+        );
+    } else {
+        for case in [
+            "two_crashes_in_a_row_never_repeat_a_token",
+            "caller_transaction_across_a_crash_stalls_nobody",
+        ] {
+            out.push(crate::skip(
+                "pg",
+                case,
+                "crashes a server of its own: needs the local PostgreSQL binaries (--via local)",
+            ));
+        }
+    }
     for mode in [PgMode::Advisory, PgMode::Xact] {
         out.push(
             check(
@@ -167,7 +223,7 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     out.push(
         check(
             "pg",
-            "crash_guard_inside_an_older_repeatable_read_snapshot",
+            "crash_guard_and_an_older_repeatable_read_snapshot",
             guard_in_old_snapshot(url),
         )
         .await,
@@ -231,8 +287,8 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     out.push(
         check(
             "pg advisory",
-            "migrating_an_earlier_schema_keeps_tokens_growing",
-            upgrade(url),
+            "a_schema_of_another_version_is_refused",
+            other_schema_version(url),
         )
         .await,
     );
@@ -274,8 +330,8 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
 }
 
 /// Session grants between transaction-scoped ones (committed, and rolled back inside the
-/// caller's transaction) and a direct counter write of an earlier version: every token is
-/// above the one before, and a rolled-back token is never issued again.
+/// caller's transaction): every token is above the one before, and a rolled-back token is
+/// never issued again.
 async fn session_and_other_grants(url: &str) -> Res<String> {
     let (locks, session) = client(url, PgMode::Advisory).await?;
     let (_x, xact) = client(url, PgMode::Xact).await?;
@@ -305,30 +361,7 @@ async fn session_and_other_grants(url: &str) -> Res<String> {
     drop(conn);
     seen.push(("xact rolled back", rolled.get()));
     seen.push(("session", grant(&session).await?));
-    // A client of the previous version: it takes the lock and writes its token straight
-    // into the counter row, `greatest(fence.token + 1, nextval)`.
-    let old = admin(url).await?;
-    let id = advisory_id("distlock", &key);
-    old.batch_execute("BEGIN").await.map_err(e2s)?;
-    old.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
-        .await
-        .map_err(e2s)?;
-    let row = old
-        .query_one(
-            "INSERT INTO distlock.fence AS f (key, token, lease_id, meta, holder_pid) \
-             VALUES ($1, nextval('distlock.token_seq'), 'old', '', pg_backend_pid()) \
-             ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token) \
-             RETURNING f.token",
-            &[&key],
-        )
-        .await
-        .map_err(e2s)?;
-    old.batch_execute("COMMIT").await.map_err(e2s)?;
-    seen.push((
-        "earlier version",
-        u64::try_from(row.get::<_, i64>(0)).map_err(e2s)?,
-    ));
-    seen.push(("session", grant(&session).await?));
+    seen.push(("xact committed", grant(&xact).await?));
     seen.push(("session", grant(&session).await?));
     if let Some(again) = seen
         .iter()
@@ -630,8 +663,9 @@ async fn setup_inventory(url: &str, table: &str, stock: i32) -> Res<tokio_postgr
     let a = admin(url).await?;
     a.batch_execute(&format!(
         "DROP TABLE IF EXISTS {table}; \
-         CREATE TABLE {table} (item text PRIMARY KEY, stock int NOT NULL, fence_token bigint); \
-         INSERT INTO {table} VALUES ('item-1', {stock}, NULL)"
+         CREATE TABLE {table} (item text PRIMARY KEY, stock int NOT NULL, \
+             fence_token bigint NOT NULL DEFAULT 0); \
+         INSERT INTO {table} (item, stock) VALUES ('item-1', {stock})"
     ))
     .await
     .map_err(e2s)?;
@@ -888,12 +922,9 @@ async fn bad_config(url: &str) -> Res<String> {
         }
         other => return Err(format!("dead server: {other:?} after {:?}", t.elapsed())),
     }
-    // A missing schema without auto-migration.
+    // A missing schema without auto-migration: refused at connect.
     let missing = format!("missing_{}", rand::random::<u32>());
-    let locks = PgLocks::connect_with(pg_config(url).schema(missing.clone()).auto_migrate(false))
-        .await
-        .map_err(e2s)?;
-    match LockClient::new(locks.lease_rows()).try_acquire("k").await {
+    match PgLocks::connect_with(pg_config(url).schema(missing.clone()).auto_migrate(false)).await {
         Err(LockError::InvalidConfig(m)) if m.contains("migrate") => seen.push(m),
         other => return Err(format!("missing schema: {other:?}")),
     }
@@ -1090,12 +1121,11 @@ async fn holder_name(url: &str) -> Res<String> {
     ))
 }
 
-/// Right after a crash (the crash guard's marker gone, every server process new), a
-/// transaction-scoped lock taken in the caller's REPEATABLE READ transaction whose snapshot
-/// is older than another process's first grant: the guard reads the marker as missing in
-/// that snapshot, moves the sequence again (harmless) and finds the marker already there
-/// when it writes it. The lock must be granted, not fail with a serialization error, and
-/// its token must be above every earlier one.
+/// Right after a crash (the crash guard's marker gone), a transaction-scoped lock taken in
+/// the caller's REPEATABLE READ transaction whose snapshot is older than the guard's
+/// commit: the snapshot cannot see the marker back, so the grant is refused with a
+/// retryable error (nothing taken, nothing waited for); the same lock in a new transaction
+/// is granted, above every earlier token.
 async fn guard_in_old_snapshot(url: &str) -> Res<String> {
     let admin = admin(url).await?;
     let key = format!("rr-guard-{}", rand::random::<u32>());
@@ -1103,13 +1133,12 @@ async fn guard_in_old_snapshot(url: &str) -> Res<String> {
     let g = c.acquire(&key).await.map_err(e2s)?;
     let before = g.token().get();
     g.release().await.map_err(e2s)?;
-    // What crash recovery does to the unlogged marker; the clients below are new, so
-    // their first grants go through the guard.
-    admin
-        .batch_execute("TRUNCATE distlock.epoch")
+    let old = PgLocks::connect_with(pg_config(url).pool_size(2))
         .await
         .map_err(e2s)?;
-    let old = PgLocks::connect_with(pg_config(url).pool_size(2))
+    // What crash recovery does to the unlogged marker.
+    admin
+        .batch_execute("TRUNCATE distlock.epoch")
         .await
         .map_err(e2s)?;
     let mut conn = old.pool().get().await.map_err(e2s)?;
@@ -1128,25 +1157,35 @@ async fn guard_in_old_snapshot(url: &str) -> Res<String> {
     if seen != 0 {
         return Err(format!("{seen} markers right after the truncate"));
     }
-    // Another process's first grant puts the marker back and moves the sequence.
+    // Another client's first use runs the guard: the marker is back, the sequence moved.
     let (_l2, other) = client(url, PgMode::Advisory).await?;
     let g = other.acquire(&format!("{key}-other")).await.map_err(e2s)?;
     let moved = g.token().get();
     g.release().await.map_err(e2s)?;
+    match old.lock_in_transaction(&tx, &key, WaitPolicy::NoWait).await {
+        Err(e) if e.is_retryable() => {}
+        other => {
+            return Err(format!(
+                "a lock in a snapshot older than the crash guard: {other:?}"
+            ))
+        }
+    }
+    tx.rollback().await.map_err(e2s)?;
+    let tx = conn.transaction().await.map_err(e2s)?;
     let t = old
         .lock_in_transaction(&tx, &key, WaitPolicy::NoWait)
         .await
-        .map_err(|e| format!("the lock in the older snapshot failed: {e}"))?
+        .map_err(|e| format!("the retry in a new transaction: {e}"))?
         .get();
     tx.commit().await.map_err(e2s)?;
-    if moved <= before || t <= before {
+    if moved <= before + (1 << 31) || t <= moved {
         return Err(format!(
             "tokens did not grow across the guard: {before} before, {moved} and {t} after"
         ));
     }
     Ok(format!(
-        "token {before} before the marker went; {moved} by the first new process, {t} in the \
-         older snapshot"
+        "token {before} before the marker went; the old snapshot refused (retryable); \
+         {moved} and {t} after the guard"
     ))
 }
 
@@ -1465,56 +1504,36 @@ async fn same_lease_again(url: &str) -> Res<String> {
     ))
 }
 
-/// A schema of the previous version (sequence stepping by 1, no unlogged block table, a
-/// counter row holding the last token issued) migrated by this one: the sequence then
-/// steps by 32, the block table exists, and the next session token is above the old one.
-async fn upgrade(url: &str) -> Res<String> {
-    let schema = format!("upgrade_{}", rand::random::<u32>());
+/// A schema of another version is refused at first use, with both versions named, and
+/// left as it was.
+async fn other_schema_version(url: &str) -> Res<String> {
+    let schema = format!("versioned_{}", rand::random::<u32>());
     let cfg = || pg_config(url).schema(schema.clone());
-    let key = "upgrade-key";
-    let locks = PgLocks::connect_with(cfg()).await.map_err(e2s)?;
+    drop(PgLocks::connect_with(cfg()).await.map_err(e2s)?);
     let admin = admin(url).await?;
-    // Turn the fresh schema into the previous version's shape.
     admin
-        .batch_execute(&format!(
-            "ALTER SEQUENCE {schema}.token_seq INCREMENT BY 1; DROP TABLE {schema}.cursor; \
-             INSERT INTO {schema}.fence (key, token, lease_id, meta, holder_pid) \
-             VALUES ('{key}', 1000, 'old', '', 0)"
-        ))
+        .batch_execute(&format!("UPDATE {schema}.schema_version SET version = 99"))
         .await
         .map_err(e2s)?;
-    drop(locks);
-    let locks = PgLocks::connect_with(cfg()).await.map_err(e2s)?;
-    locks.migrate().await.map_err(e2s)?;
-    let inc: i64 = admin
-        .query_one(
-            &format!(
-                "SELECT seqincrement FROM pg_sequence \
-                 WHERE seqrelid = '{schema}.token_seq'::regclass"
-            ),
-            &[],
-        )
+    let res = PgLocks::connect_with(cfg()).await;
+    let res2 = PgLocks::connect_with(cfg().auto_migrate(false)).await;
+    let left: i32 = admin
+        .query_one(&format!("SELECT version FROM {schema}.schema_version"), &[])
         .await
         .map_err(e2s)?
         .get(0);
-    if inc != 32 {
-        return Err(format!("the sequence steps by {inc} after the migration"));
-    }
-    let c = LockClient::new(locks.advisory()).with_options(opts());
-    let mut tokens = Vec::new();
-    for _ in 0..3 {
-        let g = c.acquire(key).await.map_err(e2s)?;
-        tokens.push(g.token().get());
-        g.release().await.map_err(e2s)?;
-    }
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .map_err(e2s)?;
-    if tokens[0] <= 1000 || tokens.windows(2).any(|w| w[1] <= w[0]) {
-        return Err(format!("tokens after the counter at 1000: {tokens:?}"));
+    for r in [res.map(drop), res2.map(drop)] {
+        match r {
+            Err(LockError::InvalidConfig(m)) if m.contains("99") => {}
+            other => return Err(format!("a version-99 schema gave {other:?}")),
+        }
     }
-    Ok(format!(
-        "sequence steps by 32; tokens after the counter at 1000: {tokens:?}"
-    ))
+    if left != 99 {
+        return Err(format!("the schema's version was changed to {left}"));
+    }
+    Ok("refused, naming version 99; left untouched".into())
 }

@@ -64,6 +64,9 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
             "fenced_read_modify_write_loses_no_update",
             || Box::pin(s::fenced_read_modify_write_loses_no_update()),
         ),
+        ("redlock", "one_server_listed_twice_is_refused", || {
+            Box::pin(s::redlock_refuses_one_server_listed_twice())
+        }),
         (
             "redis-extra",
             "failover_to_a_replica_whose_clock_is_behind",

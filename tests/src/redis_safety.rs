@@ -562,3 +562,17 @@ pub(crate) async fn failover_to_a_replica_whose_clock_is_behind() -> Res<String>
     }
     Ok(report.join("; "))
 }
+
+/// The same server listed twice (under two names) would count twice in every majority:
+/// connect refuses it.
+pub(crate) async fn redlock_refuses_one_server_listed_twice() -> Res<String> {
+    let nodes = start(2).await?;
+    let twice = format!("redis://localhost:{}", nodes[0].port);
+    let urls = [nodes[0].url(), twice, nodes[1].url()];
+    let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+    match RedlockBackend::connect(&refs).await {
+        Err(LockError::InvalidConfig(m)) if m.contains("same server") => Ok(m),
+        Err(e) => Err(format!("refused without saying why: {e}")),
+        Ok(_) => Err("connected with one server listed twice".into()),
+    }
+}

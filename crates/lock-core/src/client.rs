@@ -277,10 +277,15 @@ async fn settle(
                 true,
                 "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
             ))
+        } else if opts_deadline(opts, started).is_some_and(|d| Instant::now() >= d) {
+            Err(LockError::Timeout {
+                key: req.key.to_string(),
+                waited: started.elapsed(),
+            })
         } else {
             let mut pause = opts.backoff.delay(late);
-            if let WaitPolicy::Timeout(t) = opts.wait {
-                pause = pause.min((started + t).saturating_duration_since(Instant::now()));
+            if let Some(d) = opts_deadline(opts, started) {
+                pause = pause.min(d.saturating_duration_since(Instant::now()));
             }
             tokio::time::sleep(pause).await;
             late = late.saturating_add(1);
@@ -311,6 +316,14 @@ async fn settle(
     }
 }
 
+/// The end of a waiting acquire's wait, if it has one.
+fn opts_deadline(opts: &LockOptions, started: Instant) -> Option<Instant> {
+    match opts.wait {
+        WaitPolicy::Timeout(t) => Some(started + t),
+        _ => None,
+    }
+}
+
 /// Whether a grant has under a tenth of its lease left (after the drift margin) on
 /// arrival.
 fn arrived_late(grant: &Grant, opts: &LockOptions) -> bool {
@@ -330,7 +343,7 @@ async fn run_acquire(
 ) -> Result<Grant, LockError> {
     let (deadline, limit) = match opts.wait {
         WaitPolicy::NoWait => (None, Some(opts.op_timeout)),
-        WaitPolicy::Timeout(t) => (Some(started + t), Some(t + opts.op_timeout)),
+        WaitPolicy::Timeout(t) => (Some(started + t), Some(t.saturating_add(opts.op_timeout))),
         WaitPolicy::Forever => (None, None),
     };
     let fut = async {

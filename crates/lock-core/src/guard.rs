@@ -189,6 +189,21 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A request that would end the lease at `deadline` may have reached the store: the
+    /// lock is safe until that deadline at most.
+    fn may_have_shortened(&self, deadline: Instant, len: Duration) {
+        let shorter = deadline.checked_sub(drift_for(len)).unwrap_or(deadline);
+        {
+            let mut st = lock(&self.state);
+            if st.safe_until.is_some_and(|s| shorter < s) {
+                st.safe_until = Some(shorter);
+            }
+        }
+        self.safe_changed.notify_waiters();
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -353,24 +368,28 @@ impl LockGuard {
             granted_at: now,
             keeper: Mutex::new(Keeper::Idle),
         });
-        let keeper = match (grant.session, safe_until) {
-            (Some(session), _) => {
-                Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
-            }
-            (None, Some(safe)) => {
-                let due = match keep {
-                    Keep::Ttl { auto: false } => safe,
-                    _ => (now + every).min(safe),
-                };
-                match Scheduler::current() {
-                    Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
-                    // Not reachable from the async acquire; without a runtime nothing renews.
-                    None => Keeper::Idle,
+        {
+            // Held while scheduling: an entry that comes due at once finds itself stored.
+            let mut k = lock(&shared.keeper);
+            *k = match (grant.session, safe_until) {
+                (Some(session), _) => {
+                    Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
                 }
-            }
-            (None, None) => Keeper::Idle,
-        };
-        *lock(&shared.keeper) = keeper;
+                (None, Some(safe)) => {
+                    let due = match keep {
+                        Keep::Ttl { auto: false } => safe,
+                        _ => (now + every).min(safe),
+                    };
+                    match Scheduler::current() {
+                        Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
+                        // Not reachable from the async acquire; without a runtime nothing
+                        // renews.
+                        None => Keeper::Idle,
+                    }
+                }
+                (None, None) => Keeper::Idle,
+            };
+        }
         Self {
             handle: LockHandle { shared, status: rx },
             done: false,
@@ -448,7 +467,17 @@ impl LockGuard {
         }
         let safe = sh.safe_until();
         let sent = Instant::now();
-        let res = bounded(sh, "renew", sh.backend.renew(&sh.lease, lease)).await;
+        let budget = safe.map_or(sh.opts.op_timeout, |s| {
+            sh.opts.op_timeout.min(s.saturating_duration_since(sent))
+        });
+        let res = match timeout(budget, sh.backend.renew(&sh.lease, lease)).await {
+            Ok(r) => r,
+            Err(_) => Err(LockError::OperationTimeout {
+                backend: sh.backend.name(),
+                op: "renew",
+                after: budget,
+            }),
+        };
         if safe.is_some_and(|s| Instant::now() >= s) {
             // Confirmed too late: the lock was no longer safe while the request was out.
             Shared::lose(sh, LossReason::Expired);
@@ -469,7 +498,13 @@ impl LockGuard {
                 Shared::lose(sh, LossReason::NotHeld);
                 Err(e)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // The store may have applied it without the answer arriving: a shorter
+                // lease then ends sooner than the one the guard knew.
+                sh.may_have_shortened(sent + lease, lease);
+                sh.set_status(LockStatus::Uncertain);
+                Err(e)
+            }
         }
     }
 
@@ -598,7 +633,10 @@ async fn keep_alive(sh: Arc<Shared>) {
         if !auto || Instant::now() < next {
             continue;
         }
-        let turn = sh.renewing.lock().await;
+        let Ok(turn) = tokio::time::timeout_at(safe, sh.renewing.lock()).await else {
+            Shared::lose(&sh, LossReason::Expired);
+            return;
+        };
         if lock(&sh.state).safe_until != Some(safe) {
             // `extend` moved the lease while this waited its turn: start over from it.
             continue;

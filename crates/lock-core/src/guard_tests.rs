@@ -295,3 +295,33 @@ fn renew_every_must_leave_room_before_the_deadline() {
     }
     assert!(o.renew_every(lease / 2).validate().is_ok());
 }
+
+/// An extend to a shorter lease that the store applies but whose answer never arrives: the
+/// guard must assume the shorter lease, not keep the longer deadline it knew.
+#[tokio::test]
+async fn a_shorter_extend_whose_answer_is_lost_shortens_the_deadline() {
+    let store = MemoryStore::new();
+    let short = Duration::from_millis(200);
+    let backend = Wrapped::new(
+        store.connect(),
+        Plan {
+            renew_delays: vec![(short, Duration::ZERO, Duration::from_secs(30))],
+            ..Plan::default()
+        },
+    );
+    let client = LockClient::from_arc(backend).with_options(
+        LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .op_timeout(Duration::from_millis(100)),
+    );
+    let g = client.acquire("k").await.expect("acquire");
+    let before = g.safe_until().expect("ttl lock");
+    assert!(g.extend(short).await.is_err(), "the answer never came");
+    sleep(short).await;
+    assert!(
+        matches!(g.status(), LockStatus::Lost(_)),
+        "the store's lease ended, yet the guard says {:?} (safe for {:?} more)",
+        g.status(),
+        before.saturating_duration_since(Instant::now())
+    );
+}

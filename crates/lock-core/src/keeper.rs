@@ -1,15 +1,10 @@
-//! Deferred renewal. A TTL guard's renewal task is spawned only when its first renewal (or,
-//! with renewal off, its safe deadline) comes due. Most locks are released long before
-//! that, so they cost no task of their own and no wake-up of another worker thread at
-//! grant and release; one timer task per runtime serves them all.
-//!
-//! Measured on the in-memory backend (2 cores, multi-thread runtime): a guard that spawned
-//! its renewal task at grant and aborted it at release cost about 40 µs per acquire +
-//! release, almost all of it waking an idle worker; the deferred start costs a map insert
-//! and a remove.
+//! Deferred renewal. A guard's renewal task is spawned only when its first renewal (or,
+//! with renewal off, its safe deadline) comes due. Most locks are released before then, so
+//! they cost no task of their own and no wake-up of another worker thread at grant and
+//! release, which was the largest cost of a short lock cycle on a two-core machine; one
+//! timer task per runtime serves them all.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -144,94 +139,6 @@ impl Scheduler {
     }
 }
 
-/// A task that starts at a set time unless it is stopped first: see [`spawn_at`].
-///
-/// Dropping it stops it too (a running task is aborted, not awaited).
-#[derive(Debug)]
-pub struct Deferred {
-    state: Arc<Mutex<DeferredState>>,
-}
-
-#[derive(Debug)]
-enum DeferredState {
-    Waiting(Option<Ticket>),
-    Running(JoinHandle<()>),
-    Stopped,
-}
-
-/// Spawns `task` on the current Tokio runtime at `at`, unless the returned [`Deferred`] is
-/// stopped or dropped first.
-///
-/// For background work that has nothing to do for a while, such as a connection probe
-/// whose first check is due in a second: a lock released before then costs no task and
-/// no wake-up of another worker thread (one timer task per runtime serves them all).
-/// Outside a runtime nothing can run it: the task is dropped and the handle is stopped.
-pub fn spawn_at<F>(at: Instant, task: F) -> Deferred
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let state = Arc::new(Mutex::new(DeferredState::Waiting(None)));
-    let Some(sched) = Scheduler::current() else {
-        *lock_state(&state) = DeferredState::Stopped;
-        return Deferred { state };
-    };
-    // Held across `schedule` so that an entry firing at once finds its ticket stored.
-    let mut st = lock_state(&state);
-    let weak = Arc::downgrade(&state);
-    let ticket = sched.schedule(
-        at,
-        Box::new(move |_| {
-            if let Some(state) = weak.upgrade() {
-                let mut st = lock_state(&state);
-                if matches!(*st, DeferredState::Waiting(_)) {
-                    *st = DeferredState::Running(tokio::spawn(task));
-                }
-            }
-        }),
-    );
-    if let DeferredState::Waiting(t) = &mut *st {
-        *t = Some(ticket);
-    }
-    drop(st);
-    Deferred { state }
-}
-
-fn lock_state(s: &Mutex<DeferredState>) -> std::sync::MutexGuard<'_, DeferredState> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Deferred {
-    /// Whether the task has started (it may have finished since).
-    pub fn started(&self) -> bool {
-        matches!(*lock_state(&self.state), DeferredState::Running(_))
-    }
-
-    /// Stops it. A task not yet started never starts, and its future (with everything it
-    /// captured) is dropped before this returns; a running task is aborted and awaited.
-    pub async fn stop(self) {
-        let prev = std::mem::replace(&mut *lock_state(&self.state), DeferredState::Stopped);
-        match prev {
-            DeferredState::Waiting(Some(ticket)) => ticket.cancel(),
-            DeferredState::Running(task) => {
-                task.abort();
-                let _ = task.await;
-            }
-            DeferredState::Waiting(None) | DeferredState::Stopped => {}
-        }
-    }
-}
-
-impl Drop for Deferred {
-    fn drop(&mut self) {
-        let prev = std::mem::replace(&mut *lock_state(&self.state), DeferredState::Stopped);
-        match prev {
-            DeferredState::Waiting(Some(ticket)) => ticket.cancel(),
-            DeferredState::Running(task) => task.abort(),
-            DeferredState::Waiting(None) | DeferredState::Stopped => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -292,37 +199,5 @@ mod tests {
         )
         .await;
         assert!(matches!(seen, Ok(Ok(_))), "no Lost published");
-    }
-
-    /// A deferred task stopped before it is due never runs, and what it captured is
-    /// dropped by `stop`; one left alone starts on time.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn deferred_task_starts_on_time_or_never() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let ran = Arc::new(AtomicUsize::new(0));
-        let captured = Arc::new(());
-        let (r, c) = (ran.clone(), captured.clone());
-        let early = spawn_at(Instant::now() + Duration::from_millis(200), async move {
-            let _keep = c;
-            r.fetch_add(1, Ordering::SeqCst);
-        });
-        assert!(!early.started());
-        assert_eq!(Arc::strong_count(&captured), 2);
-        early.stop().await;
-        assert_eq!(
-            Arc::strong_count(&captured),
-            1,
-            "the future was not dropped"
-        );
-        let r = ran.clone();
-        let due = Instant::now() + Duration::from_millis(50);
-        let on_time = spawn_at(due, async move {
-            assert!(Instant::now() >= due);
-            r.fetch_add(10, Ordering::SeqCst);
-        });
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(on_time.started());
-        assert_eq!(ran.load(Ordering::SeqCst), 10);
-        on_time.stop().await;
     }
 }

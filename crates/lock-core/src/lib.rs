@@ -56,7 +56,6 @@ pub use backend::{
 pub use client::LockClient;
 pub use error::{LockError, LossReason};
 pub use guard::{LockGuard, LockHandle, LockStatus};
-pub use keeper::{spawn_at, Deferred};
 pub use key::{HolderMeta, LeaseId, LockKey, MAX_KEY_LEN};
 pub use options::{Backoff, LockOptions, WaitPolicy};
 pub use token::{FenceRegister, FenceRejected, Fenced, FencedWrite, FencingToken};

@@ -7,6 +7,9 @@ use crate::key::HolderMeta;
 
 /// The shortest lease accepted.
 pub const MIN_LEASE: Duration = Duration::from_millis(50);
+/// The longest operation timeout accepted (an hour): a store that has not answered by then
+/// will not.
+pub const MAX_OP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The longest lease accepted (a day). Longer leases are almost always a bug: a crashed
 /// holder would block the key for that long.
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
@@ -223,8 +226,10 @@ impl LockOptions {
                 ));
             }
         }
-        if self.op_timeout.is_zero() {
-            return bad("op_timeout must be greater than zero".into());
+        if self.op_timeout.is_zero() || self.op_timeout > MAX_OP_TIMEOUT {
+            return bad(format!(
+                "op_timeout must be greater than zero and at most {MAX_OP_TIMEOUT:?}"
+            ));
         }
         if self.backoff.min.is_zero() || self.backoff.min > self.backoff.max {
             return bad("backoff needs 0 < min <= max".into());

@@ -22,12 +22,14 @@ pub struct PgConfig {
     pub pool_size: usize,
     /// Bound on connecting and on each statement. Default 5 s.
     pub op_timeout: Duration,
-    /// Session and transaction modes: how often a held lock's connection is probed.
-    /// Default 1 s.
+    /// Session and transaction modes: how often a held lock's session is confirmed (a
+    /// probe). Default 1 s.
     pub probe_every: Duration,
-    /// Session and transaction modes: how long a held lock's connection may go unanswered
-    /// before the lock is reported lost (it is `Uncertain` from the first failed probe).
-    /// Default 5 s.
+    /// Session and transaction modes: how long the server keeps a silent holder's session
+    /// (its `idle_session_timeout`, or `idle_in_transaction_session_timeout`, set for the
+    /// holder's session only; PostgreSQL 14 or later). The lock is safe until this long
+    /// after the last answered probe was sent, less a drift margin; it is `Uncertain` from
+    /// the first failed probe. At least three times `probe_every`. Default 5 s.
     pub session_timeout: Duration,
     /// Lease mode: the longest a waiter sleeps between attempts when no release
     /// notification arrives (a lost notification, or a holder that died). Default 1 s.
@@ -116,10 +118,21 @@ impl PgConfig {
                 )));
             }
         }
-        if self.session_timeout <= self.probe_every {
-            return Err(LockError::InvalidConfig(
-                "session_timeout must be longer than probe_every".into(),
-            ));
+        if self.session_timeout < self.probe_every * 3 {
+            return Err(LockError::InvalidConfig(format!(
+                "session_timeout {:?} must be at least three times probe_every {:?}: a probe \
+                 and its retry must fit before the session's deadline",
+                self.session_timeout, self.probe_every
+            )));
+        }
+        if self.op_timeout > lock_core::options::MAX_OP_TIMEOUT
+            || self.session_timeout > lock_core::options::MAX_LEASE
+        {
+            return Err(LockError::InvalidConfig(format!(
+                "op_timeout must be at most {:?} and session_timeout at most {:?}",
+                lock_core::options::MAX_OP_TIMEOUT,
+                lock_core::options::MAX_LEASE
+            )));
         }
         let shown: String = self.url.chars().take(60).collect();
         let mut pg = tokio_postgres::Config::from_str(&self.url)
@@ -206,6 +219,16 @@ mod tests {
             .session(Duration::from_secs(2), Duration::from_secs(1))
             .validate()
             .is_err());
+        assert!(c
+            .clone()
+            .session(Duration::from_secs(2), Duration::from_secs(3))
+            .validate()
+            .is_err());
+        assert!(c
+            .clone()
+            .session(Duration::from_secs(1), Duration::from_secs(3))
+            .validate()
+            .is_ok());
         assert!(c.pool_size(1).validate().is_err());
     }
 }

@@ -36,13 +36,23 @@ impl FencedTable {
     }
 }
 
-/// Updates the rows of `table` that match `filter`, applying `set`, only where the stored
-/// token is not higher than `token`; the rows then carry `token`.
+/// Updates the rows of `table` that match `filter`, applying `set`, all or nothing: only
+/// if no matching row's token is higher than `token`; the rows then carry `token`. Equal
+/// tokens are accepted, so one holder may write many times under one grant.
 ///
-/// `set` and `filter` are SQL fragments written by the programmer (never user input), with
-/// parameters `$1..$n` bound from `params`; the token is bound as `$n+1`. One statement
-/// when the write is accepted; a refused write costs one more read to tell a refusal from
-/// a filter that matched nothing.
+/// - [`FencedWrite::Applied`]`(n)`: every one of the `n` matching rows was written.
+/// - [`FencedWrite::Refused`]: a matching row was written with a higher token (a later
+///   holder of the lock already acted); **no** row was written.
+/// - [`FencedWrite::NoMatch`]: no row matched; nothing was written.
+/// - A matching row whose token is NULL is an error ([`LockError::InvalidConfig`]): it
+///   cannot tell which holder wrote it. Give the column `NOT NULL DEFAULT 0`.
+///
+/// One statement: the matching rows are locked (`FOR UPDATE`) and checked, then updated
+/// only if every one passed. `set` and `filter` are SQL fragments written by the
+/// programmer (never user input), with parameters `$1..$n` bound from `params`; the token
+/// is bound as `$n+1`. Write a read-modify-write as an expression in `set` (`stock =
+/// stock - 1`): it reads the row the fence checked. One table must be written under the
+/// tokens of one lock key only: tokens of different keys are not ordered with each other.
 ///
 /// ```no_run
 /// # async fn f(client: &tokio_postgres::Client, token: lock_core::FencingToken) -> Result<(), lock_core::LockError> {
@@ -69,23 +79,37 @@ pub async fn fenced_update<C: GenericClient + Sync>(
         .map_err(|_| LockError::InvalidOptions(format!("token {token} exceeds bigint")))?;
     let n = params.len() + 1;
     let (tbl, col) = (&table.table, &table.token_column);
+    // `chk` locks and reads every matching row first (the update's subquery on it makes it
+    // run first); the update then writes them only if none is ahead of the token.
     let sql = format!(
-        "UPDATE {tbl} SET {set}, {col} = ${n} WHERE ({filter}) AND ({col} IS NULL OR {col} <= ${n})"
+        "WITH chk AS MATERIALIZED ( \
+             SELECT count(*) AS n, count(*) FILTER (WHERE {col} IS NULL) AS nulls, \
+                    max({col}) AS high \
+             FROM (SELECT {col} FROM {tbl} WHERE ({filter}) FOR UPDATE) m), \
+         upd AS ( \
+             UPDATE {tbl} SET {set}, {col} = ${n} \
+             WHERE ({filter}) \
+               AND (SELECT nulls = 0 AND coalesce(high, 0) <= ${n} FROM chk) \
+             RETURNING 1) \
+         SELECT chk.n, chk.nulls, chk.high, (SELECT count(*) FROM upd) FROM chk"
     );
     let mut all: Vec<&(dyn ToSql + Sync)> = params.to_vec();
     all.push(&t);
-    let updated = client.execute(&sql, &all).await.map_err(map_err)?;
-    if updated > 0 {
-        return Ok(FencedWrite::Applied(updated));
+    let row = client.query_one(&sql, &all).await.map_err(map_err)?;
+    let (matched, nulls, high, updated): (i64, i64, Option<i64>, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if nulls > 0 {
+        return Err(LockError::InvalidConfig(format!(
+            "{nulls} row(s) of {tbl} matching the filter have a NULL {col}: a fenced row must \
+             carry a token (give the column NOT NULL DEFAULT 0); nothing was written"
+        )));
     }
-    let check = format!("SELECT max({col}) FROM {tbl} WHERE ({filter})");
-    let row = client.query_one(&check, params).await.map_err(map_err)?;
-    let highest: Option<i64> = row.try_get(0).map_err(map_err)?;
-    match highest.and_then(|h| u64::try_from(h).ok()) {
+    match high.map(|h| u64::try_from(h).unwrap_or(0)) {
         Some(h) if h > token.get() => Ok(FencedWrite::Refused {
             highest: FencingToken::new(h),
         }),
-        _ => Ok(FencedWrite::NoMatch),
+        _ if matched == 0 => Ok(FencedWrite::NoMatch),
+        _ => Ok(FencedWrite::Applied(u64::try_from(updated).unwrap_or(0))),
     }
 }
 

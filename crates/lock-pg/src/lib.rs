@@ -56,11 +56,10 @@ impl PgLocks {
         Ok(Self { shared })
     }
 
-    /// Creates or updates the lock schema (tables `fence`, `lease`, and the unlogged `holder`,
-    /// `epoch` and `cursor`; the sequence `token_seq`; the functions `session_acquire`,
-    /// `record_holder`, `token_above`, `first_token` and, for earlier versions' clients,
-    /// `session_token`).
-    /// Idempotent and safe to run from many clients at once.
+    /// Creates the lock schema (the tables `lease`, `schema_version` and the unlogged
+    /// `holder` and `epoch`; the sequence `token_seq`; the functions `advisory_grant`,
+    /// `record_holder` and `crash_guard`), or checks that an existing one is this client's
+    /// version. Idempotent and safe to run from many clients at once.
     pub async fn migrate(&self) -> Result<(), LockError> {
         self.shared.migrate().await
     }
@@ -90,15 +89,18 @@ impl PgLocks {
 
     /// Takes the lock on `key` inside the caller's transaction (`pg_advisory_xact_lock`);
     /// it is released when the transaction commits or rolls back. Returns the fencing
-    /// token, issued in the same statement.
+    /// token, drawn in the same statement.
     ///
-    /// The token's counter update is part of the transaction. If the transaction rolls
-    /// back, the grant is void: its number is never issued again (it comes from a
-    /// sequence, which does not roll back), but later session-lock tokens may be lower
-    /// than it. After a server crash that caught the transaction uncommitted, the number
-    /// may even be issued again. Both are sound for writes inside the transaction (they
-    /// rolled back too); to fence writes outside the database, use [`PgLocks::advisory`]
-    /// or [`PgLocks::lease_rows`].
+    /// The token is strictly greater than every token of `key` issued before, in every
+    /// advisory mode; if the transaction rolls back, the grant is void and its number is
+    /// never issued again (it comes from a sequence, which does not roll back). Writes
+    /// inside the transaction are fenced by the lock itself; pass the token to writes
+    /// elsewhere.
+    ///
+    /// Right after a server crash, the first grant runs the crash guard on a connection
+    /// of this client's pool first (never in your transaction); a transaction whose
+    /// snapshot is older than the guard's commit (REPEATABLE READ or SERIALIZABLE begun
+    /// before it) gets a retryable error: roll back and retry.
     ///
     /// `WaitPolicy::NoWait` gives [`LockError::Contended`] if the key is taken;
     /// `Timeout(t)` waits in the server's queue for at most `t` (then
@@ -135,34 +137,48 @@ impl PgLocks {
         let meta = HolderMeta::this_process().encode();
         let started = tokio::time::Instant::now();
         let no_idle_limit: Option<i64> = None;
-        let res = tx
-            .query_one(
-                &self.shared.sql.session_acquire,
-                &[
-                    &key.as_str(),
-                    &id,
-                    &lease.as_str(),
-                    &meta,
-                    &wait_ms,
-                    &true,
-                    &no_idle_limit,
-                ],
-            )
-            .await;
-        match res {
-            Ok(row) => match row.try_get::<_, Option<i64>>(0).map_err(map_err)? {
-                Some(t) => u64::try_from(t)
-                    .map(FencingToken::new)
-                    .map_err(|_| LockError::Protocol(format!("negative fencing token {t}"))),
-                None => Err(LockError::Contended {
-                    key: key.to_string(),
-                }),
-            },
-            Err(e) if is_lock_timeout(&e) => Err(LockError::Timeout {
-                key: key.to_string(),
-                waited: started.elapsed(),
-            }),
-            Err(e) => Err(map_err(e)),
+        let mut guarded = false;
+        loop {
+            let res = tx
+                .query_one(
+                    &self.shared.sql.advisory_grant,
+                    &[&id, &lease.as_str(), &meta, &wait_ms, &true, &no_idle_limit],
+                )
+                .await;
+            let token = match res {
+                Ok(row) => row.try_get::<_, Option<i64>>(0).map_err(map_err)?,
+                Err(e) if is_lock_timeout(&e) => {
+                    return Err(LockError::Timeout {
+                        key: key.to_string(),
+                        waited: started.elapsed(),
+                    })
+                }
+                Err(e) => return Err(map_err(e)),
+            };
+            match token {
+                Some(-1) if !guarded => {
+                    self.shared.crash_guard().await?;
+                    guarded = true;
+                }
+                Some(-1) => {
+                    return Err(LockError::backend(
+                        sql::NAME,
+                        true,
+                        "the server recovered from a crash after this transaction's snapshot \
+                         was taken: roll back and retry",
+                    ))
+                }
+                Some(t) => {
+                    return u64::try_from(t)
+                        .map(FencingToken::new)
+                        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
+                }
+                None => {
+                    return Err(LockError::Contended {
+                        key: key.to_string(),
+                    })
+                }
+            }
         }
     }
 }

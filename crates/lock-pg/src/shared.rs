@@ -14,7 +14,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::config::PgConfig;
 use crate::handoff::Handoffs;
-use crate::sql::{self, map_err, Sql, NAME};
+use crate::sql::{self, map_err, Sql, NAME, SCHEMA_VERSION};
 
 /// The shared state of one [`PgLocks`](crate::PgLocks).
 #[derive(Debug)]
@@ -68,12 +68,36 @@ impl Shared {
         })
     }
 
-    /// The server-side idle limit of a holder's session: the client's session timeout plus
-    /// a quarter (at least 500 ms), so the client reports loss before the server frees.
+    /// The server-side idle limit of a holder's session, in ms: `session_timeout`.
     pub(crate) fn server_idle_ms(&self) -> i64 {
-        let t = self.cfg.session_timeout;
-        let margin = (t / 4).max(Duration::from_millis(500));
-        i64::try_from((t + margin).as_millis()).unwrap_or(i64::MAX)
+        i64::try_from(self.cfg.session_timeout.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Runs the crash guard (see the schema) as a statement of its own, committed
+    /// synchronously before any draw that follows.
+    ///
+    /// On a connection of its own, not from the pool: the grants that find the marker
+    /// missing may hold every pooled connection (in their callers' transactions).
+    pub(crate) async fn crash_guard(&self) -> Result<(), LockError> {
+        let op = self.cfg.op_timeout;
+        tokio::time::timeout(op, async {
+            let (client, conn) = self.pg.connect(NoTls).await.map_err(map_err)?;
+            let task = tokio::spawn(conn);
+            let res = client
+                .query(&self.sql.crash_guard, &[])
+                .await
+                .map(drop)
+                .map_err(map_err);
+            drop(client);
+            let _ = task.await;
+            res
+        })
+        .await
+        .unwrap_or(Err(LockError::OperationTimeout {
+            backend: NAME,
+            op: "crash guard",
+            after: op,
+        }))
     }
 
     /// A pooled connection, waiting at most until `until` (or the operation timeout).
@@ -104,19 +128,25 @@ impl Shared {
         })
     }
 
-    /// Creates the schema once per client when `auto_migrate` is on.
+    /// Creates the schema once per client when `auto_migrate` is on; otherwise checks once
+    /// that it is there, of this client's version.
     pub(crate) async fn ready(&self) -> Result<(), LockError> {
-        if !self.cfg.auto_migrate {
-            return Ok(());
-        }
         self.migrated
-            .get_or_try_init(|| async { self.migrate().await })
+            .get_or_try_init(|| async {
+                if self.cfg.auto_migrate {
+                    self.migrate().await
+                } else {
+                    let conn = self.conn(None).await?;
+                    check_version(&self.sql, &conn).await
+                }
+            })
             .await
             .map(|_| ())
     }
 
-    /// Creates or updates the schema; serialized across clients by a transaction-scoped
-    /// advisory lock so that concurrent first uses do not race.
+    /// Creates the schema, or checks that it is this client's version; serialized across
+    /// clients by a transaction-scoped advisory lock so that concurrent first uses do not
+    /// race.
     pub(crate) async fn migrate(&self) -> Result<(), LockError> {
         let mut conn = self.conn(None).await?;
         let op = self.cfg.op_timeout * 4;
@@ -126,7 +156,23 @@ impl Shared {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
                 .await
                 .map_err(map_err)?;
+            let exists: Option<String> = tx
+                .query_one(
+                    "SELECT to_regclass($1)::text",
+                    &[&format!("{}.schema_version", self.cfg.schema)],
+                )
+                .await
+                .map_err(map_err)?
+                .get(0);
+            if exists.is_some() {
+                check_version(&self.sql, tx.client()).await?;
+            }
             tx.batch_execute(&self.sql.schema_ddl)
+                .await
+                .map_err(map_err)?;
+            // A client's first use after a crash passes here: the guard runs before its
+            // grants (and in a new schema, before any token is drawn).
+            tx.query(&self.sql.crash_guard, &[])
                 .await
                 .map_err(map_err)?;
             tx.commit().await.map_err(map_err)
@@ -196,4 +242,19 @@ impl Shared {
             .map_err(map_err)?;
         Ok(client)
     }
+}
+
+/// Refuses a schema of another version than this client's.
+async fn check_version(sql: &Sql, conn: &tokio_postgres::Client) -> Result<(), LockError> {
+    let version: i32 = conn
+        .query_one(&sql.schema_version, &[])
+        .await
+        .map_err(map_err)?
+        .get(0);
+    if version != SCHEMA_VERSION {
+        return Err(LockError::InvalidConfig(format!(
+            "the lock schema is version {version}; this lock-pg uses version {SCHEMA_VERSION}"
+        )));
+    }
+    Ok(())
 }

@@ -3,8 +3,6 @@
 use lock_core::LockError;
 use tokio_postgres::error::SqlState;
 
-use crate::session::Scope;
-
 /// Backend name used in errors.
 pub(crate) const NAME: &str = "pg";
 
@@ -40,15 +38,20 @@ pub fn advisory_lock_parts(id: i64) -> (i64, i64) {
     (i64::from((u >> 32) as u32), i64::from(u as u32))
 }
 
+/// The version of the schema this client creates and expects. A schema of another
+/// version is refused with an error that names both.
+pub(crate) const SCHEMA_VERSION: i32 = 1;
+
 /// The statements, with the (validated) schema name filled in.
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) schema_ddl: String,
-    pub(crate) session_acquire: String,
-    pub(crate) session_try: String,
-    pub(crate) xact_try: String,
+    pub(crate) schema_version: String,
+    pub(crate) crash_guard: String,
+    pub(crate) advisory_grant: String,
+    pub(crate) probe: &'static str,
     pub(crate) session_unlock: &'static str,
-    pub(crate) session_release: String,
+    pub(crate) session_release: &'static str,
     pub(crate) session_inspect: String,
     pub(crate) lease_acquire: String,
     pub(crate) lease_renew: String,
@@ -60,91 +63,55 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
-        // Earlier versions' session grant, as their `session_token` function runs it.
-        let fn_session_grant =
-            session_grant(s, "true", ["p_key", "p_lease", "p_meta"], " INTO v_token");
         let guc = meta_setting(s);
         let epoch_lock = advisory_id(s, "\0epoch");
         let schema_ddl = format!(
             r#"
 CREATE SCHEMA IF NOT EXISTS {s};
--- Earlier versions' per-key counter for advisory locks, rows never deleted. This
--- version's grants take their tokens from token_seq and neither read nor write here.
--- Earlier versions wrote the token of a transaction-scoped lock, with its holder
--- (lease_id, meta, holder_pid), and the end of a session lock's block (`cursor`), and
--- session 12 clients read it (`token_above`). Every value written here is a draw of
--- token_seq, or a block's end at one.
-CREATE TABLE IF NOT EXISTS {s}.fence (
-    key        text PRIMARY KEY,
-    token      bigint NOT NULL,
-    lease_id   text,
-    meta       text,
-    holder_pid integer
+-- The version of this schema (one row), so that a later version can migrate it.
+CREATE TABLE IF NOT EXISTS {s}.schema_version (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version integer NOT NULL
 );
--- Source of token values: never rolled back, so a holder whose transaction rolled back
--- (transaction-scoped locks, a terminated holder) cannot have its token issued again.
--- Durable: PostgreSQL logs it 32 draws ahead, and the draw that logs commits
--- synchronously (it takes a transaction id), so after a crash it resumes above every value
--- drawn before. Each value also reserves the 31 below it, for earlier versions' session
--- blocks (`cursor`).
-CREATE SEQUENCE IF NOT EXISTS {s}.token_seq INCREMENT BY 32;
-DO $do$ BEGIN
-    IF (SELECT seqincrement FROM pg_sequence WHERE seqrelid = '{s}.token_seq'::regclass) < 32 THEN
-        ALTER SEQUENCE {s}.token_seq INCREMENT BY 32;
-    END IF;
-END $do$;
--- Earlier versions' session locks (session 10 and 11 clients): per key, the last token
--- issued from the key's current block, the block's end, and the holder (lease_id, meta,
--- holder_pid). UNLOGGED: written without WAL, and emptied by PostgreSQL's recovery after
--- a crash. A grant inside the block writes only
--- this row, so its commit waits for no WAL flush; a grant that needs a new block raises
--- fence.token (WAL-logged, committed synchronously) first. The block is used only while
--- `ceiling` still equals fence.token (no other grant moved the durable counter since),
--- so after a crash, or after any other writer, the next grant starts above fence.token:
--- above every token issued before.
-CREATE UNLOGGED TABLE IF NOT EXISTS {s}.cursor (
-    key        text PRIMARY KEY,
-    token      bigint NOT NULL,
-    ceiling    bigint NOT NULL,
-    lease_id   text NOT NULL,
-    meta       text NOT NULL,
-    holder_pid integer NOT NULL
-);
+INSERT INTO {s}.schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
+
+-- The source of every token. A sequence never rolls back, so the token of a holder whose
+-- transaction rolled back (a transaction-scoped lock, a terminated holder) is never issued
+-- again. It logs 32 values ahead in the WAL; see crash_guard for what a crash does to the
+-- values drawn since the last flush.
+CREATE SEQUENCE IF NOT EXISTS {s}.token_seq;
+
 -- Lease-row locks: one row per key, never deleted: it is also the key's fencing counter
 -- (`token`). A released row has lease_id '' and expires_at '-infinity'; expiry is judged on
--- the server's clock. Grants and releases update the row in place (HOT updates, no index
--- churn).
+-- the server's clock. Grants and releases update the row in place. `waited`: an acquire
+-- found the row held since its last grant (a grant clears it, a direct hand-off keeps
+-- it): a release notifies waiters only then.
 CREATE TABLE IF NOT EXISTS {s}.lease (
     key        text PRIMARY KEY,
     lease_id   text NOT NULL,
     token      bigint NOT NULL,
     meta       text NOT NULL,
-    expires_at timestamptz NOT NULL
+    expires_at timestamptz NOT NULL,
+    waited     boolean NOT NULL DEFAULT false
 );
--- Whether an acquire found the row held since its last grant (a grant clears it, a
--- direct hand-off keeps it): a release notifies waiters only then.
-ALTER TABLE {s}.lease ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 
 -- The holder metadata of each server process (backend) that holds or held an advisory
--- lock: written once per connection (again only when the metadata changes), not per
--- grant. A grant names its holder in the session's application_name
--- ('lk <lease> <token>', visible in pg_stat_activity at once); inspect finds the
--- metadata here by the holder's pid. A backend writes its own pid's row at its first
--- grant, so a row left by an ended backend is replaced before its pid holds a lock again.
--- UNLOGGED: recovery empties it, and every backend of before the crash is gone.
+-- lock, written once per connection (again only when the metadata changes), not per grant:
+-- an advisory grant writes no row. The grant names its holder in application_name
+-- ('lk <lease> <token>', in pg_stat_activity at once); inspect finds the metadata here by
+-- the holder's pid. UNLOGGED: recovery empties it, and every backend of before a crash is
+-- gone.
 CREATE UNLOGGED TABLE IF NOT EXISTS {s}.holder (
     pid  integer PRIMARY KEY,
     meta text NOT NULL
 );
--- Records this backend's holder metadata, and remembers it in the session (the setting
--- {guc}) so that later grants with the same metadata write nothing (a client that
--- changes the metadata at every grant writes the row at every grant). A backend's first
--- session grant (p_clear, a statement of its own) also clears the rows of ended backends
--- when the role may delete them, skipping rows others have locked. A transaction-scoped
--- grant writes only its own row, in the caller's transaction: it stays locked until that
--- ends, and only this backend writes its pid's row.
+-- Records this backend's holder metadata and remembers it in the session (the setting
+-- {guc}), so that later grants with the same metadata write nothing. A session grant
+-- (p_clear) also clears the rows of ended backends when the role may, skipping rows
+-- others have locked. A transaction-scoped grant writes only its own pid's row, in its
+-- transaction.
 CREATE OR REPLACE FUNCTION {s}.record_holder(p_meta text, p_clear boolean)
-RETURNS boolean LANGUAGE plpgsql AS $fn$
+RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     v_new boolean;
 BEGIN
@@ -153,109 +120,69 @@ BEGIN
     ON CONFLICT (pid) DO UPDATE SET meta = EXCLUDED.meta
     RETURNING h.xmax = 0 INTO v_new;
     IF p_clear AND v_new AND has_table_privilege('{s}.holder', 'DELETE') THEN
-        -- Never waits: a row another transaction is clearing (or writing) is skipped.
         DELETE FROM {s}.holder WHERE pid IN (
             SELECT h.pid FROM {s}.holder h
             WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = h.pid)
             FOR UPDATE SKIP LOCKED);
     END IF;
     PERFORM set_config('{guc}', p_meta, false);
-    RETURN true;
 END
 $fn$;
 
 -- The crash guard. A draw of token_seq is visible to every session at once, but the WAL
--- record that covers it (one in 32 draws logs the next 32) reaches the disk only when the
--- drawing transaction commits: a token handed out just before a crash can lie above the
--- sequence as recovery restores it, and be drawn again. So the first grant of every
--- server process (backend) first checks this UNLOGGED marker, which recovery (or a
--- standby's promotion) empties: if it is missing, the sequence is moved 2^32 ahead before
--- any draw, under an advisory lock so that two movers cannot set it back. Every process
--- of before a crash ended with it, so no draw after recovery comes before the move.
--- Assumes fewer than 2^27 draws (2^32 / 32) between the last WAL flush and the crash.
--- SECURITY DEFINER: setval needs the sequence's UPDATE privilege, which a role that only
--- uses the schema lacks.
+-- record that covers it (one in 32 draws logs the next 32) reaches the disk only with a
+-- later commit: a token handed out just before a crash can lie above the sequence as
+-- recovery restores it. Recovery (and a standby's promotion) empties this UNLOGGED marker;
+-- advisory_grant draws nothing while it is missing, and the client first runs
+-- crash_guard as a statement of its own, with synchronous_commit on: it moves the
+-- sequence 2^32 past its recovered value and puts the marker back, durably, before any
+-- draw. So every draw after a crash lies above every draw before it, as long as fewer
+-- than 2^27 draws (2^32 / 32 values per WAL record) went unflushed before the crash.
+-- A transaction-scoped lock keeps the concurrent guards apart and is released at commit,
+-- whatever happens (a cancel, a statement timeout). SECURITY DEFINER: setval needs the
+-- sequence's UPDATE privilege, which a role that only uses the schema lacks.
 CREATE UNLOGGED TABLE IF NOT EXISTS {s}.epoch (
     one boolean PRIMARY KEY DEFAULT true CHECK (one)
 );
-CREATE OR REPLACE FUNCTION {s}.first_token()
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+CREATE OR REPLACE FUNCTION {s}.crash_guard()
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
-        -- A session-level lock, given back before the caller's transaction ends (a
-        -- transaction-scoped grant's may last long); an error gives it back too.
-        PERFORM pg_advisory_lock('{epoch_lock}'::bigint);
-        BEGIN
-            IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
-                PERFORM setval('{s}.token_seq',
-                    (SELECT last_value FROM {s}.token_seq) + 4294967296);
-                BEGIN
-                    INSERT INTO {s}.epoch VALUES (true) ON CONFLICT DO NOTHING;
-                EXCEPTION WHEN serialization_failure THEN
-                    -- A REPEATABLE READ or SERIALIZABLE caller whose snapshot is older
-                    -- than another process's insert of the marker: this call saw no marker
-                    -- and moved the sequence again (setval is not rolled back, and a
-                    -- second move is harmless), and the marker is there. Go on.
-                    NULL;
-                END;
-            END IF;
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM pg_advisory_unlock('{epoch_lock}'::bigint);
-            RAISE;
-        END;
-        PERFORM pg_advisory_unlock('{epoch_lock}'::bigint);
+        PERFORM pg_advisory_xact_lock('{epoch_lock}'::bigint);
+        IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
+            PERFORM setval('{s}.token_seq',
+                (SELECT last_value FROM {s}.token_seq) + 4294967296);
+            INSERT INTO {s}.epoch VALUES (true);
+        END IF;
     END IF;
-    RETURN nextval('{s}.token_seq');
 END
 $fn$;
 
--- Session 12 clients' advisory token when the key's counter (fence.token) is not below
--- their draw, which this schema's writers never cause (every value they write is a draw
--- of token_seq): a token above the counter, written to it. Kept so that their statements,
--- which name it, still prepare; this version does not call it.
-CREATE OR REPLACE FUNCTION {s}.token_above(p_key text)
-RETURNS bigint LANGUAGE sql AS $fn$
-    INSERT INTO {s}.fence AS f (key, token) VALUES (p_key, nextval('{s}.token_seq'))
-    ON CONFLICT (key) DO UPDATE SET token = greatest(f.token + 1, EXCLUDED.token)
-    RETURNING f.token
-$fn$;
-
--- Earlier versions' session token (session 10 and 11 clients call it from their
--- statements): the next of the key's block of tokens (the `cursor` row), or a new block.
--- This version's session grants draw their token from token_seq directly.
-CREATE OR REPLACE FUNCTION {s}.session_token(p_key text, p_lease text, p_meta text)
-RETURNS bigint LANGUAGE plpgsql AS $fn$
-#variable_conflict use_column
-DECLARE
-    v_token bigint;
-BEGIN
-    {fn_session_grant};
-    RETURN v_token;
-END
-$fn$;
-
--- Session (p_xact = false) and transaction-scoped (p_xact = true) advisory locks.
--- p_wait_ms: NULL = try once; 0 = wait without limit; n = wait at most n ms (lock_timeout).
--- p_idle_ms: the server ends the holder's session (or transaction) after this long without
--- a message from the client (PostgreSQL 14+), so a dead or partitioned holder cannot keep
--- the lock; the client probes well inside it and reports loss before it runs out.
--- Returns the new token, or NULL when a try found the lock taken.
-DROP FUNCTION IF EXISTS {s}.session_acquire(text, bigint, text, text, bigint, boolean);
-CREATE OR REPLACE FUNCTION {s}.session_acquire(
-    p_key text, p_id bigint, p_lease text, p_meta text, p_wait_ms bigint, p_xact boolean,
+-- Session (p_xact = false) and transaction-scoped (p_xact = true) advisory locks: takes the
+-- lock and draws its token. p_wait_ms: NULL = try once; 0 = wait without limit; n = wait
+-- at most n ms (lock_timeout). p_idle_ms: the server ends the holder's session (or
+-- transaction) after this long without a message from the client (PostgreSQL 14+), so a
+-- dead or cut-off holder cannot keep the lock; the client confirms the session well
+-- inside it and judges the lock lost at the limit. Returns the token; NULL when a try
+-- found the lock taken; -1, with nothing taken, while the crash guard has not run since
+-- the last crash.
+CREATE OR REPLACE FUNCTION {s}.advisory_grant(
+    p_id bigint, p_lease text, p_meta text, p_wait_ms bigint, p_xact boolean,
     p_idle_ms bigint)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
-#variable_conflict use_column
 DECLARE
     v_old text := current_setting('lock_timeout');
     v_token bigint;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM {s}.epoch) THEN
+        RETURN -1;
+    END IF;
     IF p_wait_ms IS NULL THEN
         IF p_xact THEN
             IF NOT pg_try_advisory_xact_lock(p_id) THEN RETURN NULL; END IF;
-        ELSE
-            IF NOT pg_try_advisory_lock(p_id) THEN RETURN NULL; END IF;
+        ELSIF NOT pg_try_advisory_lock(p_id) THEN
+            RETURN NULL;
         END IF;
     ELSE
         PERFORM set_config('lock_timeout', p_wait_ms::text, true);
@@ -266,70 +193,53 @@ BEGIN
         END IF;
         PERFORM set_config('lock_timeout', v_old, true);
     END IF;
-    -- The token and the holder's name, as the plain statements do (see `advisory_try` in
-    -- sql.rs): a draw of token_seq, through the crash guard at a server process's first
-    -- grant. The name is the transaction's own for a transaction-scoped lock (it reverts
-    -- at commit or rollback), the session's for a session lock (until release). p_key is
-    -- unused since session 13 (kept for the signature that clients call).
-    IF current_setting('{guc}', true) IS NULL THEN
-        v_token := {s}.first_token();
-    ELSE
-        v_token := nextval('{s}.token_seq');
-    END IF;
+    v_token := nextval('{s}.token_seq');
+    -- Named for the transaction only (it reverts at its end) when the lock is the
+    -- transaction's.
     PERFORM set_config('application_name', 'lk ' || p_lease || ' ' || v_token, p_xact);
     IF current_setting('{guc}', true) IS DISTINCT FROM p_meta THEN
         PERFORM {s}.record_holder(p_meta, NOT p_xact);
     END IF;
     IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
-        IF p_xact THEN
-            PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms::text, true);
-        ELSE
-            PERFORM set_config('idle_session_timeout', p_idle_ms::text, false);
-        END IF;
+        PERFORM set_config(
+            CASE WHEN p_xact THEN 'idle_in_transaction_session_timeout'
+                 ELSE 'idle_session_timeout' END,
+            p_idle_ms::text, p_xact);
     END IF;
     RETURN v_token;
 END
 $fn$;
-
--- Functions of earlier versions, now plain statements (`lease_acquire`, `session_release`
--- in sql.rs).
-DROP FUNCTION IF EXISTS {s}.lease_acquire(text, text, text, bigint);
-DROP FUNCTION IF EXISTS {s}.session_release(bigint);
 "#
         );
         Self {
             schema_ddl,
-            session_acquire: format!("SELECT {s}.session_acquire($1, $2, $3, $4, $5, $6, $7)"),
-            // The session lock's uncontended path (see `advisory_try`).
-            session_try: advisory_try(s, Scope::Session),
-            // The transaction-scoped lock's, the same with the transaction's own lock,
-            // sent right behind `BEGIN`: the idle limit and the holder's name are local to
-            // the transaction (they revert at commit or rollback), and the metadata row,
-            // when written, is the transaction's.
-            xact_try: advisory_try(s, Scope::Transaction),
+            schema_version: format!("SELECT version FROM {s}.schema_version"),
+            // Its own statement, committed synchronously before any draw (see the schema).
+            crash_guard: format!(
+                "SELECT set_config('synchronous_commit', 'on', true), {s}.crash_guard()"
+            ),
+            advisory_grant: format!("SELECT {s}.advisory_grant($1, $2, $3, $4, $5, $6)"),
+            // Any statement restarts the server's idle timer of a held lock's session.
+            probe: "SELECT 1",
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            // One plain statement: give the lock back, clear the session's idle limit and
-            // give the session its own application_name ($2) again (the connection returns
-            // to the pool).
+            // Gives the lock back, clears the session's idle limit and gives the session
+            // its own application_name ($2) again (the connection returns to the pool).
             session_release: "SELECT pg_advisory_unlock($1), \
                  CASE WHEN current_setting('server_version_num')::int >= 140000 \
                       THEN set_config('idle_session_timeout', '0', false) END, \
-                 set_config('application_name', $2, false)"
-                .to_owned(),
+                 set_config('application_name', $2, false)",
             // The holder: its application_name ('lk <lease> <token>') and its recorded
-            // metadata; or, for a holder of an earlier version, its `cursor` row.
+            // metadata, and the number of waiters.
             session_inspect: format!(
-                "SELECT f.lease_id, f.token, f.meta, a.application_name, \
+                "SELECT a.application_name, h.meta, \
                     (SELECT count(*) FROM pg_locks w WHERE w.locktype = 'advisory' \
-                       AND w.database = l.database AND w.classid::bigint = $2 \
-                       AND w.objid::bigint = $3 AND w.objsubid = 1 AND NOT w.granted), \
-                    h.meta \
+                       AND w.database = l.database AND w.classid::bigint = $1 \
+                       AND w.objid::bigint = $2 AND w.objsubid = 1 AND NOT w.granted) \
                  FROM pg_locks l \
-                 LEFT JOIN {s}.cursor f ON f.key = $1 AND f.holder_pid = l.pid \
                  LEFT JOIN {s}.holder h ON h.pid = l.pid \
                  LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-                   AND l.classid::bigint = $2 AND l.objid::bigint = $3 \
+                   AND l.classid::bigint = $1 AND l.objid::bigint = $2 \
                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ),
             // Lease rows: take a free, released or expired lease and issue the token, in
@@ -413,148 +323,10 @@ DROP FUNCTION IF EXISTS {s}.session_release(bigint);
     }
 }
 
-/// An advisory lock's uncontended grant as one plain statement (what session_acquire does
-/// for a try, without the PL/pgSQL call). Parameters: $1 advisory id, $2 lease, $3
-/// metadata, $4 the server-side idle limit (ms). No row when the lock is taken.
-///
-/// The plan is two nodes: a `Result` that tries the lock and, only when granted, draws
-/// the token, under a subquery scan (`OFFSET 0` keeps the subquery, so the draw is
-/// evaluated once per row) that drops the row when the lock was taken and otherwise
-/// names the holder. No token is drawn when the lock is taken. A server process's first
-/// grant (its session has no recorded metadata yet) draws through `first_token`, the
-/// crash guard (see the schema). The token is a draw of `token_seq`: a sequence writes
-/// WAL (and takes a transaction id) once in 32 draws, when it logs the next 32 ahead, so
-/// the grant writes no row and reads none. Every token of the key, in either scope and
-/// from every client version, was an earlier draw of the same sequence or lies in a block
-/// at or below one (session 10 and 11 clients), so the draw is above them all: the
-/// argument rests on the sequence never going back, which the crash guard keeps through a
-/// crash and which an operator must keep through a restore (the README's procedure). The
-/// holder is named in application_name (`lk <lease> <token>`, in pg_stat_activity at once);
-/// its metadata is recorded once per connection (`record_holder`, only when the session's
-/// remembered metadata differs).
-///
-/// Session 12's form (three materialized CTEs and a lookup of the key's `fence` row)
-/// spent about 5 µs more server CPU per grant, mostly in setting up its plan.
-fn advisory_try(s: &str, scope: Scope) -> String {
-    let (lock, local, idle) = match scope {
-        Scope::Session => ("pg_try_advisory_lock", false, "idle_session_timeout"),
-        Scope::Transaction => (
-            "pg_try_advisory_xact_lock",
-            true,
-            "idle_in_transaction_session_timeout",
-        ),
-    };
-    format!(
-        "SELECT x.tok, set_config('application_name', 'lk ' || $2 || ' ' || x.tok, {local}), \
-             {record}, \
-             {IDLE_IF_14}set_config('{idle}', $4, {local}) END \
-         FROM (SELECT CASE WHEN {lock}($1) THEN \
-                 CASE WHEN current_setting('{guc}', true) IS NULL \
-                 THEN {s}.first_token() ELSE nextval('{s}.token_seq') END END AS tok \
-               OFFSET 0) x \
-         WHERE x.tok IS NOT NULL",
-        record = record_if_changed(s, "$3", !local),
-        guc = meta_setting(s),
-    )
-}
-
 /// The session setting in which a backend remembers the holder metadata it recorded in
 /// `<schema>.holder` (a custom setting, one per schema).
 fn meta_setting(s: &str) -> String {
     format!("lock_pg.{s}_meta")
-}
-
-/// Records the holder metadata `meta` (an SQL expression) for this backend only when the
-/// session has not recorded that value yet: once per connection in practice. `clear`: also
-/// clear ended backends' rows (session grants only, see `record_holder`).
-fn record_if_changed(s: &str, meta: &str, clear: bool) -> String {
-    format!(
-        "CASE WHEN current_setting('{guc}', true) IS DISTINCT FROM {meta} \
-         THEN {s}.record_holder({meta}, {clear}) END",
-        guc = meta_setting(s)
-    )
-}
-
-/// Sets the server's idle limit only on PostgreSQL 14 and later (`CASE ... END`).
-const IDLE_IF_14: &str = "CASE WHEN current_setting('server_version_num')::int >= 140000 THEN ";
-
-/// Earlier versions' session grant (session 10 and 11 clients, whose statements call the
-/// `session_token` function built from it; this version's grants are [`advisory_try`]):
-/// takes the lock (`lock`, true when already held) and issues the token from the key's
-/// block, in one statement. `[key, lease, meta]` name its inputs; `tail` follows the
-/// returned token (more columns, or `INTO` in PL/pgSQL). No row, and nothing written,
-/// when the lock is taken.
-///
-/// **Inside the key's block** (`up`): the unlogged `cursor` row has tokens left and its
-/// ceiling still equals the durable `fence.token`. The grant writes only that row, so its
-/// commit waits for no WAL flush.
-///
-/// **A new block** (`fe`, `ins`) otherwise: `n = nextval(token_seq)`, which steps by `inc`
-/// (at least 32), so every value in `(n - inc, n]` belongs to this draw alone. The key's
-/// `fence.token` becomes `greatest(fence.token + inc, n)` (normally `n`); the block is the
-/// `inc` tokens ending there (fewer at the very start of the sequence, where tokens begin
-/// at 1), and its first one is the grant's token. That write is
-/// WAL-logged, so the grant commits synchronously.
-///
-/// Every value is read where PostgreSQL gives the newest committed row, not the
-/// statement's snapshot (taken before the lock was granted, so possibly before the
-/// previous holder's grant committed): the block's row through the `UPDATE` (which
-/// re-reads a row changed since the snapshot), the durable counter through the upsert's
-/// `ON CONFLICT DO UPDATE`, and the sequence, which has no snapshot. Only the
-/// `fence.token` comparison reads the snapshot; the writers that move it (a new block, a
-/// transaction-scoped grant) also change the block's row, which the `UPDATE` does see. A
-/// client of the previous version moves it without: if its grant committed after this
-/// statement's snapshot, this grant can come out below its token (an inversion, which a
-/// fence refuses, never a repeat: its token came from `nextval`, above the block).
-///
-/// Why tokens never repeat or go back per key: every token issued is at or below the
-/// key's `fence.token`, which never goes down, and a new block starts above it: above
-/// every earlier draw of the sequence too (those are at or below `n - inc`). A block is
-/// used only while its ceiling equals `fence.token`, a value committed synchronously before
-/// any of the block's tokens was issued, so it survives a crash, while the block's row does
-/// not (recovery empties unlogged tables). Those versions' transaction-scoped grants
-/// retired the key's block. This version's grants draw `nextval`, above every block's end,
-/// but do not retire the block: while a client of those versions still runs, its block can
-/// go on below a newer token (an inversion, which a fence refuses). Its blocks also skip
-/// the crash guard (`first_token`): after a crash that lost the sequence's last record, its
-/// new block can even repeat a newer client's token. Upgrade every client of a schema
-/// before relying on the order of their tokens.
-fn session_grant(s: &str, lock: &str, [key, lease, meta]: [&str; 3], tail: &str) -> String {
-    let next = block_next(s, [key, lease, meta]);
-    format!(
-        "WITH l AS MATERIALIZED (SELECT {lock} AS ok), \
-         up AS ({next}), \
-         inc AS MATERIALIZED ( \
-             SELECT greatest(seqincrement, 1) AS inc FROM pg_sequence \
-             WHERE seqrelid = '{s}.token_seq'::regclass), \
-         fe AS ( \
-             INSERT INTO {s}.fence AS f (key, token) \
-             SELECT {key}, nextval('{s}.token_seq') FROM l WHERE l.ok AND NOT EXISTS (SELECT 1 FROM up) \
-             ON CONFLICT (key) DO UPDATE \
-                 SET token = greatest(f.token + (SELECT inc FROM inc), EXCLUDED.token) \
-             RETURNING f.token AS ceiling), \
-         ins AS ( \
-             INSERT INTO {s}.cursor AS c (key, token, ceiling, lease_id, meta, holder_pid) \
-             SELECT {key}, greatest(fe.ceiling - inc.inc + 1, 1), fe.ceiling, {lease}, {meta}, pg_backend_pid() \
-             FROM fe, inc \
-             ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, ceiling = EXCLUDED.ceiling, \
-                 lease_id = EXCLUDED.lease_id, meta = EXCLUDED.meta, holder_pid = EXCLUDED.holder_pid \
-             RETURNING c.token) \
-         SELECT t.token{tail} FROM (SELECT token FROM up UNION ALL SELECT token FROM ins) t"
-    )
-}
-
-/// The next token of the key's session block, and the holder written beside it: the
-/// `UPDATE` that [`session_grant`] runs first (its `up`), after the lock CTE `l`. No row
-/// when the lock was not taken, or the block is used up or retired.
-fn block_next(s: &str, [key, lease, meta]: [&str; 3]) -> String {
-    format!(
-        "UPDATE {s}.cursor c SET token = c.token + 1, lease_id = {lease}, meta = {meta}, \
-             holder_pid = pg_backend_pid() \
-         FROM l WHERE l.ok AND c.key = {key} AND c.token < c.ceiling \
-           AND c.ceiling = (SELECT f.token FROM {s}.fence f WHERE f.key = {key}) \
-         RETURNING c.token"
-    )
 }
 
 /// Maps a driver error to the core error.
@@ -652,18 +424,16 @@ mod tests {
         assert!(s
             .lease_release
             .contains("set_config('synchronous_commit', 'off', true)"));
+        assert!(s.crash_guard.contains("'synchronous_commit', 'on'"));
         for (name, stmt) in [
             ("schema", &s.schema_ddl),
-            ("session_acquire", &s.session_acquire),
-            ("session_try", &s.session_try),
-            ("xact_try", &s.xact_try),
-            ("session_release", &s.session_release),
+            ("advisory_grant", &s.advisory_grant),
             ("lease_acquire", &s.lease_acquire),
             ("lease_renew", &s.lease_renew),
             ("lease_handoff", &s.lease_handoff),
         ] {
             assert!(
-                !stmt.contains("synchronous_commit"),
+                !stmt.contains("'synchronous_commit', 'off'"),
                 "{name} must commit synchronously"
             );
         }
@@ -672,7 +442,7 @@ mod tests {
     #[test]
     fn statements_name_the_schema_only() {
         let s = Sql::new("myschema");
-        assert!(s.schema_ddl.contains("myschema.fence"));
+        assert!(s.schema_ddl.contains("myschema.lease"));
         assert!(s.lease_release.contains("'myschema_released'"));
         assert!(!s.lease_acquire.contains("distlock"));
     }

@@ -41,20 +41,39 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// `url` with the password (if any) replaced by `***`.
+/// `url` with the password (in the authority, or a `pass`/`password` query parameter)
+/// replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (a, h),
-        None => return url.to_owned(),
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((auth, host)) => match auth.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
+            },
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
     };
-    let user = auth.split_once(':').map_or(auth, |(u, _)| u);
-    if auth.contains(':') {
-        format!("{scheme}://{user}:***@{host}")
-    } else {
-        format!("{scheme}://***@{host}")
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _))
+                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -137,10 +156,11 @@ impl RedisConfig {
                     .into(),
             ));
         }
-        if self.op_timeout.is_zero() {
-            return Err(LockError::InvalidConfig(
-                "op_timeout must be greater than zero".into(),
-            ));
+        if self.op_timeout.is_zero() || self.op_timeout > lock_core::options::MAX_OP_TIMEOUT {
+            return Err(LockError::InvalidConfig(format!(
+                "op_timeout must be greater than zero and at most {:?}",
+                lock_core::options::MAX_OP_TIMEOUT
+            )));
         }
         if let Some((n, t)) = self.replica_acks {
             if n == 0 || t.is_zero() {
@@ -169,6 +189,10 @@ mod tests {
         assert_eq!(redact("redis://:pw@h:1"), "redis://:***@h:1");
         assert_eq!(redact("redis://tokenonly@h:1"), "redis://***@h:1");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/r.sock?db=1&pass=***"
+        );
         let e = RedisConfig::new("http://u:s3cret@h")
             .validate()
             .unwrap_err();

@@ -60,8 +60,10 @@ pub struct RedlockConfig {
     /// One config per node (fairness is forced off: Redlock has no queue).
     pub nodes: Vec<RedisConfig>,
     /// The longest lease any client of these nodes takes (and extends to). A node that lost
-    /// its lock data grants nothing for this long. Every client of one set of nodes must use
-    /// the same value or a smaller one. Default 60 s.
+    /// its lock data grants nothing for this long (the longest any client asked for since).
+    /// Give every client of one set of nodes the same value: after a restart, a node whose
+    /// first client has a smaller one may take part before a longer lease it lost has run
+    /// out. Default 60 s.
     pub max_lease: Duration,
 }
 
@@ -111,10 +113,14 @@ impl RedlockConfig {
 /// One configured node, connected when it can be.
 #[derive(Debug)]
 struct Node {
+    index: usize,
     cfg: RedisConfig,
     sit_out: Duration,
     conn: OnceCell<RedisBackend>,
     failed_at: Mutex<Option<Instant>>,
+    /// The `run_id` of every node connected so far, by node index: two entries naming one
+    /// server would count it twice in every majority.
+    servers: std::sync::Arc<Mutex<Vec<(String, usize)>>>,
 }
 
 impl Node {
@@ -133,7 +139,21 @@ impl Node {
         }
         let res = self
             .conn
-            .get_or_try_init(|| RedisBackend::open(self.cfg.clone(), self.sit_out))
+            .get_or_try_init(|| async {
+                let b = RedisBackend::open(self.cfg.clone(), self.sit_out).await?;
+                let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((_, other)) = servers.iter().find(|(r, _)| r == b.run_id()) {
+                    return Err(LockError::InvalidConfig(format!(
+                        "Redlock nodes {} and {} are the same server (run_id {}): it would \
+                         count twice in every majority",
+                        other + 1,
+                        self.index + 1,
+                        b.run_id()
+                    )));
+                }
+                servers.push((b.run_id().to_owned(), self.index));
+                Ok(b)
+            })
             .await;
         if res.is_err() {
             *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
@@ -167,14 +187,18 @@ impl RedlockBackend {
             .map(|c| c.op_timeout)
             .max()
             .unwrap_or(Duration::from_secs(2));
+        let servers = std::sync::Arc::default();
         let nodes: Vec<Node> = cfg
             .nodes
             .into_iter()
-            .map(|c| Node {
+            .enumerate()
+            .map(|(index, c)| Node {
+                index,
                 cfg: c.fair(false),
                 sit_out: cfg.max_lease,
                 conn: OnceCell::new(),
                 failed_at: Mutex::new(None),
+                servers: std::sync::Arc::clone(&servers),
             })
             .collect();
         let me = Self {
@@ -317,17 +341,26 @@ impl LockBackend for RedlockBackend {
             .await;
         let mut granted = Vec::new();
         let (mut refused, mut sitting, mut errors) = (0, 0, Vec::new());
+        // A node that granted again under this lease (an earlier attempt's grant it still
+        // holds) has less than the full ttl left: the grant is valid only as long as every
+        // granting node holds it.
+        let mut valid_until = sent + req.ttl;
         for (node, r) in self.nodes.iter().zip(results) {
             match r {
                 Ok(a) => match a.outcome {
-                    Outcome::Granted => granted.push((node, a.token)),
+                    Outcome::Granted => {
+                        if a.pttl >= 0 {
+                            valid_until =
+                                valid_until.min(sent + Duration::from_millis(a.pttl as u64));
+                        }
+                        granted.push((node, a.token))
+                    }
                     Outcome::Refused => refused += 1,
                     Outcome::SitsOut => sitting += 1,
                 },
                 Err(e) => errors.push(e),
             }
         }
-        let valid_until = sent + req.ttl;
         if granted.len() >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until {
             let top = granted.iter().map(|(_, t)| *t).max().unwrap_or(0);
             // The floor goes to the granting nodes only (a majority): a node that did not

@@ -98,11 +98,12 @@ end
 /// key, largest clock lead ms`, then four per op: `op (t try, w wait, r release), lease, ttl_ms, meta`.
 ///
 /// A sit-out of 0 skips the node check. Otherwise (Redlock) the marker key holds the
-/// server's `run_id` and the time the node's lock data began; when it is missing (a new
-/// node, or one that lost its data) or names another `run_id` (a restart, even one with
-/// persistence, which may have come back from an older snapshot), the data begins now, and
-/// for the sit-out (the longest lease any client takes) this node grants nothing: a lease
-/// it lost may still run on another client's majority.
+/// server's `run_id`, the time the node's lock data began and the longest sit-out any
+/// client asked for since; when it is missing (a new node, or one that lost its data) or
+/// names another `run_id` (a restart, even one with persistence, which may have come back
+/// from an older snapshot), the data begins now, and for the sit-out (the longest lease
+/// any client takes) this node grants nothing: a lease it lost may still run on another
+/// client's majority. Like the leases themselves, the sit-out is timed by the node's clock.
 ///
 /// Ops run in order, each as it would alone; one op's error (a key of the wrong type) is
 /// its own reply and does not stop the others. The reply is one flat array; per op, in
@@ -121,19 +122,22 @@ if now_ms - client_ms > tonumber(ARGV[7]) then
   clock_err = 'the server clock is ' .. (now_ms - client_ms) .. ' ms ahead of the client clock: refusing to issue tokens from it (check both clocks)'
 end
 local sitting = 0
-if sitout > 0 then
+if sitout > 0 and not clock_err then
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   local m = redis.call('GET', ARGV[6])
-  local since
+  local since, longest
   if m then
-    local r, s = string.match(m, '^(%x+) (%d+)$')
-    if r == run then since = tonumber(s) end
+    local r, s, l = string.match(m, '^(%x+) (%d+) (%d+)$')
+    if r == run then since, longest = tonumber(s), tonumber(l) end
   end
   if not since then
-    since = now_ms
-    redis.call('SET', ARGV[6], run .. ' ' .. now_ms)
+    since, longest = now_ms, sitout
+    redis.call('SET', ARGV[6], run .. ' ' .. since .. ' ' .. longest)
+  elseif sitout > longest then
+    longest = sitout
+    redis.call('SET', ARGV[6], run .. ' ' .. since .. ' ' .. longest)
   end
-  sitting = since + sitout - now_ms
+  sitting = since + longest - now_ms
 end
 -- Whether holder value `v` is `lease`'s (`lease:...`).
 local function holds(v, lease)

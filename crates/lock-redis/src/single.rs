@@ -42,6 +42,8 @@ struct Inner {
     client: Client,
     conn: ConnectionManager,
     cfg: RedisConfig,
+    /// The server's `run_id` when this backend connected.
+    run_id: String,
     scripts: Scripts,
     /// Acquires and releases, batched under load.
     batch: Arc<Batcher>,
@@ -96,7 +98,7 @@ impl RedisBackend {
             after: cfg.op_timeout * 2,
         })?
         .map_err(map_err)?;
-        tokio::time::timeout(cfg.op_timeout * 2, check_server(&conn, &cfg))
+        let run_id = tokio::time::timeout(cfg.op_timeout * 2, check_server(&conn, &cfg))
             .await
             .map_err(|_| LockError::OperationTimeout {
                 backend: NAME,
@@ -119,6 +121,7 @@ impl RedisBackend {
                 client,
                 conn,
                 cfg,
+                run_id,
                 scripts,
                 batch,
                 blockers: Mutex::new(Vec::new()),
@@ -129,6 +132,11 @@ impl RedisBackend {
     /// The settings in use.
     pub fn config(&self) -> &RedisConfig {
         &self.inner.cfg
+    }
+
+    /// The server's `run_id` when this backend connected.
+    pub(crate) fn run_id(&self) -> &str {
+        &self.inner.run_id
     }
 
     /// A clone of the shared (multiplexed, reconnecting) connection, for your own commands.
@@ -462,8 +470,9 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 }
 
 /// Refuses servers on which the lock is not safe: older than 6.2 (the scripts need
-/// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys.
-async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<(), LockError> {
+/// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys. Returns the
+/// server's `run_id`.
+async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<String, LockError> {
     let section = |name: &'static str| {
         let mut c = conn.clone();
         async move {
@@ -503,7 +512,7 @@ async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<(),
              noeviction, or accept the risk with RedisConfig::allow_eviction(true)"
         )));
     }
-    Ok(())
+    Ok(info_field(&server, "run_id").unwrap_or_default().to_owned())
 }
 
 #[async_trait]
