@@ -98,6 +98,22 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
             )
             .await,
         );
+        out.push(
+            check(
+                mode.name(),
+                "a_grant_after_a_long_wait_is_kept",
+                s::long_wait_keeps_its_grant(url, mode),
+            )
+            .await,
+        );
+        out.push(
+            check(
+                mode.name(),
+                "a_cancelled_release_frees_the_key",
+                s::cancelled_release_frees_the_key(url, mode),
+            )
+            .await,
+        );
     }
     out.push(
         check(

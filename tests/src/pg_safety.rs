@@ -421,3 +421,104 @@ pub(crate) async fn fenced_update_is_all_or_nothing(url: &str) -> Res<String> {
             .into(),
     )
 }
+
+/// A waiter that waits in the server's queue longer than the session limit keeps the grant
+/// it gets: its deadline counts from when the server granted it, not from before the wait
+/// (counted from there, the grant arrives "late" and is given back, and the waiter queues
+/// again behind anyone who came meanwhile).
+pub(crate) async fn long_wait_keeps_its_grant(url: &str, mode: PgMode) -> Res<String> {
+    let (probe, limit) = (Duration::from_millis(300), Duration::from_secs(1));
+    let (_l1, holder) = session_client(url, mode, probe, limit).await?;
+    let (_l2, waiter) = session_client(url, mode, probe, limit).await?;
+    let k = key("long-wait");
+    let g = holder.acquire(&k).await.map_err(e2s)?;
+    let held = g.token().get();
+    let w = {
+        let (waiter, k) = (waiter.clone(), k.clone());
+        tokio::spawn(async move { waiter.acquire(&k).await })
+    };
+    tokio::time::sleep(limit * 3).await;
+    g.release().await.map_err(e2s)?;
+    let g2 = w
+        .await
+        .map_err(e2s)?
+        .map_err(|e| format!("the waiter: {e}"))?;
+    let next = g2.token().get();
+    let status = g2.status();
+    g2.release().await.map_err(e2s)?;
+    if next != held + 1 || status != LockStatus::Held {
+        return Err(format!(
+            "held with {held}; the waiter got {next} ({status:?}): its first grant was given back"
+        ));
+    }
+    Ok(format!(
+        "waited {:?}; granted {next} right after {held}",
+        limit * 3
+    ))
+}
+
+/// A release cancelled while its statement is on the wire (the caller's timeout) must not
+/// return the connection, still holding the lock, to the pool: the key frees.
+pub(crate) async fn cancelled_release_frees_the_key(url: &str, mode: PgMode) -> Res<String> {
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockKey};
+    let (locks, _) = session_client(
+        url,
+        mode,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
+    .await?;
+    let b = mode.backend(&locks);
+    let k = key("cancelled-release");
+    let req = AcquireRequest::new(
+        LockKey::new(k.clone()).map_err(e2s)?,
+        Duration::from_secs(10),
+        HolderMeta::default(),
+        Backoff::default(),
+    );
+    b.try_acquire(&req).await.map_err(e2s)?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Cancelled at its first wait on the server.
+    let cancelled = tokio::time::timeout(Duration::ZERO, b.release(&req.lease())).await;
+    // The next lock of this client takes the most recently used connection: if that is the
+    // one the cancelled release gave back, still holding the lock, its release resets the
+    // session's idle limit and the lock is never freed.
+    let c = LockClient::from_arc(b.clone());
+    for _ in 0..3 {
+        c.acquire(&key("reuse"))
+            .await
+            .map_err(e2s)?
+            .release()
+            .await
+            .map_err(e2s)?;
+    }
+    let (_l2, other) = session_client(
+        url,
+        mode,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
+    .await?;
+    let t = Instant::now();
+    loop {
+        match other.try_acquire(&k).await {
+            Ok(g) => {
+                g.release().await.map_err(e2s)?;
+                break;
+            }
+            Err(LockError::Contended { .. }) if t.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{:?} after a cancelled release ({cancelled:?}): {e}",
+                    t.elapsed()
+                ))
+            }
+        }
+    }
+    Ok(format!(
+        "release cancelled ({cancelled:?}); the key free after {:?}",
+        t.elapsed()
+    ))
+}

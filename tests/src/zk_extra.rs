@@ -101,6 +101,12 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
             digest_chroot(connect),
         )
         .await,
+        check(
+            name,
+            "session_declared_lost_is_closed_for_real",
+            lost_session_is_closed(connect),
+        )
+        .await,
     ];
     let ensemble = connect.split(',').count() > 1;
     if ensemble {
@@ -515,5 +521,99 @@ async fn digest_chroot(connect: &str) -> Res<String> {
     }
     Ok(format!(
         "node {parent}/{node}: other credentials refused (NoAuth) for read and delete; same credentials inspect; released by its owner"
+    ))
+}
+
+/// A holder and a waiter in one process share a session. Their connection is cut until
+/// the holder's guard gives the session up (0.9 of the timeout), then healed before the
+/// server would expire it: the session must still end for real. No node of it is left,
+/// the key frees, and the waiter (waiting forever) is granted on a new session.
+async fn lost_session_is_closed(connect: &str) -> Res<String> {
+    let timeout = Duration::from_secs(8);
+    let mut proxies = Vec::new();
+    for a in connect.split(',') {
+        proxies.push(
+            Proxy::start(addr_of(&format!("tcp://{a}"))?)
+                .await
+                .map_err(e2s)?,
+        );
+    }
+    let via = proxies
+        .iter()
+        .map(|p| p.addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let b = ZkBackend::connect_with(
+        zk_config(&via)
+            .session_timeout(timeout)
+            .op_timeout(Duration::from_millis(800)),
+    )
+    .await
+    .map_err(e2s)?;
+    let old_session = b.session_id().await.map_err(e2s)?;
+    let c = LockClient::new(b.clone()).with_options(opts().wait(WaitPolicy::Forever));
+    let k = key("closed");
+    let g = c.acquire(&k).await.map_err(e2s)?;
+    let waiter = {
+        let (c, k) = (c.clone(), k.clone());
+        tokio::spawn(async move { c.acquire(&k).await })
+    };
+    let observer = backend(connect).await?;
+    let parent = observer.key_path(&LockKey::new(&*k).map_err(e2s)?);
+    let watcher = observer_client(connect).await?;
+    // The waiter's node is there.
+    let t = Instant::now();
+    while watcher.list_children(&parent).await.map_err(e2s)?.len() < 2 {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("the waiter never queued".into());
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    for p in &proxies {
+        p.set_cut(true);
+    }
+    let cut_at = Instant::now();
+    let lost = tokio::time::timeout(timeout * 2, g.lost()).await;
+    // Heal at once: the server still keeps the session (it has not heard from it for less
+    // than its timeout).
+    for p in &proxies {
+        p.set_cut(false);
+    }
+    lost.map_err(|_| "the holder never turned Lost")?;
+    let healed_after = cut_at.elapsed();
+    if healed_after >= timeout {
+        return Err(format!(
+            "the connection was cut for {healed_after:?}, past the session timeout: the check proves nothing"
+        ));
+    }
+    let granted = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .map_err(|_| {
+            "the waiter was not granted within 20 s after the lost session's connection came back"
+                .to_string()
+        })?
+        .map_err(e2s)?
+        .map_err(|e| format!("the waiter: {e}"))?;
+    let new_session = b.session_id().await.map_err(e2s)?;
+    let nodes = watcher.list_children(&parent).await.map_err(e2s)?;
+    let mut of_old = 0;
+    for n in &nodes {
+        if let Ok((_, stat)) = watcher.get_data(&format!("{parent}/{n}")).await {
+            if stat.ephemeral_owner == old_session {
+                of_old += 1;
+            }
+        }
+    }
+    let released = g.release().await;
+    granted.release().await.map_err(e2s)?;
+    if of_old > 0 {
+        return Err(format!("{of_old} node(s) of the lost session are left"));
+    }
+    if new_session == old_session {
+        return Err("the waiter was granted on the session that was declared lost".into());
+    }
+    Ok(format!(
+        "cut for {:.1} s (session {timeout:?}); the lost session's nodes gone, the waiter granted on a new session; the lost guard's release: {released:?}",
+        healed_after.as_secs_f64()
     ))
 }

@@ -6,11 +6,11 @@ use std::time::Duration;
 use lock_core::LockError;
 
 /// Settings for [`PgLocks`](crate::PgLocks).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PgConfig {
     /// Connection URL or key-value string, as `tokio-postgres` parses it
-    /// (`postgres://user:pass@host:port/db`).
+    /// (`postgres://user:pass@host:port/db`). Shown with the password redacted.
     pub url: String,
     /// Schema that holds the lock tables and functions. Default `distlock`. A plain SQL
     /// identifier: lowercase letters, digits and `_`, starting with a letter or `_`, at most
@@ -38,6 +38,76 @@ pub struct PgConfig {
     /// [`PgLocks::migrate`](crate::PgLocks::migrate) yourself (for example from a
     /// deployment step with more privileges).
     pub auto_migrate: bool,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &redact(&self.url))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("op_timeout", &self.op_timeout)
+            .field("probe_every", &self.probe_every)
+            .field("session_timeout", &self.session_timeout)
+            .field("poll_max", &self.poll_max)
+            .field("auto_migrate", &self.auto_migrate)
+            .finish()
+    }
+}
+
+/// `url` (a URL or a key-value string) with its password replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (base, query) = rest
+            .split_once('?')
+            .map_or((rest, None), |(b, q)| (b, Some(q)));
+        let base = match base.rsplit_once('@') {
+            Some((auth, host)) => match auth.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => format!("{auth}@{host}"),
+            },
+            None => base.to_owned(),
+        };
+        let query = query.map(|q| {
+            q.split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("&")
+        });
+        return match query {
+            Some(q) => format!("{scheme}://{base}?{q}"),
+            None => format!("{scheme}://{base}"),
+        };
+    }
+    // Key-value form: `host=h password=secret user=u` (a quoted value may hold spaces).
+    let mut out = String::new();
+    let mut rest = url;
+    while let Some(i) = rest.find("password") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "password".len()..];
+        let trimmed = after.trim_start();
+        match trimmed.strip_prefix('=') {
+            Some(v) => {
+                let v = v.trim_start();
+                let end = if let Some(q) = v.strip_prefix('\'') {
+                    q.find('\'').map_or(v.len(), |e| e + 2)
+                } else {
+                    v.find(char::is_whitespace).unwrap_or(v.len())
+                };
+                out.push_str("password=***");
+                rest = &v[end..];
+            }
+            None => {
+                out.push_str("password");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl PgConfig {
@@ -134,7 +204,7 @@ impl PgConfig {
                 lock_core::options::MAX_LEASE
             )));
         }
-        let shown: String = self.url.chars().take(60).collect();
+        let shown: String = redact(&self.url).chars().take(60).collect();
         let mut pg = tokio_postgres::Config::from_str(&self.url)
             .map_err(|e| LockError::InvalidConfig(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
         if pg.get_hosts().is_empty() {
@@ -208,6 +278,29 @@ mod tests {
         }
         let pg = PgConfig::new("host=127.0.0.1 user=me").validate().unwrap();
         assert_eq!(pg.get_application_name(), Some("lock-pg"));
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        for (url, secret) in [
+            ("postgres://app:s3cret@db.example:5432/shop", "s3cret"),
+            (
+                "postgres://app@db/shop?password=s3cret&sslmode=require",
+                "s3cret",
+            ),
+            ("host=db user=app password=s3cret dbname=shop", "s3cret"),
+            ("host=db password = 'se cret' user=app", "se cret"),
+        ] {
+            let c = PgConfig::new(url);
+            let shown = format!("{c:?}");
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains("***"), "{shown}");
+        }
+        let e = PgConfig::new("postgres://app:s3cret@h:notaport/db")
+            .validate()
+            .unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert_eq!(redact("host=db user=app"), "host=db user=app");
     }
 
     #[test]

@@ -48,7 +48,9 @@ impl FencedTable {
 ///   cannot tell which holder wrote it. Give the column `NOT NULL DEFAULT 0`.
 ///
 /// One statement: the matching rows are locked (`FOR UPDATE`) and checked, then updated
-/// only if every one passed. `set` and `filter` are SQL fragments written by the
+/// only if every one passed (and no row is ever written with a lower token than it has,
+/// whatever the filter). The filter must give the same rows twice in one statement: no
+/// volatile functions. `set` and `filter` are SQL fragments written by the
 /// programmer (never user input), with parameters `$1..$n` bound from `params`; the token
 /// is bound as `$n+1`. Write a read-modify-write as an expression in `set` (`stock =
 /// stock - 1`): it reads the row the fence checked. One table must be written under the
@@ -88,7 +90,7 @@ pub async fn fenced_update<C: GenericClient + Sync>(
              FROM (SELECT {col} FROM {tbl} WHERE ({filter}) FOR UPDATE) m), \
          upd AS ( \
              UPDATE {tbl} SET {set}, {col} = ${n} \
-             WHERE ({filter}) \
+             WHERE ({filter}) AND {col} <= ${n} \
                AND (SELECT nulls = 0 AND coalesce(high, 0) <= ${n} FROM chk) \
              RETURNING 1) \
          SELECT chk.n, chk.nulls, chk.high, (SELECT count(*) FROM upd) FROM chk"

@@ -93,9 +93,14 @@ impl PgLocks {
     ///
     /// The token is strictly greater than every token of `key` issued before, in every
     /// advisory mode; if the transaction rolls back, the grant is void and its number is
-    /// never issued again (it comes from a sequence, which does not roll back). Writes
-    /// inside the transaction are fenced by the lock itself; pass the token to writes
-    /// elsewhere.
+    /// never issued again (it comes from a sequence, which does not roll back). Pass the
+    /// token to writes outside the transaction.
+    ///
+    /// Under READ COMMITTED (the default), every statement after the lock sees what the
+    /// previous holder committed. Under REPEATABLE READ or SERIALIZABLE the snapshot is
+    /// taken by the transaction's first statement, possibly before the lock was granted:
+    /// take the lock in a READ COMMITTED transaction, or expect serialization errors on
+    /// rows the previous holder changed (and stale reads of the others).
     ///
     /// Right after a server crash, the first grant runs the crash guard on a connection
     /// of this client's pool first (never in your transaction); a transaction whose

@@ -49,8 +49,10 @@ pub struct PgSessionBackend {
     held: Arc<Mutex<HashMap<LeaseId, Held>>>,
 }
 
-/// A held lock's connection. Probes and the release take turns on it.
-type HeldConn = Arc<tokio::sync::Mutex<Option<Object>>>;
+/// A held lock's connection. Probes and the release take turns on it. Dropped without a
+/// completed release (the backend dropped, a release cancelled or timed out), it is closed,
+/// not returned to the pool: a pooled connection must never hold a lock.
+type HeldConn = Arc<tokio::sync::Mutex<InFlight>>;
 
 #[derive(Debug)]
 struct Held {
@@ -62,6 +64,7 @@ struct Held {
 /// future is dropped (cancellation, timeout), the server is told to cancel the statement
 /// and the connection is closed rather than returned to the pool: closing it ends the
 /// session, which frees whatever the request may have been granted.
+#[derive(Debug)]
 struct InFlight(Option<Object>);
 
 impl InFlight {
@@ -208,7 +211,15 @@ impl PgSessionBackend {
                 Some(_) => self.grant_statement(conn, req, id, wait_ms).await,
             };
             match answer {
-                Ok(Answer::Granted(t)) => return self.granted(flight, req, id, t, sent),
+                Ok(Answer::Granted(t)) => {
+                    let grant = self.granted(flight, req, id, t, sent)?;
+                    if sent.elapsed() < self.shared.cfg.probe_every {
+                        return Ok(grant);
+                    }
+                    // The guard was not made yet: a failure here leaves the held
+                    // connection to the caller's clean-up (a release by lease id).
+                    return self.after_wait(req, grant).await;
+                }
                 Ok(Answer::Taken) => {
                     self.finish_empty(flight).await?;
                     return Err(LockError::Contended {
@@ -275,10 +286,7 @@ impl PgSessionBackend {
     ) -> Result<Grant, LockError> {
         let token = u64::try_from(t)
             .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))?;
-        let obj = flight
-            .finish()
-            .ok_or_else(|| LockError::Protocol("connection already handed over".into()))?;
-        let conn = Arc::new(tokio::sync::Mutex::new(Some(obj)));
+        let conn = Arc::new(tokio::sync::Mutex::new(flight));
         self.held().insert(req.lease_id.clone(), Held { id, conn });
         let cfg = &self.shared.cfg;
         Ok(Grant::kept_alive(
@@ -286,6 +294,28 @@ impl PgSessionBackend {
             sent + cfg.session_timeout,
             Keepalive::new(cfg.session_timeout, cfg.probe_every),
         ))
+    }
+
+    /// The deadline of a grant that waited in the server's queue: the server's idle timer
+    /// started when the grant was answered, somewhere in the wait, so one probe tells from
+    /// when it runs (a grant whose deadline counted from before the wait would arrive late
+    /// and be given back).
+    async fn after_wait(&self, req: &AcquireRequest, grant: Grant) -> Result<Grant, LockError> {
+        let lease = req.lease();
+        let op = self.shared.cfg.op_timeout;
+        match tokio::time::timeout(op, self.renew(&lease, self.shared.cfg.session_timeout)).await {
+            Ok(Ok(deadline)) => {
+                let mut grant = grant;
+                grant.lease_deadline = Some(deadline);
+                Ok(grant)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LockError::OperationTimeout {
+                backend: self.name(),
+                op: "acquire",
+                after: op,
+            }),
+        }
     }
 
     /// The held connection of `lease`, if this backend holds it.
@@ -337,7 +367,7 @@ impl LockBackend for PgSessionBackend {
         };
         let conn = self.held_conn(lease).ok_or_else(not_held)?;
         let conn = conn.lock().await;
-        let obj = conn.as_ref().ok_or_else(not_held)?;
+        let obj = conn.conn().map_err(|_| not_held())?;
         if obj.is_closed() {
             // The session ended (terminated, the server restarted): its locks went with it.
             return Err(not_held());
@@ -354,7 +384,10 @@ impl LockBackend for PgSessionBackend {
         let Some(h) = self.held().remove(&lease.lease_id) else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        let Some(obj) = h.conn.lock().await.take() else {
+        // Until the release is answered, dropping `flight` (this future cancelled) closes
+        // the connection, which frees the lock.
+        let flight = InFlight(h.conn.lock().await.0.take());
+        let Ok(obj) = flight.conn() else {
             return Ok(ReleaseOutcome::NotHeld);
         };
         let op = self.shared.cfg.op_timeout;
@@ -376,26 +409,22 @@ impl LockBackend for PgSessionBackend {
             }
         };
         match done {
-            Ok(Ok(true)) => Ok(ReleaseOutcome::Released),
-            Ok(Ok(false)) => Ok(ReleaseOutcome::NotHeld),
-            Ok(Err(e)) => {
-                // The connection is closed below, which frees the lock on the server.
-                let closed = obj.is_closed();
-                discard(obj);
-                if closed {
-                    Ok(ReleaseOutcome::NotHeld)
+            Ok(Ok(released)) => {
+                drop(flight.finish());
+                Ok(if released {
+                    ReleaseOutcome::Released
                 } else {
-                    Err(map_err(e))
-                }
-            }
-            Err(_) => {
-                discard(obj);
-                Err(LockError::OperationTimeout {
-                    backend: self.name(),
-                    op: "release",
-                    after: op,
+                    ReleaseOutcome::NotHeld
                 })
             }
+            // The connection is closed as `flight` drops, which frees the lock.
+            Ok(Err(_)) if obj.is_closed() => Ok(ReleaseOutcome::NotHeld),
+            Ok(Err(e)) => Err(map_err(e)),
+            Err(_) => Err(LockError::OperationTimeout {
+                backend: self.name(),
+                op: "release",
+                after: op,
+            }),
         }
     }
 

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
 use futures::StreamExt;
 use lock_core::keyed::{KeyTurns, KeyWakeups};
 use lock_core::{LockError, LockKey};
@@ -44,7 +46,20 @@ impl Shared {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let sql = Sql::new(&cfg.schema);
+        let guard = sql.crash_guard.clone();
         let pool = Pool::builder(mgr)
+            // Every connection made after a crash runs the crash guard before its first
+            // statement (a no-op unless the marker is gone).
+            .post_create(Hook::async_fn(move |client, _| {
+                let guard = guard.clone();
+                Box::pin(async move {
+                    client
+                        .batch_execute(&guard)
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
             .max_size(cfg.pool_size)
             .runtime(Runtime::Tokio1)
             // Most recently used first: a few hot connections serve the steady load (their
@@ -56,7 +71,7 @@ impl Shared {
             .build()
             .map_err(|e| LockError::InvalidConfig(format!("connection pool: {e}")))?;
         Ok(Self {
-            sql: Sql::new(&cfg.schema),
+            sql,
             cfg,
             pg,
             pool,
@@ -84,9 +99,8 @@ impl Shared {
             let (client, conn) = self.pg.connect(NoTls).await.map_err(map_err)?;
             let task = tokio::spawn(conn);
             let res = client
-                .query(&self.sql.crash_guard, &[])
+                .batch_execute(&self.sql.crash_guard)
                 .await
-                .map(drop)
                 .map_err(map_err);
             drop(client);
             let _ = task.await;
@@ -152,7 +166,12 @@ impl Shared {
         let op = self.cfg.op_timeout * 4;
         let id = sql::advisory_id(&self.cfg.schema, "\0migrate");
         let work = async {
-            let tx = conn.transaction().await.map_err(map_err)?;
+            let tx = conn
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+                .start()
+                .await
+                .map_err(map_err)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
                 .await
                 .map_err(map_err)?;
@@ -172,9 +191,13 @@ impl Shared {
                 .map_err(map_err)?;
             // A client's first use after a crash passes here: the guard runs before its
             // grants (and in a new schema, before any token is drawn).
-            tx.query(&self.sql.crash_guard, &[])
+            tx.batch_execute("SET LOCAL synchronous_commit = on")
                 .await
                 .map_err(map_err)?;
+            tx.query(&self.sql.crash_guard_call, &[])
+                .await
+                .map_err(map_err)?;
+            check_sequence(&self.sql, tx.client()).await?;
             tx.commit().await.map_err(map_err)
         };
         match tokio::time::timeout(op, work).await {
@@ -254,6 +277,24 @@ async fn check_version(sql: &Sql, conn: &tokio_postgres::Client) -> Result<(), L
     if version != SCHEMA_VERSION {
         return Err(LockError::InvalidConfig(format!(
             "the lock schema is version {version}; this lock-pg uses version {SCHEMA_VERSION}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a token sequence whose values are not handed out in order: one that caches
+/// values per session (each session draws from its own block) or steps by more than one.
+async fn check_sequence(sql: &Sql, conn: &tokio_postgres::Client) -> Result<(), LockError> {
+    let row = conn
+        .query_one(&sql.sequence_check, &[])
+        .await
+        .map_err(map_err)?;
+    let (increment, cache): (i64, i64) = (row.get(0), row.get(1));
+    if increment != 1 || cache != 1 {
+        return Err(LockError::InvalidConfig(format!(
+            "the token sequence steps by {increment} with a cache of {cache}: with a cache, \
+             sessions draw from blocks of their own and tokens come out of order; set \
+             INCREMENT BY 1 CACHE 1"
         )));
     }
     Ok(())

@@ -48,6 +48,8 @@ pub(crate) struct Sql {
     pub(crate) schema_ddl: String,
     pub(crate) schema_version: String,
     pub(crate) crash_guard: String,
+    pub(crate) crash_guard_call: String,
+    pub(crate) sequence_check: String,
     pub(crate) advisory_grant: String,
     pub(crate) probe: &'static str,
     pub(crate) session_unlock: &'static str,
@@ -162,9 +164,9 @@ $fn$;
 -- Session (p_xact = false) and transaction-scoped (p_xact = true) advisory locks: takes the
 -- lock and draws its token. p_wait_ms: NULL = try once; 0 = wait without limit; n = wait
 -- at most n ms (lock_timeout). p_idle_ms: the server ends the holder's session (or
--- transaction) after this long without a message from the client (PostgreSQL 14+), so a
--- dead or cut-off holder cannot keep the lock; the client confirms the session well
--- inside it and judges the lock lost at the limit. Returns the token; NULL when a try
+-- transaction) after this long without a message from the client (a session lock needs
+-- PostgreSQL 14+), so a dead or cut-off holder cannot keep the lock; the client confirms
+-- the session well inside it and judges the lock lost at the limit. Returns the token; NULL when a try
 -- found the lock taken; -1, with nothing taken, while the crash guard has not run since
 -- the last crash.
 CREATE OR REPLACE FUNCTION {s}.advisory_grant(
@@ -200,11 +202,12 @@ BEGIN
     IF current_setting('{guc}', true) IS DISTINCT FROM p_meta THEN
         PERFORM {s}.record_holder(p_meta, NOT p_xact);
     END IF;
-    IF p_idle_ms IS NOT NULL AND current_setting('server_version_num')::int >= 140000 THEN
-        PERFORM set_config(
-            CASE WHEN p_xact THEN 'idle_in_transaction_session_timeout'
-                 ELSE 'idle_session_timeout' END,
-            p_idle_ms::text, p_xact);
+    IF p_idle_ms IS NOT NULL THEN
+        IF p_xact THEN
+            PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms::text, true);
+        ELSIF current_setting('server_version_num')::int >= 140000 THEN
+            PERFORM set_config('idle_session_timeout', p_idle_ms::text, false);
+        END IF;
     END IF;
     RETURN v_token;
 END
@@ -214,19 +217,33 @@ $fn$;
         Self {
             schema_ddl,
             schema_version: format!("SELECT version FROM {s}.schema_version"),
-            // Its own statement, committed synchronously before any draw (see the schema).
+            // A transaction of its own, committed synchronously before any draw (see the
+            // schema); read committed, so that a guard that waited for another sees its
+            // marker. Also run on every new pooled connection, when the schema exists.
             crash_guard: format!(
-                "SELECT set_config('synchronous_commit', 'on', true), {s}.crash_guard()"
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 SET LOCAL synchronous_commit = on; \
+                 DO $$ BEGIN \
+                     IF to_regprocedure('{s}.crash_guard()') IS NOT NULL THEN \
+                         PERFORM {s}.crash_guard(); \
+                     END IF; \
+                 END $$; \
+                 COMMIT"
+            ),
+            crash_guard_call: format!("SELECT {s}.crash_guard()"),
+            sequence_check: format!(
+                "SELECT seqincrement, seqcache FROM pg_sequence \
+                 WHERE seqrelid = '{s}.token_seq'::regclass"
             ),
             advisory_grant: format!("SELECT {s}.advisory_grant($1, $2, $3, $4, $5, $6)"),
             // Any statement restarts the server's idle timer of a held lock's session.
             probe: "SELECT 1",
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            // Gives the lock back, clears the session's idle limit and gives the session
+            // Gives the lock back, resets the session's idle limit and gives the session
             // its own application_name ($2) again (the connection returns to the pool).
             session_release: "SELECT pg_advisory_unlock($1), \
-                 CASE WHEN current_setting('server_version_num')::int >= 140000 \
-                      THEN set_config('idle_session_timeout', '0', false) END, \
+                 (SELECT set_config(name, reset_val, false) FROM pg_settings \
+                  WHERE name = 'idle_session_timeout'), \
                  set_config('application_name', $2, false)",
             // The holder: its application_name ('lk <lease> <token>') and its recorded
             // metadata, and the number of waiters.
@@ -374,11 +391,8 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
         .contains(code);
         // The driver's own message for a server error is only "db error": say what the
         // server said.
-        let mut msg = format!("{} (SQLSTATE {})", db.message(), code.code());
-        if let Some(detail) = db.detail() {
-            msg.push_str(": ");
-            msg.push_str(detail);
-        }
+        // Not the DETAIL: it can carry the values of a user's rows.
+        let msg = format!("{} (SQLSTATE {})", db.message(), code.code());
         return LockError::backend(NAME, retryable, msg);
     }
     // Not a server error: I/O, a closed connection, a timeout while connecting.
@@ -424,7 +438,7 @@ mod tests {
         assert!(s
             .lease_release
             .contains("set_config('synchronous_commit', 'off', true)"));
-        assert!(s.crash_guard.contains("'synchronous_commit', 'on'"));
+        assert!(s.crash_guard.contains("SET LOCAL synchronous_commit = on"));
         for (name, stmt) in [
             ("schema", &s.schema_ddl),
             ("advisory_grant", &s.advisory_grant),

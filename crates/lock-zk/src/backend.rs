@@ -42,12 +42,17 @@ fn map_err(e: zk::Error) -> LockError {
 }
 
 /// One ZooKeeper session. Never reused once it ended or was declared lost.
+///
+/// The library closes a session (CloseSession, which deletes its ephemeral nodes) only when
+/// every clone of its `Client` is gone: everything that holds a clone (waiting acquires,
+/// the monitors of held locks) lets it go when the session is killed.
 #[derive(Debug)]
 struct Session {
     client: Mutex<Option<zk::Client>>,
     id: i64,
     timeout: Duration,
     dead: AtomicBool,
+    killed: watch::Sender<bool>,
 }
 
 impl Session {
@@ -78,10 +83,18 @@ impl Session {
     }
 
     /// Gives the session up: it is closed (or, if the server cannot be reached, expires
-    /// there), which removes every ephemeral node it owns.
+    /// there), which removes every ephemeral node it owns. Everything waiting on it lets
+    /// its clone of the client go.
     fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         drop(self.client.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.killed.send_replace(true);
+    }
+
+    /// Resolves when the session is killed.
+    async fn killed(&self) {
+        let mut rx = self.killed.subscribe();
+        let _ = rx.wait_for(|k| *k).await;
     }
 }
 
@@ -263,6 +276,7 @@ impl ZkBackend {
             timeout: client.session_timeout(),
             client: Mutex::new(Some(client)),
             dead: AtomicBool::new(false),
+            killed: watch::channel(false).0,
         });
         *cur = Some(s.clone());
         Ok(s)
@@ -371,14 +385,39 @@ impl ZkBackend {
 }
 
 impl ZkBackend {
-    /// One acquire: `wait` None = try once; Some(deadline) = queue and wait.
+    /// Acquires on the current session; if that session ends (expired, or given up by
+    /// another lock's monitor) while this waits, starts over on a new one, until the
+    /// deadline.
     async fn attempt(
         &self,
         req: &AcquireRequest,
         wait: Option<Option<Instant>>,
     ) -> Result<Grant, LockError> {
         let started = Instant::now();
-        let session = self.session().await?;
+        loop {
+            let session = self.session().await?;
+            match self.attempt_on(&session, req, wait, started).await {
+                Err(e) if !session.usable() && wait.is_some() => {
+                    let before_deadline = wait.flatten().is_none_or(|d| Instant::now() < d);
+                    if !before_deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(key = %req.key, error = %e, "the session ended while waiting; waiting again on a new one");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One acquire on `session`: `wait` None = try once; Some(deadline) = queue and wait.
+    async fn attempt_on(
+        &self,
+        session: &Arc<Session>,
+        req: &AcquireRequest,
+        wait: Option<Option<Instant>>,
+        started: Instant,
+    ) -> Result<Grant, LockError> {
+        let session = session.clone();
         let client = session.client()?;
         let parent = self.key_path(&req.key);
         if wait.is_none() {
@@ -460,6 +499,15 @@ impl ZkBackend {
                         ));
                     }
                     self.inner.wakeups.fetch_add(1, Ordering::Relaxed);
+                }
+                () = session.killed() => {
+                    // Its nodes go with it; this waiter's client clone must go too, or the
+                    // session is never closed.
+                    return Err(LockError::backend(
+                        NAME,
+                        true,
+                        "the session was given up while waiting (another lock on it was lost)",
+                    ));
                 }
                 () = timeout => {
                     // Give the queue place back before reporting the timeout.
@@ -580,6 +628,9 @@ async fn monitor(
                 Some(_) => node = Box::pin(node_watch(client.clone(), path.clone())),
                 None => break SessionHealth::Ended(LossReason::NotHeld),
             },
+            () = session.killed() => {
+                break ended("the session was given up (another lock on it was lost)".into());
+            }
             () = give_up => {
                 // Declared lost: close the session so that it cannot come back holding a
                 // lock its owner gave up on.
@@ -634,8 +685,14 @@ impl LockBackend for ZkBackend {
                 h.monitor.abort();
                 match h.session.client() {
                     Ok(c) => (c, Some(h.path)),
-                    // The session was given up: its nodes are gone or going.
-                    Err(_) => return Ok(ReleaseOutcome::NotHeld),
+                    // The session was given up: its nodes go when it closes or expires;
+                    // delete this one now, through the current session, in case it still
+                    // lives (the node's name is this lease's alone).
+                    Err(_) => {
+                        let client = self.session().await?.client()?;
+                        let _ = self.timed("delete", client.delete(&h.path, None)).await;
+                        return Ok(ReleaseOutcome::NotHeld);
+                    }
                 }
             }
             None => {
