@@ -141,9 +141,8 @@ impl<K> Clone for Pause<'_, K> {
 }
 impl<K> Copy for Pause<'_, K> {}
 
-/// How long [`paired`] warms up at least. After an idle phase (the idle hand-off rows) this
-/// machine answers slower for a few hundred milliseconds, and the ratio of the row taken
-/// next read about 0.3 x higher (session 11: 2.9 x against 2.6 x for the same cycle).
+/// How long [`paired`] warms up at least: after an idle phase (the idle hand-off rows) a
+/// machine answers slower for a few hundred milliseconds, which would tilt the next row.
 const WARM_UP: Duration = Duration::from_millis(500);
 
 /// Times `n` runs of `op`, each right after one run of `base` (after warm-up pairs: 20,
@@ -1006,9 +1005,8 @@ async fn pg(plan: Plan) -> Res<Vec<Row>> {
             ));
         }
     }
-    // Measured last: after the idle pauses the machine answers slower for a while (both
-    // the backend-only and the client cycle read about 0.3 x higher right after them,
-    // session 11), which would tilt whichever row came next.
+    // Measured last: after the idle pauses the machine answers slower for a while, which
+    // would tilt whichever row came next.
     let s = after_idle(plan.handoffs, &pooled_select).await?;
     rows.push(Row::latency(
         "pg",

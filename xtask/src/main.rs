@@ -16,6 +16,8 @@ const USAGE: &str = "usage: cargo xtask <command>
               fault injection with worker processes, judged by the history checker
   ctrl-c-check
               SIGINT an integration run (local, then containers): nothing may be left
+  runner-check
+              a server that exits at once, or a worker that does, must fail the runners
   images [redis|postgres|zookeeper...]
               build local server images from Debian packages (debootstrap + docker import)
   bench [--quick] [redis|pg|pg-fsync|zk...]
@@ -40,17 +42,22 @@ fn main() -> ExitCode {
         Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
-            ci() && containers_image() && ctrl_c_leaves_nothing() && chaos_quick(&rt) && {
-                // One run, one summary: every backend through the default providers, and
-                // Redis once more through the containers provider (local image).
-                let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
-                    .map(String::from)
-                    .to_vec();
-                rt.block_on(interruptible(integration::run(&args)))
-            }
+            ci() && containers_image()
+                && ctrl_c_leaves_nothing()
+                && chaos_quick(&rt)
+                && runners_fail_when_they_must()
+                && {
+                    // One run, one summary: every backend through the default providers, and
+                    // Redis once more through the containers provider (local image).
+                    let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
+                        .map(String::from)
+                        .to_vec();
+                    rt.block_on(interruptible(integration::run(&args)))
+                }
         }
         Some("images") => images::run_images(&args[1..]),
         Some("ctrl-c-check") => ctrl_c_leaves_nothing(),
+        Some("runner-check") => runners_fail_when_they_must(),
         Some("chaos") => {
             step(
                 "build chaos-worker",
@@ -215,6 +222,69 @@ fn sigint_leaves_nothing(
         "{what}: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
         if ok { "ok" } else { "FAILED" }
     );
+    ok
+}
+
+/// The runners fail when they must: a server binary that exits at once fails
+/// `integration` and `chaos`, and a worker that exits non-zero fails its scenario.
+fn runners_fail_when_they_must() -> bool {
+    println!("\n=== the runners fail when a server or a worker fails");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("runner check: {e}");
+            return false;
+        }
+    };
+    let cases: [(&str, &str, &[&str]); 3] = [
+        (
+            "LOCK_REDIS_SERVER",
+            "/bin/false",
+            &["integration", "--backend", "redis", "--via", "local"],
+        ),
+        (
+            "LOCK_REDIS_SERVER",
+            "/bin/false",
+            &[
+                "chaos",
+                "--quick",
+                "--only",
+                "acquire_cancel_release_loop",
+                "redis",
+            ],
+        ),
+        (
+            "LOCK_CHAOS_WORKER",
+            "/bin/false",
+            &[
+                "chaos",
+                "--quick",
+                "--only",
+                "acquire_cancel_release_loop",
+                "redis",
+            ],
+        ),
+    ];
+    let mut ok = true;
+    for (var, value, args) in cases {
+        let status = Command::new(&exe)
+            .args(args)
+            .env(var, value)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let failed = matches!(&status, Ok(s) if !s.success());
+        println!(
+            "{var}={value} xtask {}: {}",
+            args.join(" "),
+            if failed {
+                "failed, as it must"
+            } else {
+                "DID NOT FAIL"
+            }
+        );
+        ok &= failed;
+    }
     ok
 }
 

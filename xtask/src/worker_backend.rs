@@ -18,8 +18,8 @@ pub(crate) async fn backend(
 ) -> Result<Arc<dyn LockBackend>, String> {
     let e = |e: lock_core::LockError| e.to_string();
     Ok(match kind {
-        "redis" => {
-            let mut cfg = lock_redis::RedisConfig::new(url);
+        "redis" | "redis-unfair" => {
+            let mut cfg = lock_redis::RedisConfig::new(url).fair(kind == "redis");
             if replica_acks > 0 {
                 cfg = cfg.replica_acks(replica_acks, Duration::from_millis(300));
             }
@@ -40,14 +40,14 @@ pub(crate) async fn backend(
             tokio::time::sleep(b.warm_up().await.map_err(e)?).await;
             Arc::new(b)
         }
-        "zk" => Arc::new(
+        "zk" | "zk-ensemble3" => Arc::new(
             lock_zk::ZkBackend::connect_with(
                 lock_zk::ZkConfig::new(url).session_timeout(Duration::from_secs(2)),
             )
             .await
             .map_err(e)?,
         ),
-        "pg-lease" | "pg-advisory" => {
+        "pg-lease" | "pg-advisory" | "pg-xact" => {
             let locks = lock_pg::PgLocks::connect_with(
                 lock_pg::PgConfig::new(url)
                     .pool_size(4)
@@ -55,10 +55,10 @@ pub(crate) async fn backend(
             )
             .await
             .map_err(e)?;
-            if kind == "pg-lease" {
-                Arc::new(locks.lease_rows())
-            } else {
-                Arc::new(locks.advisory())
+            match kind {
+                "pg-lease" => Arc::new(locks.lease_rows()),
+                "pg-xact" => Arc::new(locks.transactional()),
+                _ => Arc::new(locks.advisory()),
             }
         }
         other => return Err(format!("unknown backend {other}")),

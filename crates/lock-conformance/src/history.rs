@@ -65,6 +65,15 @@ pub enum Event {
         /// Token.
         token: u64,
     },
+    /// The holder's guard reported the lock lost.
+    Lost {
+        /// Client id.
+        client: String,
+        /// Key.
+        key: String,
+        /// Token.
+        token: u64,
+    },
     /// A write on the fenced resource, with its outcome.
     Write {
         /// Client id.
@@ -174,12 +183,36 @@ pub struct CheckReport {
     pub belief_overlaps: usize,
     /// Invariant violations, each with a short excerpt.
     pub violations: Vec<String>,
+    /// The kinds of the violations found.
+    pub kinds: std::collections::BTreeSet<Violation>,
+}
+
+/// The invariant a violation breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Violation {
+    /// A token was granted twice for one key.
+    TokenGrantedTwice,
+    /// A grant completed before another acquire was invoked, yet its token is not lower.
+    TokensOutOfOrder,
+    /// The tokens of accepted writes went down.
+    WritesWentBackwards,
+    /// An accepted write carried a token its writer was not granted.
+    ForeignToken,
+    /// A read-modify-write counter ended below its number of accepted increments.
+    LostUpdate,
 }
 
 impl CheckReport {
     /// No violations.
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
+    }
+
+    fn push(&mut self, kind: Violation, detail: String) {
+        self.kinds.insert(kind);
+        self.violations.push(detail);
     }
 }
 
@@ -210,7 +243,7 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
                 report.grants += 1;
                 let inv_at = invoked.get(op).map(|i| i.0).unwrap_or(st.at_us);
                 if let Some(prev) = owner.insert((key.clone(), *token), client.clone()) {
-                    report.violations.push(format!(
+                    report.push(Violation::TokenGrantedTwice, format!(
                         "token {token} for key {key} granted twice: to {prev} and to {client} (at {} us)",
                         st.at_us
                     ));
@@ -246,7 +279,7 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
                 *accepted_per_key.entry(key.clone()).or_default() += 1;
                 if let Some((prev_token, prev_at)) = last_accepted.get(key) {
                     if token < prev_token {
-                        report.violations.push(format!(
+                        report.push(Violation::WritesWentBackwards, format!(
                             "accepted writes on {key} went backwards: token {prev_token} at {prev_at} us, then token {token} at {} us by {client}",
                             st.at_us
                         ));
@@ -255,17 +288,18 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
                 last_accepted.insert(key.clone(), (*token, st.at_us));
                 match owner.get(&(key.clone(), *token)) {
                     Some(o) if o == client => {}
-                    Some(o) => report.violations.push(format!(
+                    Some(o) => report.push(Violation::ForeignToken, format!(
                         "write on {key} with token {token} by {client}, but {token} was granted to {o}"
                     )),
-                    None => report.violations.push(format!(
+                    None => report.push(Violation::ForeignToken, format!(
                         "write on {key} with token {token} by {client}, a token never granted"
                     )),
                 }
             }
             Event::AcquireFailed { .. }
             | Event::AcquireUnknown { .. }
-            | Event::LeaseBound { .. } => {}
+            | Event::LeaseBound { .. }
+            | Event::Lost { .. } => {}
         }
     }
     for ((key, _), (from, client)) in open {
@@ -280,7 +314,7 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
         for (i, a) in by_grant.iter().enumerate() {
             for b in &by_grant[i + 1..] {
                 if a.1 < b.0 && a.2 >= b.2 {
-                    report.violations.push(format!(
+                    report.push(Violation::TokensOutOfOrder, format!(
                         "key {key}: grant of token {} to {} completed at {} us, before {} invoked the acquire (at {} us) that got the lower or equal token {}",
                         a.2, a.3, a.1, b.3, b.0, b.2
                     ));
@@ -307,7 +341,7 @@ fn check(events: &[Stamped], final_counters: &HashMap<String, u64>) -> CheckRepo
     for (key, value) in final_counters {
         let accepted = accepted_per_key.get(key).copied().unwrap_or(0);
         if *value != accepted {
-            report.violations.push(format!(
+            report.push(Violation::LostUpdate, format!(
                 "lost update on {key}: the counter ends at {value} but the fence accepted {accepted} increments"
             ));
         }

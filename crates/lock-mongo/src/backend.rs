@@ -10,7 +10,7 @@ use lock_core::{
     AcquireRequest, Capabilities, FencedWrite, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind,
     LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome, TokenGuarantee,
 };
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::options::{
     ClientOptions, CollectionOptions, ReadConcern, ReturnDocument, WriteConcern,
 };
@@ -146,9 +146,13 @@ impl MongoBackend {
         &self.inner.coll
     }
 
-    /// Updates the documents of `coll` that match `filter`, applying `update` (an update
-    /// document with operators), only where the token stored in `field` is missing or not
-    /// higher than `token`; the documents then carry `token` in `field`.
+    /// Updates the one document of `coll` that matches `filter` (match by `_id`), applying
+    /// `update` (an update document with operators), only if the token stored in `field` is
+    /// not higher than `token`; the document then carries `token` in `field`. One document
+    /// per call: MongoDB writes several documents one by one, so a fence over many could
+    /// write some and refuse others. A document without the field (or with a non-integer
+    /// in it) is an error: create fenced documents with `field: 0`. One collection must be
+    /// written under the tokens of one lock key only.
     pub async fn fenced_update(
         &self,
         coll: &Collection<Document>,
@@ -165,27 +169,25 @@ impl MongoBackend {
         let op = self.inner.cfg.op_timeout;
         let (f, u) = docs::fenced(filter.clone(), update, field, token)
             .map_err(LockError::InvalidOptions)?;
-        let r = bounded(op, "fenced update", coll.update_many(f, u)).await?;
-        if r.modified_count > 0 || r.matched_count > 0 {
+        let r = bounded(op, "fenced update", coll.update_one(f, u)).await?;
+        if r.matched_count > 0 {
             return Ok(FencedWrite::Applied(r.matched_count));
         }
-        let highest = bounded(
-            op,
-            "fenced read",
-            coll.find_one(filter).sort(doc! { field: -1 }),
-        )
-        .await?
-        .and_then(|d| match d.get(field) {
-            Some(Bson::Int64(v)) => u64::try_from(*v).ok(),
-            Some(Bson::Int32(v)) => u64::try_from(*v).ok(),
-            _ => None,
-        });
-        Ok(match highest {
-            Some(h) if h > token.get() => FencedWrite::Refused {
+        // Not written: no document matched, or its token is ahead, or it has none.
+        let Some(d) = bounded(op, "fenced read", coll.find_one(filter)).await? else {
+            return Ok(FencedWrite::NoMatch);
+        };
+        match docs::as_i64(d.get(field)).map(u64::try_from) {
+            Some(Ok(h)) if h > token.get() => Ok(FencedWrite::Refused {
                 highest: FencingToken::new(h),
-            },
-            _ => FencedWrite::NoMatch,
-        })
+            }),
+            None | Some(Err(_)) => Err(LockError::InvalidConfig(format!(
+                "the document has no usable {field:?} (an integer token): a fenced document \
+                 must carry one (0 when created); nothing was written"
+            ))),
+            // The document changed between the update and the read: report no write.
+            Some(Ok(_)) => Ok(FencedWrite::NoMatch),
+        }
     }
 
     fn op(&self) -> Duration {

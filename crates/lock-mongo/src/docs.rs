@@ -84,21 +84,20 @@ pub(crate) fn change_pipeline() -> Vec<Document> {
     vec![doc! { "$match": { "operationType": { "$in": ["update", "replace", "delete"] } } }]
 }
 
-/// Fenced update of a user document: applies only if the stored token (in `field`) is
-/// missing or not higher than `token`, and stores `token`. The caller's filter is kept
-/// whole beside the guard (`$and`), so a filter with its own `$or` still applies; an update
-/// whose `$set` is not a document is refused rather than rewritten.
+/// Fenced update of a user document: applies only if the stored token (in `field`) is not
+/// higher than `token`, and stores `token`. A document without the token field does not
+/// match: it cannot tell which holder wrote it. The caller's filter is kept whole beside
+/// the guard (`$and`), so a filter with its own `$or` still applies; an update whose `$set`
+/// is not a document is refused rather than rewritten.
 pub(crate) fn fenced(
     filter: Document,
     mut update: Document,
     field: &str,
     token: FencingToken,
 ) -> Result<(Document, Document), String> {
-    let t = i64::try_from(token.get()).unwrap_or(i64::MAX);
-    let guard = doc! { "$or": [
-        { field: { "$exists": false } },
-        { field: { "$lte": t } },
-    ]};
+    let t = i64::try_from(token.get())
+        .map_err(|_| format!("token {token} does not fit a BSON Int64"))?;
+    let guard = doc! { field: { "$lte": t } };
     let f = if filter.is_empty() {
         guard
     } else {
@@ -124,11 +123,14 @@ pub(crate) struct Lease {
     pub(crate) remaining_ms: Option<i64>,
 }
 
-fn as_i64(b: Option<&Bson>) -> Option<i64> {
+/// An integer stored as Int64, Int32 or a Double that holds it exactly; `None` otherwise
+/// (a fraction, or a Double past 2^53 that may stand for several integers).
+pub(crate) fn as_i64(b: Option<&Bson>) -> Option<i64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
     match b? {
         Bson::Int64(v) => Some(*v),
         Bson::Int32(v) => Some(i64::from(*v)),
-        Bson::Double(v) if v.is_finite() => Some(*v as i64),
+        Bson::Double(v) if v.fract() == 0.0 && v.abs() <= EXACT => Some(*v as i64),
         _ => None,
     }
 }
@@ -144,7 +146,7 @@ pub(crate) fn parse_lease(d: &Document) -> Option<Lease> {
         Some(Bson::String(s)) => Some(s.clone()),
         _ => None,
     };
-    let token = u64::try_from(as_i64(d.get("token")).unwrap_or(0)).ok()?;
+    let token = u64::try_from(as_i64(d.get("token"))?).ok()?;
     Some(Lease {
         owner,
         meta,
@@ -156,6 +158,20 @@ pub(crate) fn parse_lease(d: &Document) -> Option<Lease> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_read_and_written_exactly_or_refused() {
+        assert_eq!(as_i64(Some(&Bson::Int64(i64::MAX))), Some(i64::MAX));
+        assert_eq!(as_i64(Some(&Bson::Double(4096.0))), Some(4096));
+        assert_eq!(as_i64(Some(&Bson::Double(4096.5))), None);
+        assert_eq!(as_i64(Some(&Bson::Double(2f64.powi(60)))), None);
+        assert!(parse_lease(&doc! {"_id": "k", "owner": null}).is_none());
+        let big = FencingToken::new(u64::MAX);
+        assert!(fenced(doc! {}, doc! {}, "fence", big).is_err());
+        // A document without the token field never matches the guard.
+        let (f, _) = fenced(doc! {"_id": 1}, doc! {}, "fence", FencingToken::new(5)).unwrap();
+        assert!(!f.to_string().contains("$exists"), "{f}");
+    }
 
     #[test]
     fn acquire_documents_use_the_server_clock_and_never_reset_the_token() {
@@ -214,9 +230,8 @@ mod tests {
         .unwrap();
         let parts = f.get_array("$and").unwrap();
         assert_eq!(parts[0], Bson::Document(doc! {"item": "a"}));
-        let guard = parts[1].as_document().unwrap().get_array("$or").unwrap();
         assert_eq!(
-            guard[1],
+            parts[1],
             Bson::Document(doc! {"fence": {"$lte": 7_i64}}),
             "a write with token 7 applies only where the stored token is not higher"
         );
@@ -247,8 +262,9 @@ mod tests {
         let parts = f.get_array("$and").unwrap();
         assert_eq!(parts[0], Bson::Document(mine));
         let (empty, _) = fenced(Document::new(), doc! {}, "fence", FencingToken::new(3)).unwrap();
-        assert!(
-            empty.get_array("$or").is_ok(),
+        assert_eq!(
+            empty,
+            doc! {"fence": {"$lte": 3_i64}},
             "an empty filter is just the guard"
         );
     }

@@ -5,9 +5,11 @@
 //! processes and check them. Being a real process, it can be paused (SIGSTOP) and killed.
 //!
 //! Usage: `chaos-worker <backend> <url> <key> <client> <store addr> <lease ms> <seconds>
-//! [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n] [--pause-after-read n]`.
+//! [--cancel-rate p] [--starve-every n] [--starve-ms n] [--pause-after-read n]
+//! [--replica-acks n] [--work-ms n] [--tamper reuse|lower]`.
 
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lock_conformance::history::{Event, Stamped};
@@ -80,21 +82,29 @@ fn main() -> std::process::ExitCode {
 async fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 7 {
-        return Err("usage: chaos-worker <backend> <url> <key> <client> <store> <lease ms> <seconds> [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n]".into());
+        return Err("usage: chaos-worker <backend> <url> <key> <client> <store> <lease ms> <seconds> [--cancel-rate p] [--starve-every n] [--pause-after-read n] [--replica-acks n] [--work-ms n] [--tamper reuse|lower]".into());
     }
     let (kind, url, key, client, store_addr) = (&args[0], &args[1], &args[2], &args[3], &args[4]);
     let lease = Duration::from_millis(args[5].parse().map_err(|e| format!("lease: {e}"))?);
     let seconds: u64 = args[6].parse().map_err(|e| format!("seconds: {e}"))?;
     let mut cancel_rate = 0.0f64;
     let mut starve_every = 0u64;
+    let mut starve: Option<Duration> = None;
     let mut pause_after_read = 0u64;
     let mut replica_acks = 0usize;
     let mut work = Duration::from_millis(20);
+    let mut tamper: Option<String> = None;
     let mut it = args[7..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--cancel-rate" => cancel_rate = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0),
             "--starve-every" => starve_every = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            "--starve-ms" => {
+                starve = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis)
+            }
             "--work-ms" => {
                 work = Duration::from_millis(it.next().and_then(|v| v.parse().ok()).unwrap_or(20))
             }
@@ -102,6 +112,7 @@ async fn run() -> Result<(), String> {
             "--pause-after-read" => {
                 pause_after_read = it.next().and_then(|v| v.parse().ok()).unwrap_or(0)
             }
+            "--tamper" => tamper = it.next().cloned(),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -109,7 +120,10 @@ async fn run() -> Result<(), String> {
         .trim_start_matches(|c: char| !c.is_ascii_digit())
         .parse()
         .unwrap_or(0);
-    let b = backend(kind, url, replica_acks).await?;
+    let mut b = backend(kind, url, replica_acks).await?;
+    if let Some(mode) = &tamper {
+        b = std::sync::Arc::new(Tampered::new(b, mode)?);
+    }
     let locks = LockClient::from_arc(b).with_options(
         LockOptions::default()
             .lease(lease)
@@ -166,6 +180,26 @@ async fn run() -> Result<(), String> {
             key: key.clone(),
             token,
         });
+        // Reports the guard's loss as it happens (the harness asks for it where a fault
+        // must cause one).
+        let mut status = g.watch();
+        let (c, k) = (client.clone(), key.clone());
+        tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                match &*status.borrow_and_update() {
+                    lock_core::LockStatus::Lost(_) => {
+                        emit(Event::Lost {
+                            client: c,
+                            key: k,
+                            token,
+                        });
+                        return;
+                    }
+                    lock_core::LockStatus::Released => return,
+                    _ => {}
+                }
+            }
+        });
         // Not under libfaketime: a faked clock would misstate the bound.
         if let Some(safe) = g
             .safe_until()
@@ -181,7 +215,7 @@ async fn run() -> Result<(), String> {
         }
         if starve_every > 0 && n % starve_every == 0 {
             // Block the only runtime thread: renewals cannot run.
-            std::thread::sleep(lease * 2);
+            std::thread::sleep(starve.unwrap_or(lease * 2));
         }
         // Read-modify-write on the fenced store, with the token.
         let read = store.ask(&format!("GET {key} {token}")).await?;
@@ -209,4 +243,87 @@ async fn run() -> Result<(), String> {
         let _ = g.release().await;
     }
     Ok(())
+}
+
+/// A backend that misreports its grants' tokens, for the checker's negative controls
+/// against a real store: `reuse` hands every grant after the first the first grant's
+/// token; `lower` hands each grant a token far below the store's.
+#[derive(Debug)]
+pub(crate) struct Tampered {
+    inner: Arc<dyn lock_core::LockBackend>,
+    reuse: bool,
+    first: std::sync::Mutex<Option<lock_core::FencingToken>>,
+}
+
+impl Tampered {
+    pub(crate) fn new(inner: Arc<dyn lock_core::LockBackend>, mode: &str) -> Result<Self, String> {
+        let reuse = match mode {
+            "reuse" => true,
+            "lower" => false,
+            other => return Err(format!("unknown --tamper {other}")),
+        };
+        Ok(Self {
+            inner,
+            reuse,
+            first: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn tamper(&self, mut g: lock_core::Grant) -> lock_core::Grant {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        g.token = match (*first, self.reuse) {
+            (Some(f), true) => f,
+            (None, true) => {
+                *first = Some(g.token);
+                g.token
+            }
+            (_, false) => lock_core::FencingToken::new(g.token.get() / 2),
+        };
+        g
+    }
+}
+
+#[lock_core::async_trait]
+impl lock_core::LockBackend for Tampered {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> lock_core::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn try_acquire(
+        &self,
+        req: &lock_core::AcquireRequest,
+    ) -> Result<lock_core::Grant, lock_core::LockError> {
+        self.inner.try_acquire(req).await.map(|g| self.tamper(g))
+    }
+    async fn acquire(
+        &self,
+        req: &lock_core::AcquireRequest,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<lock_core::Grant, lock_core::LockError> {
+        self.inner
+            .acquire(req, deadline)
+            .await
+            .map(|g| self.tamper(g))
+    }
+    async fn renew(
+        &self,
+        lease: &lock_core::LeaseRef,
+        ttl: Duration,
+    ) -> Result<tokio::time::Instant, lock_core::LockError> {
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(
+        &self,
+        lease: &lock_core::LeaseRef,
+    ) -> Result<lock_core::ReleaseOutcome, lock_core::LockError> {
+        self.inner.release(lease).await
+    }
+    async fn inspect(
+        &self,
+        key: &lock_core::LockKey,
+    ) -> Result<Option<lock_core::LockInfo>, lock_core::LockError> {
+        self.inner.inspect(key).await
+    }
 }

@@ -1,2 +1,0 @@
-SELECT x.tok, CASE WHEN current_setting('lock_pg.distlock_meta', true) IS DISTINCT FROM 'meta' THEN distlock.record_holder('meta', true) END, set_config('idle_session_timeout', '30000', false) FROM (SELECT CASE WHEN pg_try_advisory_lock(42) THEN CASE WHEN current_setting('lock_pg.distlock_meta', true) IS NULL THEN distlock.first_token() ELSE nextval('distlock.token_seq') END END AS tok OFFSET 0) x WHERE x.tok IS NOT NULL;
-SELECT pg_advisory_unlock(42), set_config('idle_session_timeout', '0', false);
