@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_core::{
-    Capabilities, FenceRegister, Fenced, FencingToken, LeaseKind, LockError, LockGuard, LockStatus,
+    Capabilities, Fenced, FencingToken, LeaseKind, LockError, LockGuard, LockStatus,
     ReleaseOutcome, WaitPolicy,
 };
 use rand::Rng;
@@ -41,6 +41,16 @@ fn always(_: &Capabilities, _: &Target) -> Option<&'static str> {
 fn ttl_only(c: &Capabilities, _: &Target) -> Option<&'static str> {
     (c.lease != LeaseKind::Ttl)
         .then_some("the lease is the session: it is not renewed, extended or left stale while the session lives (session loss is covered by client_dropped_frees_key and vanishing_server_turns_guard_lost)")
+}
+
+fn session_only(c: &Capabilities, _: &Target) -> Option<&'static str> {
+    (c.lease != LeaseKind::Session).then_some(
+        "the lease is a TTL: covered by explicit_extend and stale_guard_cannot_touch_new_holder",
+    )
+}
+
+fn session_with_cut(c: &Capabilities, t: &Target) -> Option<&'static str> {
+    session_only(c, t).or_else(|| needs_cut(c, t))
 }
 
 fn fair_only(c: &Capabilities, _: &Target) -> Option<&'static str> {
@@ -80,6 +90,10 @@ pub(crate) fn all() -> Vec<Case> {
         case!(holder_that_stops_renewing_loses_key, ttl_only),
         case!(auto_renewal_keeps_lock_through_long_work, always),
         case!(explicit_extend, ttl_only),
+        case!(session_extend_is_refused_and_keeps_the_lock, session_only),
+        case!(lost_session_guard_cannot_touch_new_holder, session_with_cut),
+        case!(one_client_holds_many_keys, always),
+        case!(release_racing_renewal_leaves_the_key_free, always),
         case!(release_wakes_waiter, always),
         case!(fifo_order, fair_only),
         case!(dropped_waiting_acquire_leaves_nothing, always),
@@ -121,9 +135,16 @@ async fn exclusion_fenced_counter(c: Ctx) -> Result<String, String> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(g.token().get());
-                let v = counter.read();
-                tokio::task::yield_now().await;
-                if counter.write(g.token(), v + 1).is_err() {
+                // A fenced read-modify-write: the read raises the fence, so no older
+                // holder can write between it and the write.
+                let wrote = match counter.read_with(g.token()) {
+                    Ok(v) => {
+                        tokio::task::yield_now().await;
+                        counter.write(g.token(), v + 1).is_ok()
+                    }
+                    Err(_) => false,
+                };
+                if !wrote {
                     *refused.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 }
                 g.release().await.ctx("release")?;
@@ -469,7 +490,27 @@ async fn dropped_waiting_acquire_leaves_nothing(c: Ctx) -> Result<String, String
         let opts = b2.options().clone().wait(WaitPolicy::Forever);
         b2.acquire_with(&k2, &opts).await.map(|g| g.token())
     });
-    sleep(Duration::from_millis(300)).await;
+    // The waiter must really be waiting when it is dropped: queued, where the store tells.
+    let t = Instant::now();
+    loop {
+        let waiting = a
+            .inspect(&key)
+            .await
+            .ctx("inspect")?
+            .and_then(|i| i.waiters);
+        match waiting {
+            Some(n) if n >= 1 => break,
+            None if t.elapsed() >= Duration::from_millis(300) => break,
+            _ if t.elapsed() > Duration::from_secs(5) => {
+                return Err(format!("the waiter never queued ({waiting:?} waiters)"))
+            }
+            _ => sleep(Duration::from_millis(20)).await,
+        }
+    }
+    ensure!(
+        !waiter.is_finished(),
+        "the waiter finished before it was dropped"
+    );
     waiter.abort();
     let _ = waiter.await;
     sleep(Duration::from_millis(200)).await;
@@ -745,6 +786,30 @@ async fn inspect_shows_holder(c: Ctx) -> Result<String, String> {
             info.meta.pid
         );
     }
+    if let Some(n) = info.waiters {
+        ensure!(n == 0, "{n} waiters reported with none waiting");
+        let (w, k2) = (b.clone(), key.clone());
+        let waiter = tokio::spawn(async move { w.acquire(&k2).await.map(|g| g.token()) });
+        let t = Instant::now();
+        let mut seen = None;
+        while t.elapsed() < Duration::from_secs(5) {
+            seen = b
+                .inspect(&key)
+                .await
+                .ctx("inspect")?
+                .and_then(|i| i.waiters);
+            if seen == Some(1) {
+                break;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        ensure!(
+            seen == Some(1),
+            "one waiter queued, inspect reports {seen:?}"
+        );
+    }
     if !c.is_session() {
         let left = info.remaining.ok_or("no remaining time on a TTL lease")?;
         ensure!(
@@ -761,11 +826,8 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
     const OPS: usize = 25;
     let keys: Vec<String> = (0..3).map(|i| c.key(&i.to_string())).collect();
     let history = Arc::new(History::new());
-    let resources: Arc<HashMap<String, (FenceRegister, Mutex<u64>)>> = Arc::new(
-        keys.iter()
-            .map(|k| (k.clone(), (FenceRegister::new(), Mutex::new(0))))
-            .collect(),
-    );
+    let resources: Arc<HashMap<String, Fenced<u64>>> =
+        Arc::new(keys.iter().map(|k| (k.clone(), Fenced::new(0))).collect());
     let mut tasks = Vec::new();
     for id in 0..CLIENTS {
         let client = c.client().await?;
@@ -812,13 +874,12 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
                     key: key.clone(),
                     token,
                 });
-                let (fence, value) = &resources[&key];
-                let v = *value.lock().unwrap_or_else(|p| p.into_inner());
+                // A fenced read-modify-write (the read raises the fence).
+                let resource = &resources[&key];
+                let read = resource.read_with(g.token());
                 tokio::task::yield_now().await;
-                let accepted = fence.admit(g.token()).is_ok();
-                if accepted {
-                    *value.lock().unwrap_or_else(|p| p.into_inner()) = v + 1;
-                }
+                let v = read.as_ref().map_or(0, |v| *v);
+                let accepted = read.is_ok() && resource.write(g.token(), v + 1).is_ok();
                 history.record(Event::Write {
                     client: name.clone(),
                     key: key.clone(),
@@ -843,7 +904,7 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
     }
     let finals: HashMap<String, u64> = resources
         .iter()
-        .map(|(k, (_, v))| (k.clone(), *v.lock().unwrap_or_else(|p| p.into_inner())))
+        .map(|(k, v)| (k.clone(), v.read()))
         .collect();
     let report = history.check(&finals);
     ensure!(
@@ -855,6 +916,11 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
         report.refused_writes == 0,
         "{} writes refused without any pause",
         report.refused_writes
+    );
+    ensure!(
+        report.belief_overlaps == 0,
+        "{} belief overlaps without any fault",
+        report.belief_overlaps
     );
     Ok(format!(
         "{} grants, {} accepted writes, {} belief overlaps",
@@ -983,4 +1049,128 @@ async fn adversarial_names_are_independent_locks(c: Ctx) -> Result<String, Strin
         other => return Err(format!("a name with a newline: {other:?}")),
     }
     Ok(format!("{} names, {pairs} ordered pairs", names.len()))
+}
+
+/// `extend` on a lock whose session is the lease is refused, and the lock stays held.
+async fn session_extend_is_refused_and_keeps_the_lock(c: Ctx) -> Result<String, String> {
+    let (a, b) = (c.client().await?, c.client().await?);
+    let key = c.key("k");
+    let g = a.acquire(&key).await.ctx("acquire")?;
+    match g.extend(Duration::from_secs(5)).await {
+        Err(LockError::Unsupported { .. }) => {}
+        other => return Err(format!("extend on a session lock gave {other:?}")),
+    }
+    g.check().ctx("check after the refused extend")?;
+    match b.try_acquire(&key).await {
+        Err(LockError::Contended { .. }) => {}
+        other => return Err(format!("another client got {other:?} after the extend")),
+    }
+    g.release().await.ctx("release")?;
+    Ok(String::new())
+}
+
+/// A guard whose session was lost (its connection cut until the session ended) cannot
+/// release or extend the next holder's lock when the connection comes back.
+async fn lost_session_guard_cannot_touch_new_holder(c: Ctx) -> Result<String, String> {
+    let (a, cut) = c.cuttable_client().await?;
+    let b = c.client().await?;
+    let key = c.key("k");
+    let stale = a.acquire(&key).await.ctx("acquire")?;
+    cut.set_cut(true);
+    let bound = c.expiry_bound() + Duration::from_secs(10);
+    let opts = b.options().clone().wait(WaitPolicy::Timeout(bound));
+    let fresh = b
+        .acquire_with(&key, &opts)
+        .await
+        .ctx("the next holder, after the session ended")?;
+    let lost = tokio::time::timeout(bound, stale.lost()).await;
+    cut.set_cut(false);
+    lost.map_err(|_| "the cut-off guard never reported Lost")?;
+    ensure!(
+        fresh.token() > stale.token(),
+        "next token {} not above {}",
+        fresh.token(),
+        stale.token()
+    );
+    let _ = stale.extend(Duration::from_secs(5)).await;
+    let out = stale.release().await;
+    ensure!(
+        !matches!(out, Ok(ReleaseOutcome::Released)),
+        "the stale guard's release reported Released"
+    );
+    let info = b
+        .inspect(&key)
+        .await
+        .ctx("inspect")?
+        .ok_or("the new holder's lock is gone")?;
+    ensure!(
+        info.lease_id == *fresh.lease_id(),
+        "the new holder's lease was replaced"
+    );
+    fresh
+        .check()
+        .ctx("the new holder after the stale release")?;
+    fresh.release().await.ctx("release")?;
+    Ok(format!("stale release: {out:?}"))
+}
+
+/// One client holds several keys at once. What bounds it: a PostgreSQL advisory lock holds
+/// a pooled connection for its life (pool_size), a ZooKeeper lock a node in the client's
+/// one session; the TTL stores hold nothing per lock in the client.
+async fn one_client_holds_many_keys(c: Ctx) -> Result<String, String> {
+    const KEYS: usize = 6;
+    let a = c.client().await?;
+    let b = c.client().await?;
+    let mut held = Vec::new();
+    for i in 0..KEYS {
+        held.push(
+            a.try_acquire(&c.key(&i.to_string()))
+                .await
+                .ctx("try_acquire")?,
+        );
+    }
+    for g in &held {
+        g.check().ctx("check")?;
+        match b.try_acquire(g.key().as_str()).await {
+            Err(LockError::Contended { .. }) => {}
+            other => return Err(format!("{} held, another got {other:?}", g.key())),
+        }
+    }
+    let tokens: Vec<u64> = held.iter().map(|g| g.token().get()).collect();
+    for g in held {
+        ensure!(
+            g.release().await.ctx("release")? == ReleaseOutcome::Released,
+            "a held key was gone at release"
+        );
+    }
+    Ok(format!("{KEYS} keys at once, tokens {tokens:?}"))
+}
+
+/// Releases racing renewals that run as often as the options allow: after each release
+/// the key is free, and stays free (no late renewal re-creates it).
+async fn release_racing_renewal_leaves_the_key_free(c: Ctx) -> Result<String, String> {
+    let a = c.client().await?;
+    let key = c.key("k");
+    let lease = c.target.short_lease;
+    let opts = a
+        .options()
+        .clone()
+        .lease(lease)
+        .renew_every(Duration::from_millis(10));
+    for i in 0..20 {
+        let g = a.acquire_with(&key, &opts).await.ctx("acquire")?;
+        let pause = Duration::from_millis(rand::rng().random_range(0..30));
+        sleep(pause).await;
+        g.release().await.ctx("release")?;
+        ensure!(
+            a.inspect(&key).await.ctx("inspect")?.is_none(),
+            "round {i}: the key is held right after its release"
+        );
+    }
+    sleep(lease / 2).await;
+    ensure!(
+        a.inspect(&key).await.ctx("inspect")?.is_none(),
+        "the key was held again after the last release"
+    );
+    Ok("20 releases racing renewals every 10 ms".into())
 }

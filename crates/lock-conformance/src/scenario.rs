@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use lock_core::memory::MemoryStore;
-use lock_core::{FenceRegister, LockClient, LockError, LockOptions, WaitPolicy};
+use lock_core::{Fenced, LockClient, LockError, LockOptions, WaitPolicy};
 
 use crate::history::{CheckReport, Event, History};
 
@@ -23,14 +23,25 @@ pub async fn paused_holder(fenced: bool) -> Result<CheckReport, LockError> {
     let a = LockClient::new(store.connect()).with_options(opts.clone());
     let b = LockClient::new(store.connect()).with_options(opts);
     let history = History::new();
-    let fence = FenceRegister::new();
-    let counter = Mutex::new(0u64);
+    // The fenced resource (a read-modify-write under the token: the read raises the fence),
+    // or, for the negative control, a plain value that takes any write.
+    let fenced_counter = Fenced::new(0u64);
+    let plain = Mutex::new(0u64);
     let key = "inventory:item-1";
-    let write = |client: &str, token: lock_core::FencingToken, value: u64| {
-        let accepted = !fenced || fence.admit(token).is_ok();
-        if accepted {
-            *counter.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    let read = |token: lock_core::FencingToken| {
+        if fenced {
+            fenced_counter.read_with(token).unwrap_or(0)
+        } else {
+            *plain.lock().unwrap_or_else(|p| p.into_inner())
         }
+    };
+    let write = |client: &str, token: lock_core::FencingToken, value: u64| {
+        let accepted = if fenced {
+            fenced_counter.write(token, value).is_ok()
+        } else {
+            *plain.lock().unwrap_or_else(|p| p.into_inner()) = value;
+            true
+        };
         history.record(Event::Write {
             client: client.into(),
             key: key.into(),
@@ -48,7 +59,7 @@ pub async fn paused_holder(fenced: bool) -> Result<CheckReport, LockError> {
         key: key.into(),
         token: ga.token().get(),
     });
-    let read_a = *counter.lock().unwrap_or_else(|p| p.into_inner());
+    let read_a = read(ga.token());
     // a pauses (GC, SIGSTOP...): its lease runs out on the store's clock.
     store.advance(Duration::from_secs(2));
 
@@ -60,7 +71,7 @@ pub async fn paused_holder(fenced: bool) -> Result<CheckReport, LockError> {
         key: key.into(),
         token: gb.token().get(),
     });
-    let read_b = *counter.lock().unwrap_or_else(|p| p.into_inner());
+    let read_b = read(gb.token());
     write("b", gb.token(), read_b + 1);
     history.record(Event::ReleaseInvoked {
         client: "b".into(),
@@ -80,7 +91,11 @@ pub async fn paused_holder(fenced: bool) -> Result<CheckReport, LockError> {
 
     let finals = HashMap::from([(
         key.to_owned(),
-        *counter.lock().unwrap_or_else(|p| p.into_inner()),
+        if fenced {
+            fenced_counter.read()
+        } else {
+            *plain.lock().unwrap_or_else(|p| p.into_inner())
+        },
     )]);
     Ok(history.check(&finals))
 }
