@@ -1,4 +1,4 @@
-//! `cargo xtask chaos [--quick] [--seed n] [--only scenario] [backend...]`: fault injection against real
+//! `cargo xtask chaos [--quick] [--seed n] [--lanes n] [--only scenario] [backend...]`: fault injection against real
 //! servers. Three worker PROCESSES per run (`chaos-worker`) acquire one key, do a
 //! read-modify-write of a counter on a fenced store held by this harness, and release;
 //! every lock event (from the workers) and every write (from the store) is stamped on the
@@ -612,9 +612,13 @@ fn timing(backend: &str, fault_kind: Fault, quick: bool) -> Timing {
     let base = if quick { 3 } else { 8 };
     // Faults start after 1.5 s and the longest lasts 2 x expiry + 0.5 s: the workers must
     // keep going well after it heals, or a fault at the end of the run tests nothing.
-    let fault = (expiry * 2 + Duration::from_millis(500))
-        .as_secs_f64()
-        .ceil() as u64;
+    let fault = match fault_kind {
+        // Controls that inject nothing: a tampered token shows at w1's next grants.
+        Fault::TokenReuse | Fault::TokenLowered => 0,
+        _ => (expiry * 2 + Duration::from_millis(500))
+            .as_secs_f64()
+            .ceil() as u64,
+    };
     // Scenarios whose fault takes longer than the others (see `scenario`).
     let extra = match fault_kind {
         Fault::PauseInFlight => 5,
@@ -1243,12 +1247,21 @@ pub(crate) async fn run(args: &[String]) -> bool {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    // `--lanes n`: backends run n at a time, each on servers of its own. The harness mostly
+    // waits (faults are timed), so two lanes fit two cores.
+    let lanes: usize = args
+        .iter()
+        .position(|a| a == "--lanes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     // `--only s`: the scenarios whose name contains `s`.
-    let only: Option<&str> = args
+    let only: Option<String> = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
+        .cloned();
     let all = [
         "redis",
         "redis-unfair",
@@ -1260,10 +1273,10 @@ pub(crate) async fn run(args: &[String]) -> bool {
         "pg-xact",
         "mongo",
     ];
-    let named: Vec<&str> = args
+    let named: Vec<&'static str> = all
         .iter()
-        .map(String::as_str)
-        .filter(|a| all.contains(a))
+        .copied()
+        .filter(|b| args.iter().any(|a| a == b))
         .collect();
     let chosen = if named.is_empty() {
         all.to_vec()
@@ -1277,123 +1290,32 @@ pub(crate) async fn run(args: &[String]) -> bool {
         );
         return false;
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut reports = Vec::new();
-    for b in chosen {
-        println!("\n=== chaos {b} (seed {seed})");
-        let servers = if b == "mongo" {
-            Err("the chaos worker has no MongoDB backend: no MongoDB server can be obtained on this machine to build and check one against".to_owned())
-        } else {
-            servers_for(b)
-                .await
-                .map_err(|e| format!("cannot start its servers: {e}"))
-        };
-        let mut servers = match servers {
-            Ok(s) => s,
-            Err(why) => {
-                // Only MongoDB cannot exist here: a server that did not start fails the run.
-                let mongo = b == "mongo";
-                println!("{} {b}: {why}", if mongo { "SKIPPED" } else { "FAIL" });
-                for fault in scenarios(b) {
-                    if only.is_some_and(|o| !lock_tests::selected(o, fault.name())) {
-                        continue;
-                    }
-                    reports.push(ScenarioReport {
-                        skipped: mongo.then(|| why.clone()),
-                        violations: if mongo { Vec::new() } else { vec![why.clone()] },
-                        ..ScenarioReport::empty(b, fault)
-                    });
-                }
-                continue;
+    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(chosen.clone())));
+    let mut tasks = Vec::new();
+    for _ in 0..lanes {
+        let (queue, only) = (queue.clone(), only.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut reports = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some(b) = next else { break };
+                reports.extend(backend_run(b, seed, quick, only.as_deref()).await);
             }
-        };
-        for fault in scenarios(b) {
-            if only.is_some_and(|o| !lock_tests::selected(o, fault.name())) {
-                continue;
-            }
-            let blank =
-                |passed: bool, skipped: Option<String>, violations: Vec<String>| ScenarioReport {
-                    passed,
-                    skipped,
-                    violations,
-                    ..ScenarioReport::empty(b, fault)
-                };
-            if fault == Fault::ClockSkew && faketime_lib().is_none() {
-                let r = blank(
-                    false,
-                    Some("libfaketime is not installed (apt-get install faketime)".into()),
-                    Vec::new(),
-                );
-                println!(
-                    "SKIPPED {b}/{}: {}",
-                    r.scenario,
-                    r.skipped.as_deref().unwrap_or("")
-                );
-                reports.push(r);
-                continue;
-            }
-            let mut res = Err(String::new());
-            for attempt in 0..2 {
-                // Scenarios that need servers of their own (persistence, a replica), fresh
-                // for each attempt.
-                let own = match fault {
-                    Fault::ServerRestartPersistent => Some(
-                        tokio::task::spawn_blocking(|| {
-                            Redis::start(true).map(|r| Servers::Redis(vec![r]))
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r),
-                    ),
-                    Fault::FailoverNoAck | Fault::FailoverAck => Some(failover_servers().await),
-                    _ => None,
-                };
-                res = match own {
-                    Some(Ok(mut own)) => scenario(b, &mut own, fault, quick, &mut rng).await,
-                    Some(Err(e)) => Err(format!("cannot start this scenario's servers: {e}")),
-                    None => scenario(b, &mut servers, fault, quick, &mut rng).await,
-                };
-                match &res {
-                    Err(e) if e.starts_with(MISSED) && attempt == 0 => {
-                        println!("AGAIN {b}/{}: {e}", fault.name());
-                    }
-                    _ => break,
-                }
-            }
-            let r = match res {
-                Ok(r) => r,
-                Err(e) => blank(false, None, vec![format!("harness error: {e}")]),
-            };
-            let lease = match (r.double_grants, r.stale_deliveries) {
-                (Some(d), Some(s)) => format!(", {d} double grants, {s} stale deliveries"),
-                _ => String::new(),
-            };
-            println!(
-                "{} {b}/{}: {} grants, {} accepted, {} refused, {} overlaps{lease}, recovery {}; {}{}",
-                if r.passed { "PASS" } else { "FAIL" },
-                r.scenario,
-                r.grants,
-                r.accepted_writes,
-                r.refused_writes,
-                r.belief_overlaps,
-                r.recovery_ms.map_or("n/a".into(), |m| format!("{m} ms")),
-                r.note,
-                if r.violations.is_empty() {
-                    String::new()
-                } else {
-                    format!("\n      {}", r.violations.join("\n      "))
-                }
-            );
-            if !r.passed && !r.excerpt.is_empty() {
-                println!("      history around the first violation:");
-                for line in &r.excerpt {
-                    println!("        {line}");
-                }
-            }
-            reports.push(r);
-        }
-        drop(servers);
+            reports
+        }));
     }
+    let mut reports = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(r) => reports.extend(r),
+            Err(e) => {
+                eprintln!("chaos lane failed: {e}");
+                return false;
+            }
+        }
+    }
+    // The report lists backends in their usual order, whichever lane ran them.
+    reports.sort_by_key(|r| all.iter().position(|b| *b == r.backend));
     let _ = std::fs::create_dir_all("target/chaos");
     let _ = std::fs::write(
         "target/chaos/report.json",
@@ -1405,6 +1327,136 @@ pub(crate) async fn run(args: &[String]) -> bool {
     let failed = reports.len() - passed - skipped;
     println!("\nchaos: {passed} passed, {failed} failed, {skipped} skipped");
     failed == 0
+}
+
+/// Runs one backend's scenarios on servers of its own.
+async fn backend_run(b: &str, seed: u64, quick: bool, only: Option<&str>) -> Vec<ScenarioReport> {
+    // Each backend draws from its own seeded generator: a backend run alone, or in another
+    // lane, makes the same choices.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        b.bytes()
+            .fold(seed, |h, c| h.wrapping_mul(31).wrapping_add(u64::from(c))),
+    );
+    let mut reports = Vec::new();
+    println!("\n=== chaos {b} (seed {seed})");
+    let servers = if b == "mongo" {
+        Err("the chaos worker has no MongoDB backend: no MongoDB server can be obtained on this machine to build and check one against".to_owned())
+    } else {
+        servers_for(b)
+            .await
+            .map_err(|e| format!("cannot start its servers: {e}"))
+    };
+    let mut servers = match servers {
+        Ok(s) => s,
+        Err(why) => {
+            // Only MongoDB cannot exist here: a server that did not start fails the run.
+            let mongo = b == "mongo";
+            println!("{} {b}: {why}", if mongo { "SKIPPED" } else { "FAIL" });
+            for fault in scenarios(b) {
+                if only.is_some_and(|o| !lock_tests::selected(o, fault.name())) {
+                    continue;
+                }
+                reports.push(ScenarioReport {
+                    skipped: mongo.then(|| why.clone()),
+                    violations: if mongo { Vec::new() } else { vec![why.clone()] },
+                    ..ScenarioReport::empty(b, fault)
+                });
+            }
+            return reports;
+        }
+    };
+    for fault in scenarios(b) {
+        if only.is_some_and(|o| !lock_tests::selected(o, fault.name())) {
+            continue;
+        }
+        let blank =
+            |passed: bool, skipped: Option<String>, violations: Vec<String>| ScenarioReport {
+                passed,
+                skipped,
+                violations,
+                ..ScenarioReport::empty(b, fault)
+            };
+        if fault == Fault::ClockSkew && faketime_lib().is_none() {
+            let r = blank(
+                false,
+                Some("libfaketime is not installed (apt-get install faketime)".into()),
+                Vec::new(),
+            );
+            println!(
+                "SKIPPED {b}/{}: {}",
+                r.scenario,
+                r.skipped.as_deref().unwrap_or("")
+            );
+            reports.push(r);
+            continue;
+        }
+        let began = Instant::now();
+        let mut res = Err(String::new());
+        for attempt in 0..2 {
+            // Scenarios that need servers of their own (persistence, a replica), fresh
+            // for each attempt.
+            let own = match fault {
+                Fault::ServerRestartPersistent => Some(
+                    tokio::task::spawn_blocking(|| {
+                        Redis::start(true).map(|r| Servers::Redis(vec![r]))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r),
+                ),
+                Fault::FailoverNoAck | Fault::FailoverAck => Some(failover_servers().await),
+                _ => None,
+            };
+            res = match own {
+                Some(Ok(mut own)) => scenario(b, &mut own, fault, quick, &mut rng).await,
+                Some(Err(e)) => Err(format!("cannot start this scenario's servers: {e}")),
+                None => scenario(b, &mut servers, fault, quick, &mut rng).await,
+            };
+            match &res {
+                Err(e) if e.starts_with(MISSED) && attempt == 0 => {
+                    println!("AGAIN {b}/{}: {e}", fault.name());
+                }
+                _ => break,
+            }
+        }
+        let r = match res {
+            Ok(r) => r,
+            Err(e) => blank(false, None, vec![format!("harness error: {e}")]),
+        };
+        let lease = match (r.double_grants, r.stale_deliveries) {
+            (Some(d), Some(s)) => format!(", {d} double grants, {s} stale deliveries"),
+            _ => String::new(),
+        };
+        println!(
+            "{} {b}/{} ({:.0} s): {} grants, {} accepted, {} refused, {} overlaps{lease}, recovery {}; {}{}{}",
+            if r.passed { "PASS" } else { "FAIL" },
+            r.scenario,
+            began.elapsed().as_secs_f64(),
+            r.grants,
+            r.accepted_writes,
+            r.refused_writes,
+            r.belief_overlaps,
+            r.recovery_ms.map_or("n/a".into(), |m| format!("{m} ms")),
+            r.note,
+            if r.violations.is_empty() {
+                String::new()
+            } else {
+                format!("\n      {}", r.violations.join("\n      "))
+            },
+            // One print per scenario: lanes running side by side do not interleave.
+            if !r.passed && !r.excerpt.is_empty() {
+                format!(
+                    "\n      history around the first violation:\n        {}",
+                    r.excerpt.join("\n        ")
+                )
+            } else {
+                String::new()
+            }
+        );
+        reports.push(r);
+    }
+    drop(servers);
+    reports
 }
 
 fn markdown(reports: &[ScenarioReport], seed: u64, quick: bool) -> String {

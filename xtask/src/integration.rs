@@ -24,13 +24,40 @@ struct Line {
     results: Vec<CaseResult>,
 }
 
-/// One leg of the run: a backend, its provider choice, and its image overrides.
-type Leg<'a> = (&'a str, Via, Vec<(String, String)>);
+/// One leg of the run: a backend, its provider choice, its image overrides, and whether it
+/// is a smoke leg.
+type Leg<'a> = (&'a str, Via, Vec<(String, String)>, bool);
 
 /// The run's settings.
 struct Run {
     via: Via,
     images: Vec<(String, String)>,
+    /// A leg that only proves its provider (`--also-containers`): a few suite cases, no
+    /// backend-specific checks (the full leg runs those).
+    smoke: bool,
+}
+
+/// The suite cases a smoke leg runs: exclusion, tokens, renewal, hand-off, inspection.
+const SMOKE: &str = "exclusion_fenced_counter,release_then_reacquire_token_grows,auto_renewal_keeps_lock,release_wakes_waiter,tokens_monotone_across_clients,inspect_shows_holder";
+
+impl Run {
+    /// The suite's case filter for this leg.
+    fn filter(&self) -> Option<String> {
+        if self.smoke {
+            Some(SMOKE.to_owned())
+        } else {
+            lock_tests::only()
+        }
+    }
+
+    /// The provider as the summary names it.
+    fn label(&self, provider: String) -> String {
+        if self.smoke {
+            format!("{provider} (smoke subset)")
+        } else {
+            provider
+        }
+    }
 }
 
 pub(crate) async fn run(args: &[String]) -> bool {
@@ -88,7 +115,10 @@ pub(crate) async fn run(args: &[String]) -> bool {
         eprintln!("unknown backend {backend}; one of {BACKENDS:?} or all");
         return false;
     };
-    let mut plan: Vec<Leg<'_>> = chosen.iter().map(|b| (*b, via, images.clone())).collect();
+    let mut plan: Vec<Leg<'_>> = chosen
+        .iter()
+        .map(|b| (*b, via, images.clone(), false))
+        .collect();
     for spec in &also_containers {
         let (b, image) = match spec.split_once('=') {
             Some((b, i)) => (b, Some(i)),
@@ -104,7 +134,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
                     };
                     imgs.insert(0, (kind.to_owned(), i.to_owned()));
                 }
-                plan.push((b, Via::Containers, imgs));
+                plan.push((b, Via::Containers, imgs, true));
             }
             None => {
                 eprintln!("unknown backend {b} in --also-containers");
@@ -113,14 +143,17 @@ pub(crate) async fn run(args: &[String]) -> bool {
         }
     }
     let mut lines = Vec::new();
-    for (b, via, images) in plan {
-        println!("\n=== {b} ({via:?})");
-        let r = Run { via, images };
+    for (b, via, images, smoke) in plan {
+        println!(
+            "\n=== {b} ({via:?}{})",
+            if smoke { ", smoke subset" } else { "" }
+        );
+        let r = Run { via, images, smoke };
         let line = match b {
             "memory" => Line {
                 backend: b.into(),
                 provider: "in-process".into(),
-                results: run_suite(targets::memory(), lock_tests::only().as_deref())
+                results: run_suite(targets::memory(), r.filter().as_deref())
                     .await
                     .results,
             },
@@ -310,19 +343,26 @@ async fn redis(r: &Run) -> Line {
     };
     let url = p.urls[0].clone();
     let mut results = Vec::new();
-    for (name, fair) in [("redis", true), ("redis-unfair", false)] {
+    let modes: &[(&str, bool)] = if r.smoke {
+        &[("redis", true)]
+    } else {
+        &[("redis", true), ("redis-unfair", false)]
+    };
+    for &(name, fair) in modes {
         match targets::redis(name, url.clone(), fair) {
-            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
+            Ok(t) => results.extend(run_suite(t, r.filter().as_deref()).await.results),
             Err(e) => return failed("redis", &p.provider, e),
         }
     }
     let skip = p.local.is_none().then_some(
         "starts local redis-server processes of its own: runs in the local leg (--via local)",
     );
-    results.extend(redis_extra::run(skip).await);
+    if !r.smoke {
+        results.extend(redis_extra::run(skip).await);
+    }
     Line {
         backend: "redis".into(),
-        provider: p.provider,
+        provider: r.label(p.provider),
         results,
     }
 }
@@ -344,12 +384,12 @@ async fn redlock(r: &Run) -> Line {
         Err((prov, why)) => return failed("redlock", &prov, format!("no Redis servers: {why}")),
     };
     let results = match targets::redlock(p.urls.clone()) {
-        Ok(t) => run_suite(t, lock_tests::only().as_deref()).await.results,
+        Ok(t) => run_suite(t, r.filter().as_deref()).await.results,
         Err(e) => return failed("redlock", &p.provider, e),
     };
     Line {
         backend: "redlock".into(),
-        provider: p.provider,
+        provider: r.label(p.provider),
         results,
     }
 }
@@ -372,7 +412,7 @@ async fn pg(r: &Run) -> Line {
     let mut results = Vec::new();
     for mode in targets::PgMode::ALL {
         match targets::pg(mode, url.clone()) {
-            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
+            Ok(t) => results.extend(run_suite(t, r.filter().as_deref()).await.results),
             Err(e) => return failed("pg", &p.provider, e),
         }
     }
@@ -380,10 +420,12 @@ async fn pg(r: &Run) -> Line {
         .local
         .and_then(|b| b.downcast::<Postgres>().ok())
         .map(|b| *b);
-    results.extend(pg_extra::run(&url, server).await);
+    if !r.smoke {
+        results.extend(pg_extra::run(&url, server).await);
+    }
     Line {
         backend: "pg".into(),
-        provider: p.provider,
+        provider: r.label(p.provider),
         results,
     }
 }
@@ -426,15 +468,17 @@ async fn zk(r: &Run) -> Line {
         // Containers give `host:port`; env and local give connect strings already.
         let connect = p.urls.join(",");
         match targets::zk(name, connect.clone()) {
-            Ok(t) => results.extend(run_suite(t, lock_tests::only().as_deref()).await.results),
+            Ok(t) => results.extend(run_suite(t, r.filter().as_deref()).await.results),
             Err(e) => return failed("zk", &p.provider, e),
         }
         let server = p
             .local
             .and_then(|b| b.downcast::<ZooKeeper>().ok())
             .map(|b| *b);
-        results.extend(zk_extra::run(&connect, server, name).await);
-        providers.push(p.provider);
+        if !r.smoke {
+            results.extend(zk_extra::run(&connect, server, name).await);
+        }
+        providers.push(r.label(p.provider));
     }
     Line {
         backend: "zk".into(),
@@ -467,13 +511,15 @@ async fn mongo(r: &Run) -> Line {
     };
     let url = p.urls[0].clone();
     let mut results = match targets::mongo(url.clone()) {
-        Ok(t) => run_suite(t, lock_tests::only().as_deref()).await.results,
+        Ok(t) => run_suite(t, r.filter().as_deref()).await.results,
         Err(e) => return failed("mongo", &p.provider, e),
     };
-    results.extend(mongo_extra::run(&url).await);
+    if !r.smoke {
+        results.extend(mongo_extra::run(&url).await);
+    }
     Line {
         backend: "mongo".into(),
-        provider: p.provider,
+        provider: r.label(p.provider),
         results,
     }
 }

@@ -42,18 +42,18 @@ fn main() -> ExitCode {
         Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
-            ci() && containers_image()
-                && ctrl_c_leaves_nothing()
-                && chaos_quick(&rt)
-                && runners_fail_when_they_must()
-                && {
+            ci() && timed("images", containers_image)
+                && timed("ctrl-c check", ctrl_c_leaves_nothing)
+                && timed("chaos --quick", || chaos_quick(&rt))
+                && timed("runner check", runners_fail_when_they_must)
+                && timed("integration", || {
                     // One run, one summary: every backend through the default providers, and
                     // Redis once more through the containers provider (local image).
                     let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
                         .map(String::from)
                         .to_vec();
                     rt.block_on(interruptible(integration::run(&args)))
-                }
+                })
         }
         Some("images") => images::run_images(&args[1..]),
         Some("ctrl-c-check") => ctrl_c_leaves_nothing(),
@@ -97,9 +97,20 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Runs one CI phase and prints how long it took.
+fn timed(name: &str, phase: impl FnOnce() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    let ok = phase();
+    println!("<== {name}: {:.0} s", t0.elapsed().as_secs_f64());
+    ok
+}
+
 fn step(name: &str, cmd: &mut Command) -> bool {
     println!("==> {name}");
-    match cmd.status() {
+    let t0 = std::time::Instant::now();
+    let status = cmd.status();
+    println!("<== {name}: {:.0} s", t0.elapsed().as_secs_f64());
+    match status {
         Ok(s) if s.success() => true,
         Ok(s) => {
             eprintln!("{name} failed ({s})");
@@ -117,7 +128,9 @@ fn chaos_quick(rt: &tokio::runtime::Runtime) -> bool {
     step(
         "build chaos-worker",
         cargo().args(["build", "--quiet", "-p", "xtask", "--bin", "chaos-worker"]),
-    ) && rt.block_on(interruptible(chaos::run(&["--quick".to_owned()])))
+    ) && rt.block_on(interruptible(chaos::run(
+        &["--quick", "--lanes", "2"].map(String::from),
+    )))
 }
 
 /// Builds the local Redis image the CI's containers leg runs.

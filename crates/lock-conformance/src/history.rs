@@ -1,5 +1,15 @@
 //! A recorded history of lock operations and fenced writes, and the checker that verifies
-//! the safety invariants of `shared/guides/SAFETY.md` on it.
+//! on it, for every key:
+//!
+//! 1. no token is granted twice;
+//! 2. tokens follow real time: a grant completed before another acquire was invoked has
+//!    the lower token;
+//! 3. the tokens of accepted writes never decrease;
+//! 4. every accepted write carries a token granted to its writer;
+//! 5. a read-modify-write counter ends at exactly the number of accepted increments.
+//!
+//! Overlaps of belief (two clients believing they hold a key at once) are counted, not
+//! failed: under pauses they are expected, and the fence is what keeps the data safe.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
