@@ -411,7 +411,13 @@ async fn spawn_worker(
         &format!("w{}", i + 1),
         &store.to_string(),
         &lease_ms.to_string(),
-        &seconds.to_string(),
+        // A clock at half speed counts the run's seconds at half speed too.
+        &if fault == Fault::ClockSkew && i == 0 {
+            seconds.div_ceil(2)
+        } else {
+            seconds
+        }
+        .to_string(),
     ]);
     if fault == Fault::CancelLoop {
         cmd.args(["--cancel-rate", "0.3"]);
@@ -1290,7 +1296,17 @@ pub(crate) async fn run(args: &[String]) -> bool {
         );
         return false;
     }
-    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(chosen.clone())));
+    // Longest first, so that no lane ends with a long backend on its own.
+    let mut queue = chosen.clone();
+    queue.sort_by_key(|b| {
+        std::cmp::Reverse(
+            scenarios(b)
+                .iter()
+                .map(|f| timing(b, *f, quick).seconds)
+                .sum::<u64>(),
+        )
+    });
+    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(queue)));
     let mut tasks = Vec::new();
     for _ in 0..lanes {
         let (queue, only) = (queue.clone(), only.clone());

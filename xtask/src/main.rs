@@ -129,7 +129,7 @@ fn chaos_quick(rt: &tokio::runtime::Runtime) -> bool {
         "build chaos-worker",
         cargo().args(["build", "--quiet", "-p", "xtask", "--bin", "chaos-worker"]),
     ) && rt.block_on(interruptible(chaos::run(
-        &["--quick", "--lanes", "2"].map(String::from),
+        &["--quick", "--lanes", "3"].map(String::from),
     )))
 }
 
