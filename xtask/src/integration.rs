@@ -2,6 +2,8 @@
 //! backend's own checks) against every backend, tear everything down, summarize.
 
 use std::any::Any;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
 use lock_tests::containers::{self, Kind};
@@ -26,7 +28,7 @@ struct Line {
 
 /// One leg of the run: a backend, its provider choice, its image overrides, and whether it
 /// is a smoke leg.
-type Leg<'a> = (&'a str, Via, Vec<(String, String)>, bool);
+type Leg = (&'static str, Via, Vec<(String, String)>, bool);
 
 /// The run's settings.
 struct Run {
@@ -64,6 +66,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
     let mut backend = "all".to_owned();
     let mut via = Via::Auto;
     let mut require_all = false;
+    let mut lanes: usize = 1;
     let mut images = Vec::new();
     let mut also_containers: Vec<String> = Vec::new();
     let mut it = args.iter();
@@ -99,6 +102,8 @@ pub(crate) async fn run(args: &[String]) -> bool {
                 );
             }
             "--require-all" => require_all = true,
+            // `--lanes n`: n legs at a time (their checks mostly wait on servers).
+            "--lanes" => lanes = it.next().and_then(|v| v.parse().ok()).unwrap_or(1).max(1),
             // Only the cases whose name contains this (the others are reported skipped).
             "--only" => std::env::set_var("LOCK_ONLY", it.next().cloned().unwrap_or_default()),
             other => {
@@ -107,15 +112,15 @@ pub(crate) async fn run(args: &[String]) -> bool {
             }
         }
     }
-    let chosen: Vec<&str> = if backend == "all" {
+    let chosen: Vec<&'static str> = if backend == "all" {
         BACKENDS.to_vec()
-    } else if BACKENDS.contains(&backend.as_str()) {
-        vec![backend.as_str()]
+    } else if let Some(b) = BACKENDS.iter().find(|b| **b == backend) {
+        vec![*b]
     } else {
         eprintln!("unknown backend {backend}; one of {BACKENDS:?} or all");
         return false;
     };
-    let mut plan: Vec<Leg<'_>> = chosen
+    let mut plan: Vec<Leg> = chosen
         .iter()
         .map(|b| (*b, via, images.clone(), false))
         .collect();
@@ -142,29 +147,46 @@ pub(crate) async fn run(args: &[String]) -> bool {
             }
         }
     }
-    let mut lines = Vec::new();
-    for (b, via, images, smoke) in plan {
-        println!(
-            "\n=== {b} ({via:?}{})",
-            if smoke { ", smoke subset" } else { "" }
-        );
-        let r = Run { via, images, smoke };
-        let line = match b {
-            "memory" => Line {
-                backend: b.into(),
-                provider: "in-process".into(),
-                results: run_suite(targets::memory(), r.filter().as_deref())
-                    .await
-                    .results,
-            },
-            "redis" => redis(&r).await,
-            "redlock" => redlock(&r).await,
-            "pg" => pg(&r).await,
-            "zk" => zk(&r).await,
-            _ => mongo(&r).await,
-        };
-        lines.push(line);
+    // Legs run `lanes` at a time, each on servers of its own; the summary keeps their order.
+    let mut queue: VecDeque<(usize, Leg)> = plan.into_iter().enumerate().collect();
+    // The longest legs first, so that none runs alone at the end.
+    queue
+        .make_contiguous()
+        .sort_by_key(|(_, (b, _, _, smoke))| {
+            std::cmp::Reverse(match (*b, *smoke) {
+                (_, true) => 0,
+                ("zk" | "pg", _) => 3,
+                ("redis", _) => 2,
+                ("redlock", _) => 1,
+                _ => 0,
+            })
+        });
+    let queue = Arc::new(Mutex::new(queue));
+    let mut tasks = Vec::new();
+    for _ in 0..lanes {
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some((i, leg)) = next else { break };
+                done.push((i, run_leg(leg).await));
+            }
+            done
+        }));
     }
+    let mut lines = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(done) => lines.extend(done),
+            Err(e) => {
+                eprintln!("integration lane failed: {e}");
+                return false;
+            }
+        }
+    }
+    lines.sort_by_key(|(i, _)| *i);
+    let lines: Vec<Line> = lines.into_iter().map(|(_, l)| l).collect();
     let (mut p, mut f, mut s) = (0, 0, 0);
     println!("\n=== summary");
     for l in &lines {
@@ -189,6 +211,29 @@ pub(crate) async fn run(args: &[String]) -> bool {
     let _ = std::fs::write("target/integration/report.json", json.to_string());
     println!("integration: {p} passed, {f} failed, {s} skipped");
     f == 0 && !(require_all && s > 0)
+}
+
+/// Runs one leg: provisions its servers, runs the suite and the backend's own checks.
+async fn run_leg((b, via, images, smoke): Leg) -> Line {
+    println!(
+        "\n=== {b} ({via:?}{})",
+        if smoke { ", smoke subset" } else { "" }
+    );
+    let r = Run { via, images, smoke };
+    match b {
+        "memory" => Line {
+            backend: b.into(),
+            provider: "in-process".into(),
+            results: run_suite(targets::memory(), r.filter().as_deref())
+                .await
+                .results,
+        },
+        "redis" => redis(&r).await,
+        "redlock" => redlock(&r).await,
+        "pg" => pg(&r).await,
+        "zk" => zk(&r).await,
+        _ => mongo(&r).await,
+    }
 }
 
 fn env(var: &str) -> Option<String> {

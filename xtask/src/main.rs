@@ -10,10 +10,12 @@ mod integration;
 mod worker_backend;
 
 const USAGE: &str = "usage: cargo xtask <command>
-  integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers] [--require-all]
+  integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers]
+              [--also-containers backend[=image],...] [--lanes n] [--only part,...] [--require-all]
   demo        the inventory demo on every backend that can be provisioned
-  chaos [--quick] [--seed n] [--only scenario] [redis|redlock|zk|pg-lease|pg-advisory|mongo...]
+  chaos [--quick] [--seed n] [--lanes n] [--only part,...] [redis|redis-unfair|redlock|zk|zk-ensemble3|pg-lease|pg-advisory|pg-xact|mongo...]
               fault injection with worker processes, judged by the history checker
+  package     package each publishable crate and build it on its own, as crates.io would
   ctrl-c-check
               SIGINT an integration run (local, then containers): nothing may be left
   runner-check
@@ -22,8 +24,9 @@ const USAGE: &str = "usage: cargo xtask <command>
               build local server images from Debian packages (debootstrap + docker import)
   bench [--quick] [redis|pg|pg-fsync|zk...]
               the speed report (release build): target/bench/report.{md,json}, chart.svg
-  ci          fmt, clippy, tests, docs, package, Ctrl-C check, the local Redis image,
-              chaos --quick, then integration (+ Redis via containers): the README's test command";
+  ci          fmt, clippy, tests, docs, package (no build), the local Redis image, Ctrl-C check,
+              chaos --quick, the runners' check, then integration (+ a Redis smoke leg via
+              containers): the README's test command";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -49,13 +52,22 @@ fn main() -> ExitCode {
                 && timed("integration", || {
                     // One run, one summary: every backend through the default providers, and
                     // Redis once more through the containers provider (local image).
-                    let args: Vec<String> = ["--also-containers", "redis=distlock/redis:local"]
-                        .map(String::from)
-                        .to_vec();
+                    let args: Vec<String> = [
+                        "--lanes",
+                        "2",
+                        "--also-containers",
+                        "redis=distlock/redis:local",
+                    ]
+                    .map(String::from)
+                    .to_vec();
                     rt.block_on(interruptible(integration::run(&args)))
                 })
         }
         Some("images") => images::run_images(&args[1..]),
+        Some("package") => step(
+            "package (each crate packaged and built on its own)",
+            cargo().args(["package", "--allow-dirty"]).args(CRATES),
+        ),
         Some("ctrl-c-check") => ctrl_c_leaves_nothing(),
         Some("runner-check") => runners_fail_when_they_must(),
         Some("chaos") => {
@@ -322,20 +334,25 @@ fn ci() -> bool {
                 .env("RUSTDOCFLAGS", "-D warnings"),
         )
         && step(
-            "package (each crate packaged and built on its own)",
-            cargo().args([
-                "package",
-                "-p",
-                "lock-core",
-                "-p",
-                "lock-redis",
-                "-p",
-                "lock-pg",
-                "-p",
-                "lock-zk",
-                "-p",
-                "lock-mongo",
-                "--allow-dirty",
-            ]),
+            // Building each packaged crate on its own (`cargo xtask package`) compiles the
+            // dependency tree once per crate: too slow for every CI run.
+            "package (manifests and file lists)",
+            cargo()
+                .args(["package", "--no-verify", "--allow-dirty"])
+                .args(CRATES),
         )
 }
+
+/// The crates published on their own, each as `-p name`.
+const CRATES: [&str; 10] = [
+    "-p",
+    "lock-core",
+    "-p",
+    "lock-redis",
+    "-p",
+    "lock-pg",
+    "-p",
+    "lock-zk",
+    "-p",
+    "lock-mongo",
+];

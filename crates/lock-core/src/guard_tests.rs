@@ -325,3 +325,36 @@ async fn a_shorter_extend_whose_answer_is_lost_shortens_the_deadline() {
         before.saturating_duration_since(Instant::now())
     );
 }
+
+/// A guard held past several renewal periods is renewed and stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_the_lock() {
+    let client = LockClient::new(MemoryStore::new().connect())
+        .with_options(LockOptions::default().lease(Duration::from_millis(300)));
+    let g = client.acquire("k").await.expect("acquire");
+    sleep(Duration::from_millis(1000)).await;
+    assert_eq!(g.status(), LockStatus::Held);
+    assert!(
+        client.try_acquire("k").await.is_err(),
+        "the lock was let go"
+    );
+    g.release().await.expect("release");
+}
+
+/// With renewal off, the guard turns Lost at its deadline, seen by a watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_renewal_the_watch_sees_lost() {
+    let client = LockClient::new(MemoryStore::new().connect()).with_options(
+        LockOptions::default()
+            .lease(Duration::from_millis(200))
+            .auto_renew(false),
+    );
+    let g = client.acquire("k").await.expect("acquire");
+    let mut w = g.watch();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(2),
+        w.wait_for(|s| matches!(s, LockStatus::Lost(_))),
+    )
+    .await;
+    assert!(matches!(seen, Ok(Ok(_))), "no Lost published");
+}

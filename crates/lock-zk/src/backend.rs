@@ -21,6 +21,9 @@ use crate::path::{escape_key, lease_of, node_prefix, sequence_of};
 
 pub(crate) const NAME: &str = "zk";
 
+/// The pause before a waiter asks again after a slow or lost answer.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(50);
+
 fn map_err(e: zk::Error) -> LockError {
     match e {
         zk::Error::NoAuth | zk::Error::AuthFailed => {
@@ -444,8 +447,22 @@ impl ZkBackend {
             path: Some(path.clone()),
         };
         let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        // While waiting, a slow or lost answer does not cost the node its place: it stays in
+        // the queue as long as the session lives, so ask again (a dead session ends the wait).
+        let ask_again = |e: &LockError| {
+            e.is_retryable()
+                && session.usable()
+                && wait.is_some_and(|d| d.is_none_or(|d| Instant::now() < d))
+        };
         loop {
-            let queue = self.queue(&client, &parent).await?.unwrap_or_default();
+            let queue = match self.queue(&client, &parent).await {
+                Ok(q) => q.unwrap_or_default(),
+                Err(e) if ask_again(&e) => {
+                    tokio::time::sleep(ASK_AGAIN_AFTER).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(pos) = queue.iter().position(|(_, n)| *n == name) else {
                 // Our node is gone: the session expired while we waited.
                 return Err(LockError::backend(
@@ -475,13 +492,18 @@ impl ZkBackend {
             };
             // Watch only the predecessor (no herd); FIFO by sequence.
             let pred = format!("{parent}/{}", queue[pos - 1].1);
-            let watcher = match self
+            let watched = self
                 .timed("watch", client.check_and_watch_stat(&pred))
-                .await?
-            {
+                .await
+                .and_then(|r| r.map_err(map_err));
+            let watcher = match watched {
                 Ok((Some(_), w)) => w,
                 Ok((None, _)) => continue,
-                Err(e) => return Err(map_err(e)),
+                Err(e) if ask_again(&e) => {
+                    tokio::time::sleep(ASK_AGAIN_AFTER).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
             };
             let timeout = async {
                 match deadline {
