@@ -62,6 +62,8 @@ impl Run {
     }
 }
 
+/// Runs the legs `args` asks for and prints the summary; false when a case failed or the
+/// run was interrupted (Ctrl-C stops every server the run started before this returns).
 pub(crate) async fn run(args: &[String]) -> bool {
     let mut backend = "all".to_owned();
     let mut via = Via::Auto;
@@ -162,28 +164,49 @@ pub(crate) async fn run(args: &[String]) -> bool {
             })
         });
     let queue = Arc::new(Mutex::new(queue));
+    // Ctrl-C stops each lane's leg inside its own task, while the runtime still runs:
+    // removing a container needs the runtime, so a leg must not be left to its shutdown.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let interrupt = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+        }
+    });
     let mut tasks = Vec::new();
     for _ in 0..lanes {
         let queue = queue.clone();
+        let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                 let Some((i, leg)) = next else { break };
-                done.push((i, run_leg(leg).await));
+                tokio::select! {
+                    line = run_leg(leg) => done.push((i, line)),
+                    _ = stop.wait_for(|s| *s) => return None,
+                }
             }
-            done
+            Some(done)
         }));
     }
     let mut lines = Vec::new();
+    let mut incomplete = false;
     for t in tasks {
         match t.await {
-            Ok(done) => lines.extend(done),
+            Ok(Some(done)) => lines.extend(done),
+            Ok(None) => incomplete = true,
             Err(e) => {
                 eprintln!("integration lane failed: {e}");
-                return false;
+                incomplete = true;
             }
         }
+    }
+    interrupt.abort();
+    if *stop_rx.borrow() {
+        eprintln!("interrupted: every server the run started is stopped");
+    }
+    if incomplete {
+        return false;
     }
     lines.sort_by_key(|(i, _)| *i);
     let lines: Vec<Line> = lines.into_iter().map(|(_, l)| l).collect();

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
     };
     let ok = match args.first().map(String::as_str) {
-        Some("integration") => rt.block_on(interruptible(integration::run(&args[1..]))),
+        Some("integration") => rt.block_on(integration::run(&args[1..])),
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
             ci() && timed("images", containers_image)
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                     ]
                     .map(String::from)
                     .to_vec();
-                    rt.block_on(interruptible(integration::run(&args)))
+                    rt.block_on(integration::run(&args))
                 })
         }
         Some("images") => images::run_images(&args[1..]),
@@ -239,10 +239,27 @@ fn sigint_leaves_nothing(
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
-    let status = child.wait();
+    // A run that does not stop on SIGINT fails the check instead of hanging CI.
+    let exit_within = Duration::from_secs(90);
+    let t = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(None) if t.elapsed() < exit_within => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "still running {}s after SIGINT, killed",
+                    exit_within.as_secs()
+                ));
+            }
+            Ok(Some(s)) => break Ok(s),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
     std::thread::sleep(settle + Duration::from_millis(500));
     let after = count();
-    let ok = during > before && after == before;
+    let ok = during > before && after == before && status.is_ok();
     println!(
         "{what}: {before} before, {during} during, {after} after SIGINT ({status:?}): {}",
         if ok { "ok" } else { "FAILED" }
