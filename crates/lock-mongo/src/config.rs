@@ -1,5 +1,6 @@
 //! Settings for the MongoDB backend.
 
+use std::fmt;
 use std::time::Duration;
 
 use lock_core::LockError;
@@ -17,10 +18,11 @@ pub enum Durability {
 }
 
 /// Settings for [`MongoBackend`](crate::MongoBackend).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MongoConfig {
     /// Connection string, `mongodb://host:port/?replicaSet=rs0` or `mongodb+srv://...`.
+    /// Shown with its credentials redacted.
     pub url: String,
     /// Database of the lock collection. Default `distlock`.
     pub database: String,
@@ -33,6 +35,60 @@ pub struct MongoConfig {
     /// The longest a waiter sleeps between attempts (with change streams, the fallback for
     /// a lost event; without, the polling cap). Default 1 s.
     pub poll_max: Duration,
+}
+
+impl fmt::Debug for MongoConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MongoConfig")
+            .field("url", &redact(&self.url))
+            .field("database", &self.database)
+            .field("collection", &self.collection)
+            .field("durability", &self.durability)
+            .field("op_timeout", &self.op_timeout)
+            .field("poll_max", &self.poll_max)
+            .finish()
+    }
+}
+
+/// `url` with its credentials replaced by `***`: the whole user information (a user name
+/// alone can be a credential, as with X.509) and the values of query options that can carry
+/// secrets (`authMechanismProperties` holds AWS session tokens).
+pub(crate) fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (base, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(b, q)| (b, Some(q)));
+    let base = match base.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => base.to_owned(),
+    };
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _))
+                    if [
+                        "authmechanismproperties",
+                        "password",
+                        "tlscertificatekeyfilepassword",
+                    ]
+                    .contains(&k.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{k}=***")
+                }
+                _ => p.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let scheme = if scheme.is_empty() {
+        String::new()
+    } else {
+        format!("{scheme}://")
+    };
+    match query {
+        Some(q) => format!("{scheme}{base}?{q}"),
+        None => format!("{scheme}{base}"),
+    }
 }
 
 impl MongoConfig {
@@ -88,7 +144,7 @@ impl MongoConfig {
         if !(self.url.starts_with("mongodb://") || self.url.starts_with("mongodb+srv://")) {
             return Err(LockError::InvalidConfig(format!(
                 "MongoDB URL must start with mongodb:// or mongodb+srv://, got {:?}",
-                self.url.chars().take(40).collect::<String>()
+                redact(&self.url).chars().take(60).collect::<String>()
             )));
         }
         check_name("database", &self.database, 63)?;
@@ -149,5 +205,27 @@ mod tests {
         }
         assert!(c.clone().op_timeout(Duration::ZERO).validate().is_err());
         assert!(c.collection("my-locks_2").validate().is_ok());
+    }
+
+    #[test]
+    fn no_secret_in_debug_or_errors() {
+        let secrets = ["s3cret", "AKIDtoken"];
+        for url in [
+            "mongodb://app:s3cret@h:27017/db?replicaSet=rs0",
+            "mongodb+srv://app:s3cret@cluster.example/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:AKIDtoken",
+            "mongodbx://app:s3cret@h",
+            "app:s3cret@h",
+        ] {
+            let c = MongoConfig::new(url);
+            let shown = format!("{c:?} {:?}", c.validate());
+            for s in secrets {
+                assert!(!shown.contains(s), "{s} shown in {shown}");
+            }
+            assert!(shown.contains("***"), "{shown}");
+        }
+        assert_eq!(
+            redact("mongodb://h:1,h2:2/db?replicaSet=rs0"),
+            "mongodb://h:1,h2:2/db?replicaSet=rs0"
+        );
     }
 }

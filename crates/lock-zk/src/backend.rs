@@ -32,16 +32,27 @@ fn map_err(e: zk::Error) -> LockError {
         zk::Error::InvalidAcl | zk::Error::BadArguments(_) => {
             LockError::InvalidConfig(format!("ZooKeeper rejected the request: {e}"))
         }
-        zk::Error::ConnectionLoss
-        | zk::Error::Timeout
-        | zk::Error::NoHosts
-        | zk::Error::SessionExpired
-        | zk::Error::SessionMoved
-        | zk::Error::ClientClosed
-        | zk::Error::Throttled
-        | zk::Error::NotReadOnly => LockError::backend(NAME, true, e),
+        e if transient(&e) => LockError::backend(NAME, true, e),
         other => LockError::backend(NAME, false, other),
     }
+}
+
+/// Errors that say nothing about the request itself: it may or may not have been applied.
+fn transient(e: &zk::Error) -> bool {
+    matches!(
+        e,
+        zk::Error::ConnectionLoss
+            // The library fails the requests in flight on a failed connection with a
+            // custom error (no answer within its timeout, an I/O error).
+            | zk::Error::Custom(_)
+            | zk::Error::Timeout
+            | zk::Error::NoHosts
+            | zk::Error::SessionExpired
+            | zk::Error::SessionMoved
+            | zk::Error::ClientClosed
+            | zk::Error::Throttled
+            | zk::Error::NotReadOnly
+    )
 }
 
 /// One ZooKeeper session. Never reused once it ended or was declared lost.
@@ -320,6 +331,30 @@ impl ZkBackend {
         }))
     }
 
+    /// This request's node, if a create whose answer was lost made it: its path and czxid.
+    async fn find_own_node(
+        &self,
+        client: &zk::Client,
+        parent: &str,
+        req: &AcquireRequest,
+    ) -> Result<Option<(String, i64)>, LockError> {
+        match self.timed("sync", client.sync(parent)).await? {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        let Some(full) = self
+            .find_node(client, parent, req.lease_id.as_str())
+            .await?
+        else {
+            return Ok(None);
+        };
+        match self.timed("stat", client.check_stat(&full)).await? {
+            Ok(Some(stat)) => Ok(Some((full, stat.czxid))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     /// Creates this request's lock node (and the key's container parent), surviving a
     /// connection loss during create by finding the node by its lease id. Returns the
     /// node's path and its czxid.
@@ -335,7 +370,23 @@ impl ZkBackend {
         let node_opts = zk::CreateMode::EphemeralSequential.with_acls(acls);
         let parent_opts = zk::CreateMode::Container.with_acls(acls);
         let mut last = String::new();
+        // After a create whose outcome is unknown, look for the node (by its lease id, after a
+        // `sync`: a lagging server may not show it yet) before creating another: a second
+        // node of this lease would queue behind the first and wait for ever.
+        let mut unknown = false;
         for _ in 0..8 {
+            if unknown {
+                match self.find_own_node(client, &parent, req).await {
+                    Ok(Some(found)) => return Ok(found),
+                    Ok(None) => {}
+                    Err(e) if e.is_retryable() => {
+                        last = format!("the lock node could not be looked for: {e}");
+                        tokio::time::sleep(ASK_AGAIN_AFTER).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let res = self
                 .timed("create", client.create(&path, data.as_bytes(), &node_opts))
                 .await;
@@ -360,20 +411,13 @@ impl ZkBackend {
                     }
                     last = "the key's parent node kept disappearing".into();
                 }
-                Ok(Err(zk::Error::ConnectionLoss)) | Err(LockError::OperationTimeout { .. }) => {
-                    // The create may have been applied: look for our node by lease id
-                    // before creating another.
-                    if let Some(full) = self
-                        .find_node(client, &parent, req.lease_id.as_str())
-                        .await?
-                    {
-                        match self.timed("stat", client.check_stat(&full)).await? {
-                            Ok(Some(stat)) => return Ok((full, stat.czxid)),
-                            Ok(None) => {}
-                            Err(e) => return Err(map_err(e)),
-                        }
-                    }
-                    last = "the connection was lost during create".into();
+                Ok(Err(e)) if transient(&e) => {
+                    unknown = true;
+                    last = format!("the connection failed during create: {e}");
+                }
+                Err(e @ LockError::OperationTimeout { .. }) => {
+                    unknown = true;
+                    last = e.to_string();
                 }
                 Ok(Err(e)) => return Err(map_err(e)),
                 Err(e) => return Err(e),
@@ -441,7 +485,15 @@ impl ZkBackend {
                 });
             }
         }
-        let (path, czxid) = self.create_node(&client, req).await?;
+        // A session given up meanwhile must not be kept open by this create's client clone.
+        let (path, czxid) = tokio::select! {
+            created = self.create_node(&client, req) => created?,
+            () = session.killed() => return Err(LockError::backend(
+                NAME,
+                true,
+                "the session was given up while creating the lock node",
+            )),
+        };
         let guard = NodeGuard {
             session: session.clone(),
             path: Some(path.clone()),
@@ -455,6 +507,7 @@ impl ZkBackend {
                 && wait.is_some_and(|d| d.is_none_or(|d| Instant::now() < d))
         };
         loop {
+            let asked = Instant::now();
             let queue = match self.queue(&client, &parent).await {
                 Ok(q) => q.unwrap_or_default(),
                 Err(e) if ask_again(&e) => {
@@ -480,6 +533,7 @@ impl ZkBackend {
                     session,
                     path,
                     FencingToken::new(token),
+                    asked,
                 ));
             }
             let Some(deadline) = wait else {
@@ -558,6 +612,7 @@ impl ZkBackend {
         session: Arc<Session>,
         path: String,
         token: FencingToken,
+        asked: Instant,
     ) -> Grant {
         let (tx, rx) = watch::channel(SessionHealth::Alive);
         let monitor = tokio::spawn(monitor(
@@ -565,6 +620,7 @@ impl ZkBackend {
             path.clone(),
             tx,
             self.inner.cfg.op_timeout,
+            asked,
         ));
         self.held().insert(
             lease,
@@ -582,12 +638,14 @@ impl ZkBackend {
     }
 }
 
-/// Mirrors the session and the lock node into the lock's health.
+/// Mirrors the session and the lock node into the lock's health. `asked`: when the request
+/// that showed the node first in line was sent (the session was connected since).
 async fn monitor(
     session: Arc<Session>,
     path: String,
     tx: watch::Sender<SessionHealth>,
     op: Duration,
+    asked: Instant,
 ) {
     let ended = |r: String| SessionHealth::Ended(LossReason::SessionEnded(r));
     let Ok(client) = session.client() else {
@@ -599,7 +657,18 @@ async fn monitor(
     // the timeout after the last answer): 9/10 of the timeout, before the server can expire
     // the session and grant the lock to the next waiter.
     let grace = session.timeout / 2;
-    let mut disconnected: Option<Instant> = None;
+    // The library reports each state once: one reported before this task ran is read here.
+    let mut disconnected: Option<Instant> = match states.peek_state() {
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => None,
+        zk::SessionState::Disconnected => {
+            tx.send_replace(SessionHealth::Suspended);
+            Some(asked)
+        }
+        other => {
+            tx.send_replace(ended(format!("the ZooKeeper session is {other:?}")));
+            return;
+        }
+    };
     let node_watch = |c: zk::Client, p: String| async move {
         match c.check_and_watch_stat(&p).await {
             Ok((Some(_), w)) => Some(w.changed().await),
