@@ -135,6 +135,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         out.push(
             check(
                 "pg",
+                "lease_grants_survive_a_crash_on_asynchronous_commit",
+                s::lease_grants_survive_a_crash_on_asynchronous_commit(),
+            )
+            .await,
+        );
+        out.push(
+            check(
+                "pg",
                 "caller_transaction_across_a_crash_stalls_nobody",
                 s::caller_transaction_across_a_crash_stalls_nobody(),
             )

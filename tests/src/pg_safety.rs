@@ -522,3 +522,107 @@ pub(crate) async fn cancelled_release_frees_the_key(url: &str, mode: PgMode) -> 
         t.elapsed()
     ))
 }
+
+/// On a server whose default is `synchronous_commit = off` (and whose WAL writer sleeps
+/// for 10 s), a lease grant, then a renewal, each the last write before a crash, survive
+/// it: the key is still held afterwards.
+pub(crate) async fn lease_grants_survive_a_crash_on_asynchronous_commit() -> Res<String> {
+    let mut server = tokio::task::spawn_blocking(|| {
+        Postgres::start_with(&["synchronous_commit=off", "wal_writer_delay=10000"])
+    })
+    .await
+    .map_err(e2s)??;
+    let url = server.url();
+    let connect = |lease: Duration| {
+        let url = url.clone();
+        async move {
+            let locks = PgLocks::connect_with(PgConfig::new(&url).pool_size(2))
+                .await
+                .map_err(e2s)?;
+            let c = LockClient::new(locks.lease_rows()).with_options(
+                LockOptions::default()
+                    .lease(lease)
+                    .auto_renew(false)
+                    .wait(WaitPolicy::NoWait)
+                    .op_timeout(Duration::from_secs(2)),
+            );
+            Ok::<_, String>((locks, c))
+        }
+    };
+    // Taken by another client after the crash: Some(its token) if it could.
+    let taken_after = |k: String| {
+        let connect = &connect;
+        async move {
+            let (_l, other) = connect(Duration::from_secs(60)).await?;
+            let t = Instant::now();
+            loop {
+                match other.acquire(&k).await {
+                    Err(LockError::Contended { .. }) => return Ok::<_, String>(None),
+                    Ok(g) => return Ok(Some(g.token().get())),
+                    // The pool's first connections may have died with the server.
+                    Err(e) if e.is_retryable() && t.elapsed() < Duration::from_secs(10) => {}
+                    Err(e) => return Err(format!("acquire after the crash: {e}")),
+                }
+            }
+        }
+    };
+    let flush = || async {
+        // A synchronous commit elsewhere flushes the WAL written so far.
+        admin(&url)
+            .await?
+            .batch_execute(
+                "SET synchronous_commit = on; CREATE TABLE flushed (); DROP TABLE flushed",
+            )
+            .await
+            .map_err(e2s)
+    };
+    let (_locks, holder) = connect(Duration::from_secs(60)).await?;
+    let mut problems = Vec::new();
+    // The grant.
+    let k = key("async-grant");
+    holder
+        .acquire(&key("warm"))
+        .await
+        .map_err(e2s)?
+        .release()
+        .await
+        .map_err(e2s)?;
+    flush().await?;
+    let g = holder.acquire(&k).await.map_err(e2s)?;
+    let token = g.token().get();
+    crash(&mut server).await?;
+    if let Some(t2) = taken_after(k).await? {
+        problems.push(format!(
+            "the grant acknowledged before the crash is gone: another client was granted the \
+             key (token {t2}; the holder's {token})"
+        ));
+    }
+    std::mem::forget(g);
+    // The renewal: granted for 1.5 s, then extended to 60 s.
+    let k2 = key("async-renew");
+    let (_short_locks, short) = connect(Duration::from_millis(1500)).await?;
+    let granted_at = Instant::now();
+    let renewed = short.acquire(&k2).await.map_err(e2s)?;
+    flush().await?;
+    renewed
+        .extend(Duration::from_secs(60))
+        .await
+        .map_err(|e| format!("extend: {e}"))?;
+    crash(&mut server).await?;
+    tokio::time::sleep_until(granted_at + Duration::from_secs(2)).await;
+    if let Some(t2) = taken_after(k2).await? {
+        problems.push(format!(
+            "the renewal acknowledged before the crash is gone: another client was granted \
+             the key (token {t2}) after its first lease ran out"
+        ));
+    }
+    std::mem::forget(renewed);
+    if problems.is_empty() {
+        Ok(format!(
+            "a grant (token {token}) and a renewal, each the last write before a crash, held \
+             across it with synchronous_commit off"
+        ))
+    } else {
+        Err(problems.join("; "))
+    }
+}

@@ -394,7 +394,7 @@ impl LockBackend for PgSessionBackend {
         let done = match self.scope {
             Scope::Session => {
                 tokio::time::timeout(op, async {
-                    let stmt = obj.prepare_cached(self.shared.sql.session_release).await?;
+                    let stmt = obj.prepare_cached(&self.shared.sql.session_release).await?;
                     let app = self.shared.pg.get_application_name().unwrap_or_default();
                     let row = obj.query_one(&stmt, &[&h.id, &app]).await?;
                     Ok::<_, tokio_postgres::Error>(row.try_get::<_, bool>(0).unwrap_or(false))

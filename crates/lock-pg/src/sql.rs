@@ -53,7 +53,7 @@ pub(crate) struct Sql {
     pub(crate) advisory_grant: String,
     pub(crate) probe: &'static str,
     pub(crate) session_unlock: &'static str,
-    pub(crate) session_release: &'static str,
+    pub(crate) session_release: String,
     pub(crate) session_inspect: String,
     pub(crate) lease_acquire: String,
     pub(crate) lease_renew: String,
@@ -66,6 +66,7 @@ pub(crate) struct Sql {
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
         let guc = meta_setting(s);
+        let idle = format!("lock_pg.{s}_idle");
         let epoch_lock = advisory_id(s, "\0epoch");
         let schema_ddl = format!(
             r#"
@@ -206,6 +207,10 @@ BEGIN
         IF p_xact THEN
             PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms::text, true);
         ELSIF current_setting('server_version_num')::int >= 140000 THEN
+            -- The connection's own limit, for the release to restore (saved once).
+            IF coalesce(current_setting('{idle}', true), '') = '' THEN
+                PERFORM set_config('{idle}', current_setting('idle_session_timeout'), false);
+            END IF;
             PERFORM set_config('idle_session_timeout', p_idle_ms::text, false);
         END IF;
     END IF;
@@ -239,12 +244,15 @@ $fn$;
             // Any statement restarts the server's idle timer of a held lock's session.
             probe: "SELECT 1",
             session_unlock: "SELECT pg_advisory_unlock($1)",
-            // Gives the lock back, resets the session's idle limit and gives the session
-            // its own application_name ($2) again (the connection returns to the pool).
-            session_release: "SELECT pg_advisory_unlock($1), \
-                 (SELECT set_config(name, reset_val, false) FROM pg_settings \
-                  WHERE name = 'idle_session_timeout'), \
-                 set_config('application_name', $2, false)",
+            // Gives the lock back, restores the session's idle limit as the grant saved it
+            // (reading it from pg_settings builds the whole view: several round trips' worth
+            // of server time) and gives the session its own application_name ($2) again.
+            session_release: format!(
+                "SELECT pg_advisory_unlock($1), \
+                 CASE WHEN coalesce(current_setting('{idle}', true), '') <> '' THEN \
+                     set_config('idle_session_timeout', current_setting('{idle}', true), false) END, \
+                 set_config('application_name', $2, false)"
+            ),
             // The holder: its application_name ('lk <lease> <token>') and its recorded
             // metadata, and the number of waiters.
             session_inspect: format!(
@@ -276,7 +284,8 @@ $fn$;
             // a row (NULL, holder's remaining ms) when not; no row when another client's
             // grant committed while this statement ran (held, time unknown).
             lease_acquire: format!(
-                "WITH t AS MATERIALIZED (SELECT nextval('{s}.token_seq') AS tok), \
+                "WITH t AS MATERIALIZED (SELECT nextval('{s}.token_seq') AS tok, \
+                     set_config('synchronous_commit', 'on', true)), \
                  ins AS ( \
                      INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at) \
                      SELECT $1, $2, t.tok, $3, clock_timestamp() + $4::bigint * interval '1 millisecond' FROM t \
@@ -296,7 +305,8 @@ $fn$;
             ),
             lease_renew: format!(
                 "UPDATE {s}.lease SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
-                 WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() RETURNING 1"
+                 WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
+                 RETURNING set_config('synchronous_commit', 'on', true)"
             ),
             // Marks the row released (the row stays: it holds the key's counter) and wakes
             // waiters, with a notification only when an acquire found the row held since
@@ -309,9 +319,10 @@ $fn$;
             // own transaction only): it does not wait for a WAL flush. A release lost in a
             // server crash leaves the row as it was, held until its expiry, the same as a
             // holder that died: a delay for waiters, never a double grant. The next grant
-            // commits synchronously, which flushes this release with it. Grants and
-            // renewals always commit synchronously: a renewal or a token lost in a crash
-            // would not be safe.
+            // commits synchronously, which flushes this release with it. Grants,
+            // renewals and hand-offs set `synchronous_commit` on for their own transaction,
+            // whatever the server's default: a grant or renewal lost in a crash would let a
+            // second holder in while the first is told it holds the key.
             lease_release: format!(
                 "WITH u AS (UPDATE {s}.lease SET lease_id = '', meta = '', expires_at = '-infinity' \
                             WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
@@ -328,7 +339,7 @@ $fn$;
                      token = greatest(l.token + 1, nextval('{s}.token_seq')), meta = $4, \
                      expires_at = clock_timestamp() + $5::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
-                 RETURNING l.token"
+                 RETURNING l.token, set_config('synchronous_commit', 'on', true)"
             ),
             lease_inspect: format!(
                 "SELECT lease_id, token, meta, \
@@ -450,6 +461,9 @@ mod tests {
                 !stmt.contains("'synchronous_commit', 'off'"),
                 "{name} must commit synchronously"
             );
+        }
+        for stmt in [&s.lease_acquire, &s.lease_renew, &s.lease_handoff] {
+            assert!(stmt.contains("set_config('synchronous_commit', 'on', true)"));
         }
     }
 
