@@ -10,6 +10,7 @@ use tracing::Instrument;
 
 use crate::backend::{Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
 use crate::error::{LockError, LossReason};
+use crate::keeper::{Scheduler, Ticket};
 use crate::key::{LeaseId, LockKey};
 use crate::options::{drift_for, LockOptions};
 use crate::token::FencingToken;
@@ -76,19 +77,46 @@ pub(crate) struct Shared {
     keeper: Mutex<Keeper>,
 }
 
+/// What the scheduler runs when a guard's renewal comes due.
+fn starter(sh: &Arc<Shared>) -> crate::keeper::Starter {
+    let weak = Arc::downgrade(sh);
+    Box::new(move |_| {
+        if let Some(sh) = weak.upgrade() {
+            Shared::start_keeper(&sh);
+        }
+    })
+}
+
 /// The guard's background work: renewal (TTL) or the session watch.
 #[derive(Debug)]
 enum Keeper {
     /// Nothing to do (no deadline, no session).
     Idle,
+    /// The renewal task starts when its first renewal comes due (see `keeper.rs`).
+    Scheduled(Ticket),
     Running(JoinHandle<()>),
     Stopped,
 }
 
 impl Shared {
+    /// Starts the renewal task now, if it is still only scheduled.
+    fn start_keeper(sh: &Arc<Shared>) {
+        let mut k = lock(&sh.keeper);
+        if let Keeper::Scheduled(_) = &*k {
+            if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Stopped) {
+                ticket.cancel();
+            }
+            *k = Keeper::Running(tokio::spawn(keep_alive(sh.clone())));
+        }
+    }
+
     /// Stops the background work; returns the task if one was running.
     fn stop_keeper(&self) -> Option<JoinHandle<()>> {
         match std::mem::replace(&mut *lock(&self.keeper), Keeper::Stopped) {
+            Keeper::Scheduled(ticket) => {
+                ticket.cancel();
+                None
+            }
             Keeper::Running(task) => Some(task),
             Keeper::Idle | Keeper::Stopped => None,
         }
@@ -341,17 +369,25 @@ impl LockGuard {
             keeper: Mutex::new(Keeper::Idle),
         });
         {
-            // Stored under the lock: a task that ends at once (a lease already past) finds
-            // itself stored and stops.
+            // Held while scheduling: an entry that comes due at once finds itself stored.
             let mut k = lock(&shared.keeper);
-            // Outside a runtime (not reachable from the async acquire) nothing can run.
-            let rt = tokio::runtime::Handle::try_current().ok();
-            *k = match (grant.session, safe_until, rt) {
-                (Some(session), _, Some(rt)) => {
-                    Keeper::Running(rt.spawn(watch_session(shared.clone(), session)))
+            *k = match (grant.session, safe_until) {
+                (Some(session), _) => {
+                    Keeper::Running(tokio::spawn(watch_session(shared.clone(), session)))
                 }
-                (None, Some(_), Some(rt)) => Keeper::Running(rt.spawn(keep_alive(shared.clone()))),
-                _ => Keeper::Idle,
+                (None, Some(safe)) => {
+                    let due = match keep {
+                        Keep::Ttl { auto: false } => safe,
+                        _ => (now + every).min(safe),
+                    };
+                    match Scheduler::current() {
+                        Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
+                        // Not reachable from the async acquire; without a runtime nothing
+                        // renews.
+                        None => Keeper::Idle,
+                    }
+                }
+                (None, None) => Keeper::Idle,
             };
         }
         Self {
@@ -454,6 +490,8 @@ impl LockGuard {
             Ok(deadline) => {
                 sh.renewed(deadline, lease, sent);
                 sh.set_status(LockStatus::Held);
+                // A renewal schedule made for the old lease starts now, on the new one.
+                Shared::start_keeper(sh);
                 Ok(())
             }
             Err(e @ LockError::NotHeld { .. }) => {

@@ -11,6 +11,7 @@ pub mod error;
 mod guard;
 #[cfg(test)]
 mod guard_tests;
+mod keeper;
 pub mod key;
 pub mod keyed;
 pub mod memory;
