@@ -503,6 +503,9 @@ impl LockGuard {
                 // lease then ends sooner than the one the guard knew.
                 sh.may_have_shortened(sent + lease, lease);
                 sh.set_status(LockStatus::Uncertain);
+                // A renewal still only scheduled must wake at the shorter deadline, so that
+                // watchers see Lost there.
+                Shared::start_keeper(sh);
                 Err(e)
             }
         }

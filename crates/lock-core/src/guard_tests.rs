@@ -326,6 +326,38 @@ async fn a_shorter_extend_whose_answer_is_lost_shortens_the_deadline() {
     );
 }
 
+/// The same, seen by a watcher: Lost is published at the shorter deadline, not at the
+/// renewal that was due under the longer lease.
+#[tokio::test]
+async fn a_shorter_extend_whose_answer_is_lost_is_published_in_time() {
+    let store = MemoryStore::new();
+    let short = Duration::from_millis(200);
+    let backend = Wrapped::new(
+        store.connect(),
+        Plan {
+            renew_delays: vec![(short, Duration::ZERO, Duration::from_secs(30))],
+            ..Plan::default()
+        },
+    );
+    let client = LockClient::from_arc(backend).with_options(
+        LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .op_timeout(Duration::from_millis(100)),
+    );
+    let g = client.acquire("k").await.expect("acquire");
+    let mut w = g.watch();
+    assert!(g.extend(short).await.is_err(), "the answer never came");
+    let seen = tokio::time::timeout(
+        Duration::from_secs(3),
+        w.wait_for(|s| matches!(s, LockStatus::Lost(_))),
+    )
+    .await;
+    assert!(
+        matches!(seen, Ok(Ok(_))),
+        "no Lost published within 3 s of a 200 ms lease"
+    );
+}
+
 /// A guard held past several renewal periods is renewed and stays held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_keeps_the_lock() {

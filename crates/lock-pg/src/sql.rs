@@ -42,6 +42,12 @@ pub fn advisory_lock_parts(id: i64) -> (i64, i64) {
 /// version is refused with an error that names both.
 pub(crate) const SCHEMA_VERSION: i32 = 1;
 
+/// Makes the statement's own transaction wait for its WAL flush when the server's setting
+/// would not (`off`); other settings (`remote_write`, `on` with standbys...) are kept.
+const DURABLE: &str = "set_config('synchronous_commit', \
+    CASE current_setting('synchronous_commit') WHEN 'off' THEN 'local' \
+    ELSE current_setting('synchronous_commit') END, true)";
+
 /// The statements, with the (validated) schema name filled in.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -285,7 +291,7 @@ $fn$;
             // grant committed while this statement ran (held, time unknown).
             lease_acquire: format!(
                 "WITH t AS MATERIALIZED (SELECT nextval('{s}.token_seq') AS tok, \
-                     set_config('synchronous_commit', 'on', true)), \
+                     {DURABLE}), \
                  ins AS ( \
                      INSERT INTO {s}.lease AS l (key, lease_id, token, meta, expires_at) \
                      SELECT $1, $2, t.tok, $3, clock_timestamp() + $4::bigint * interval '1 millisecond' FROM t \
@@ -306,7 +312,7 @@ $fn$;
             lease_renew: format!(
                 "UPDATE {s}.lease SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
-                 RETURNING set_config('synchronous_commit', 'on', true)"
+                 RETURNING {DURABLE}"
             ),
             // Marks the row released (the row stays: it holds the key's counter) and wakes
             // waiters, with a notification only when an acquire found the row held since
@@ -320,8 +326,8 @@ $fn$;
             // server crash leaves the row as it was, held until its expiry, the same as a
             // holder that died: a delay for waiters, never a double grant. The next grant
             // commits synchronously, which flushes this release with it. Grants,
-            // renewals and hand-offs set `synchronous_commit` on for their own transaction,
-            // whatever the server's default: a grant or renewal lost in a crash would let a
+            // renewals and hand-offs wait for their flush ([`DURABLE`]) whatever the
+            // server's default: a grant or renewal lost in a crash would let a
             // second holder in while the first is told it holds the key.
             lease_release: format!(
                 "WITH u AS (UPDATE {s}.lease SET lease_id = '', meta = '', expires_at = '-infinity' \
@@ -339,7 +345,7 @@ $fn$;
                      token = greatest(l.token + 1, nextval('{s}.token_seq')), meta = $4, \
                      expires_at = clock_timestamp() + $5::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lease_id = $2 AND expires_at > clock_timestamp() \
-                 RETURNING l.token, set_config('synchronous_commit', 'on', true)"
+                 RETURNING l.token, {DURABLE}"
             ),
             lease_inspect: format!(
                 "SELECT lease_id, token, meta, \
@@ -463,7 +469,7 @@ mod tests {
             );
         }
         for stmt in [&s.lease_acquire, &s.lease_renew, &s.lease_handoff] {
-            assert!(stmt.contains("set_config('synchronous_commit', 'on', true)"));
+            assert!(stmt.contains(DURABLE));
         }
     }
 

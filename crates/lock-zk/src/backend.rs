@@ -332,6 +332,8 @@ impl ZkBackend {
     }
 
     /// This request's node, if a create whose answer was lost made it: its path and czxid.
+    /// Only a node of this session counts: one the lease left on a session given up goes
+    /// with that session.
     async fn find_own_node(
         &self,
         client: &zk::Client,
@@ -342,17 +344,19 @@ impl ZkBackend {
             Ok(()) | Err(zk::Error::NoNode) => {}
             Err(e) => return Err(map_err(e)),
         }
-        let Some(full) = self
-            .find_node(client, parent, req.lease_id.as_str())
-            .await?
-        else {
-            return Ok(None);
-        };
-        match self.timed("stat", client.check_stat(&full)).await? {
-            Ok(Some(stat)) => Ok(Some((full, stat.czxid))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(map_err(e)),
+        let prefix = node_prefix(req.lease_id.as_str());
+        let queue = self.queue(client, parent).await?.unwrap_or_default();
+        for (_, name) in queue.iter().filter(|(_, n)| n.starts_with(&prefix)) {
+            let full = format!("{parent}/{name}");
+            match self.timed("stat", client.check_stat(&full)).await? {
+                Ok(Some(stat)) if stat.ephemeral_owner == client.session_id().0 => {
+                    return Ok(Some((full, stat.czxid)))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(map_err(e)),
+            }
         }
+        Ok(None)
     }
 
     /// Creates this request's lock node (and the key's container parent), surviving a
