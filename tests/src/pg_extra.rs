@@ -117,6 +117,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     }
     out.push(
         check(
+            "pg-lease",
+            "an_abandoned_acquire_leaves_the_key_free",
+            s::abandoned_lease_acquire_leaves_the_key_free(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
             "pg",
             "fenced_update_is_all_or_nothing",
             s::fenced_update_is_all_or_nothing(url),

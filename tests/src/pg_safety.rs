@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use lock_core::{LockClient, LockError, LockOptions, LockStatus, WaitPolicy};
+use lock_core::{LockBackend, LockClient, LockError, LockOptions, LockStatus, WaitPolicy};
 use lock_pg::{fenced_update, FencedTable, FencedWrite, PgConfig, PgLocks};
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
@@ -624,5 +624,83 @@ pub(crate) async fn lease_grants_survive_a_crash_on_asynchronous_commit() -> Res
         ))
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// A lease acquire abandoned by its caller while its statement runs on the server (slowed
+/// here by a trigger) leaves the key free once that statement commits, even when another
+/// task of the process takes the connection back first, so that the clean-up release goes
+/// out on another connection and reaches the server before the grant.
+pub(crate) async fn abandoned_lease_acquire_leaves_the_key_free(url: &str) -> Res<String> {
+    let schema = format!("abandon_{:08x}", rand::random::<u32>());
+    let locks = PgLocks::connect_with(
+        PgConfig::new(url)
+            .schema(schema.clone())
+            .pool_size(4)
+            .op_timeout(Duration::from_secs(3)),
+    )
+    .await
+    .map_err(e2s)?;
+    let res = abandoned_acquire(url, &schema, &locks).await;
+    drop(locks);
+    let cleanup = admin(url)
+        .await?
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .map_err(e2s);
+    let out = res?;
+    cleanup?;
+    Ok(out)
+}
+
+async fn abandoned_acquire(url: &str, schema: &str, locks: &PgLocks) -> Res<String> {
+    let c = LockClient::new(locks.lease_rows()).with_options(
+        LockOptions::default()
+            .lease(Duration::from_secs(30))
+            .op_timeout(Duration::from_secs(3)),
+    );
+    // The schema is made by the first operation.
+    c.acquire("warm-up")
+        .await
+        .map_err(e2s)?
+        .release()
+        .await
+        .map_err(e2s)?;
+    let k = "slow-key";
+    admin(url)
+        .await?
+        .batch_execute(&format!(
+            "CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$; \
+             CREATE TRIGGER slow BEFORE INSERT ON {schema}.lease FOR EACH ROW \
+               WHEN (NEW.key = '{k}') EXECUTE FUNCTION {schema}.slow();"
+        ))
+        .await
+        .map_err(e2s)?;
+    let abandoned = tokio::time::timeout(Duration::from_millis(150), c.acquire(k)).await;
+    if let Ok(r) = abandoned {
+        return Err(format!("the slowed acquire answered in 150 ms: {r:?}"));
+    }
+    // Another task's lookup takes the most recently used connection: the abandoned one.
+    let other = locks.lease_rows();
+    other
+        .inspect(&lock_core::LockKey::new("warm-up").map_err(e2s)?)
+        .await
+        .map_err(e2s)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match c.try_acquire(k).await {
+        Ok(g) => {
+            g.release().await.map_err(e2s)?;
+            Ok("the key was free once the abandoned statement had committed".into())
+        }
+        Err(e) => {
+            let info = other
+                .inspect(&lock_core::LockKey::new(k).map_err(e2s)?)
+                .await
+                .map_err(e2s)?;
+            Err(format!(
+                "the key is still held after the abandoned acquire: {e}; {info:?}"
+            ))
+        }
     }
 }

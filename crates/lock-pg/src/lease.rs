@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deadpool_postgres::Object;
 use lock_core::{
     AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef,
     LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome,
@@ -43,6 +44,49 @@ fn token_of(t: i64) -> Result<FencingToken, LockError> {
     u64::try_from(t)
         .map(FencingToken::new)
         .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
+}
+
+/// An acquire statement on the wire. Dropped before its answer (the caller gave up), it
+/// releases the lease on the same connection: statements on one connection run in order,
+/// so the release runs after the grant commits. The caller's own clean-up may go out on
+/// another pooled connection and reach the server first, finding nothing to release.
+struct Unanswered {
+    conn: Option<Object>,
+    shared: Arc<Shared>,
+    lease: LeaseRef,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let (shared, lease) = (self.shared.clone(), self.lease.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let release = async {
+                let stmt = conn.prepare_cached(&shared.sql.lease_release).await?;
+                conn.query(&stmt, &[&lease.key.as_str(), &lease.lease_id.as_str()])
+                    .await
+            };
+            match tokio::time::timeout(shared.cfg.op_timeout, release).await {
+                Ok(Ok(rows)) if !rows.is_empty() => shared.released_here(&lease.key),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "releasing an abandoned grant failed; it expires")
+                }
+                Err(_) => tracing::debug!("releasing an abandoned grant timed out; it expires"),
+            }
+        });
+    }
 }
 
 enum Attempt {
@@ -89,16 +133,27 @@ impl PgLeaseBackend {
         self.shared.ready().await?;
         let sent = Instant::now();
         let rows = self
-            .query(
-                "acquire",
-                &self.shared.sql.lease_acquire,
-                &[
+            .bounded("acquire", async {
+                let mut unanswered = Unanswered {
+                    conn: None,
+                    shared: self.shared.clone(),
+                    lease: req.lease(),
+                };
+                let conn = unanswered.conn.insert(self.shared.conn(None).await?);
+                let stmt = conn
+                    .prepare_cached(&self.shared.sql.lease_acquire)
+                    .await
+                    .map_err(map_err)?;
+                let params: [&(dyn ToSql + Sync); 4] = [
                     &req.key.as_str(),
                     &req.lease_id.as_str(),
                     &req.meta.encode(),
                     &ms(req.ttl),
-                ],
-            )
+                ];
+                let rows = conn.query(&stmt, &params).await.map_err(map_err);
+                unanswered.answered();
+                rows
+            })
             .await?;
         let Some(row) = rows.first() else {
             // Another client's grant committed while the statement ran.
