@@ -107,6 +107,12 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
             lost_session_is_closed(connect),
         )
         .await,
+        check(
+            name,
+            "paused_holder_wakes_to_lost_past_the_session_timeout",
+            paused_holder_wakes_to_lost(connect),
+        )
+        .await,
     ];
     let ensemble = connect.split(',').count() > 1;
     if ensemble {
@@ -615,5 +621,53 @@ async fn lost_session_is_closed(connect: &str) -> Res<String> {
     Ok(format!(
         "cut for {:.1} s (session {timeout:?}); the lost session's nodes gone, the waiter granted on a new session; the lost guard's release: {released:?}",
         healed_after.as_secs_f64()
+    ))
+}
+
+/// A holder whose process stalls past the session timeout (its only runtime thread
+/// blocked, as a paused process): on waking, `check()` says Lost before the client library
+/// or the lock's monitor has run, and the server has expired the session meanwhile.
+async fn paused_holder_wakes_to_lost(connect: &str) -> Res<String> {
+    let k = key("paused");
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let (connect2, k2) = (connect.to_owned(), k.clone());
+    let holder = std::thread::spawn(move || -> Res<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(e2s)?;
+        rt.block_on(async {
+            let c = LockClient::new(backend(&connect2).await?).with_options(opts());
+            let g = c.acquire(&k2).await.map_err(e2s)?;
+            let _ = held_tx.send(());
+            // The process stalls, well past the session timeout.
+            std::thread::sleep(ZK_SESSION * 2);
+            let first = g.check();
+            drop(g);
+            Ok(format!("{first:?}"))
+        })
+    });
+    held_rx.await.map_err(|_| "the holder never got the lock")?;
+    let other = LockClient::new(backend(connect).await?).with_options(opts());
+    let t = Instant::now();
+    let g = other
+        .acquire(&k)
+        .await
+        .map_err(|e| format!("the other client: {e}"))?;
+    let freed_after = t.elapsed();
+    g.release().await.map_err(e2s)?;
+    let first = tokio::task::spawn_blocking(move || holder.join())
+        .await
+        .map_err(e2s)?
+        .map_err(|_| "the holder panicked")??;
+    if !first.contains("Lost") {
+        return Err(format!(
+            "the holder woke after {:?} (the server let go after {freed_after:?}) and check() said {first}",
+            ZK_SESSION * 2
+        ));
+    }
+    Ok(format!(
+        "server let go after {:.1} s; the holder woke to {first}",
+        freed_after.as_secs_f64()
     ))
 }

@@ -192,8 +192,14 @@ impl LeaseRef {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SessionHealth {
-    /// Connected; the lock is held.
-    Alive,
+    /// Connected; the lock is held, and the server keeps the session at least until
+    /// `until` (monotonic, measured from before the request that last confirmed the
+    /// session was sent, minus the backend's margin). Past it without a newer `Alive`, the
+    /// guard is `Lost` even before the backend reports anything (a process that was paused).
+    Alive {
+        /// Until when the session is certainly kept.
+        until: Instant,
+    },
     /// Disconnected or unanswered; the store may or may not still hold the lock.
     Suspended,
     /// The session ended; the lock is gone.
@@ -208,7 +214,8 @@ pub struct Grant {
     pub token: FencingToken,
     /// Monotonic instant until which the store keeps the lock without a renewal (before any
     /// drift margin), measured from before the request was sent. `None` for session
-    /// backends that report on the session instead ([`Grant::session`]).
+    /// backends that report on the session instead ([`Grant::session`]), whose
+    /// [`SessionHealth::Alive`] carries the deadline.
     pub lease_deadline: Option<Instant>,
     /// Session health updates, for session backends.
     pub session: Option<watch::Receiver<SessionHealth>>,

@@ -46,7 +46,7 @@ enum Keep {
     /// A session with a server-side limit, confirmed on the backend's schedule; the length
     /// is fixed by the server, so `extend` does not apply.
     Confirmed,
-    /// A session the backend reports on; no deadline of its own.
+    /// A session the backend reports on, with the deadline its last report gave.
     Session,
 }
 
@@ -250,9 +250,9 @@ impl LockHandle {
     }
 
     /// Until when the lock is safe to act on, on the monotonic clock: the lease deadline
-    /// measured from before the (last successful) request was sent, minus a drift margin.
-    /// `None` for locks whose session the backend reports on (ZooKeeper): they are safe
-    /// while the status is `Held`.
+    /// measured from before the (last successful) request was sent, minus a drift margin;
+    /// for a session lock (ZooKeeper), the deadline the backend's last confirmation of the
+    /// session gave. `None` only for a backend that reports no deadline.
     pub fn safe_until(&self) -> Option<Instant> {
         self.shared.safe_until()
     }
@@ -346,9 +346,14 @@ impl LockGuard {
                 opts.renewal_period(),
             ),
         };
-        let safe_until = grant
-            .lease_deadline
-            .map(|d| d.checked_sub(drift_for(len)).unwrap_or(d));
+        let safe_until = match (&grant.lease_deadline, &grant.session) {
+            (Some(d), _) => Some(d.checked_sub(drift_for(len)).unwrap_or(*d)),
+            (None, Some(session)) => match *session.borrow() {
+                SessionHealth::Alive { until } => Some(until),
+                _ => None,
+            },
+            (None, None) => None,
+        };
         let now = Instant::now();
         let shared = Arc::new(Shared {
             backend,
@@ -691,7 +696,9 @@ async fn watch_session(sh: Arc<Shared>, mut session: watch::Receiver<SessionHeal
     loop {
         let health = session.borrow_and_update().clone();
         match health {
-            SessionHealth::Alive => {
+            SessionHealth::Alive { until } => {
+                lock(&sh.state).safe_until = Some(until);
+                sh.safe_changed.notify_waiters();
                 sh.set_status(LockStatus::Held);
             }
             SessionHealth::Suspended => {

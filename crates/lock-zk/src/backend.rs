@@ -618,7 +618,9 @@ impl ZkBackend {
         token: FencingToken,
         asked: Instant,
     ) -> Grant {
-        let (tx, rx) = watch::channel(SessionHealth::Alive);
+        let (tx, rx) = watch::channel(SessionHealth::Alive {
+            until: confirmed_until(&session, asked),
+        });
         let monitor = tokio::spawn(monitor(
             session.clone(),
             path.clone(),
@@ -642,8 +644,17 @@ impl ZkBackend {
     }
 }
 
-/// Mirrors the session and the lock node into the lock's health. `asked`: when the request
-/// that showed the node first in line was sent (the session was connected since).
+/// Until when the server certainly keeps a session that answered a request sent at `sent`:
+/// it expires a session a whole timeout after it last heard from it; a tenth is kept as the
+/// margin for the two clocks' rates.
+fn confirmed_until(session: &Session, sent: Instant) -> Instant {
+    sent + session.timeout * 9 / 10
+}
+
+/// Mirrors the session and the lock node into the lock's health, and confirms the node (so
+/// the session) every third of the session timeout: each answer moves the lock's deadline.
+/// `asked`: when the request that showed the node first in line was sent (the session was
+/// connected since).
 async fn monitor(
     session: Arc<Session>,
     path: String,
@@ -681,6 +692,14 @@ async fn monitor(
         }
     };
     let mut node = Box::pin(node_watch(client.clone(), path.clone()));
+    let every = session.timeout / 3;
+    let probe_at = |c: zk::Client, p: String, at: Instant| async move {
+        tokio::time::sleep_until(at).await;
+        let sent = Instant::now();
+        (sent, tokio::time::timeout(every, c.check_stat(&p)).await)
+    };
+    let mut probe = Box::pin(probe_at(client.clone(), path.clone(), asked + every));
+    let mut until = confirmed_until(&session, asked);
     let outcome = loop {
         let lost_at = disconnected.map(|d| d + grace);
         let give_up = async {
@@ -697,10 +716,12 @@ async fn monitor(
                 }
                 zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                     // Back in time: the node must still be ours.
+                    let sent = Instant::now();
                     match tokio::time::timeout(op, client.check_stat(&path)).await {
                         Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.id => {
                             disconnected = None;
-                            tx.send_replace(SessionHealth::Alive);
+                            until = confirmed_until(&session, sent);
+                            tx.send_replace(SessionHealth::Alive { until });
                         }
                         Ok(Ok(_)) => break SessionHealth::Ended(LossReason::NotHeld),
                         // Unanswered: stay suspended; the grace timer still runs.
@@ -723,6 +744,29 @@ async fn monitor(
                 Some(_) => node = Box::pin(node_watch(client.clone(), path.clone())),
                 None => break SessionHealth::Ended(LossReason::NotHeld),
             },
+            (sent, answer) = &mut probe => {
+                probe = Box::pin(probe_at(client.clone(), path.clone(), sent + every));
+                match answer {
+                    Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.id => {
+                        until = confirmed_until(&session, sent);
+                        if disconnected.is_none() {
+                            tx.send_replace(SessionHealth::Alive { until });
+                        }
+                    }
+                    Ok(Ok(_)) => break SessionHealth::Ended(LossReason::NotHeld),
+                    // Unanswered: the deadline stays where the last answer put it.
+                    _ => {}
+                }
+            }
+            () = tokio::time::sleep_until(until) => {
+                // Unconfirmed for too long (answers lost, the library still connected):
+                // closed as a session declared lost.
+                session.kill();
+                break ended(format!(
+                    "the session was not confirmed for 9/10 of its timeout ({:?})",
+                    session.timeout
+                ));
+            }
             () = session.killed() => {
                 break ended("the session was given up (another lock on it was lost)".into());
             }
@@ -775,11 +819,11 @@ impl LockBackend for ZkBackend {
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
         let held = self.held().remove(&lease.lease_id);
-        let (client, path) = match held {
+        let (client, path, held_on) = match held {
             Some(h) => {
                 h.monitor.abort();
                 match h.session.client() {
-                    Ok(c) => (c, Some(h.path)),
+                    Ok(c) => (c, Some(h.path), Some(h.session)),
                     // The session was given up: its nodes go when it closes or expires;
                     // delete this one now, through the current session, in case it still
                     // lives (the node's name is this lease's alone).
@@ -798,7 +842,7 @@ impl LockBackend for ZkBackend {
                     .find_node(&client, &parent, lease.lease_id.as_str())
                     .await?
                 {
-                    Some(p) => (client, Some(p)),
+                    Some(p) => (client, Some(p), None),
                     None => return Ok(ReleaseOutcome::NotHeld),
                 }
             }
@@ -806,11 +850,19 @@ impl LockBackend for ZkBackend {
         let Some(path) = path else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        match self.timed("delete", client.delete(&path, None)).await? {
-            Ok(()) => Ok(ReleaseOutcome::Released),
-            Err(zk::Error::NoNode) => Ok(ReleaseOutcome::NotHeld),
-            Err(e) => Err(map_err(e)),
+        let res = match self.timed("delete", client.delete(&path, None)).await {
+            Ok(Ok(())) => return Ok(ReleaseOutcome::Released),
+            Ok(Err(zk::Error::NoNode)) => return Ok(ReleaseOutcome::NotHeld),
+            Ok(Err(e)) => map_err(e),
+            Err(e) => e,
+        };
+        // The node of a lock this process let go may outlive the request: nothing watches
+        // it any more, so the session is closed, which removes it (and ends the session's
+        // other locks, which their guards report).
+        if let Some(session) = held_on {
+            session.kill();
         }
+        Err(res)
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
