@@ -628,16 +628,17 @@ pub(crate) async fn lease_grants_survive_a_crash_on_asynchronous_commit() -> Res
 }
 
 /// A lease acquire abandoned by its caller while its statement runs on the server (slowed
-/// here by a trigger) leaves the key free once that statement commits, even when another
-/// task of the process takes the connection back first, so that the clean-up release goes
-/// out on another connection and reaches the server before the grant.
+/// here by a trigger past the operation timeout) leaves the key free once that statement
+/// commits: when another task of the process takes the connection back at once (so the
+/// clean-up release goes out on another connection and reaches the server before the
+/// grant), and when the acquire ran on a new connection that had prepared nothing yet.
 pub(crate) async fn abandoned_lease_acquire_leaves_the_key_free(url: &str) -> Res<String> {
     let schema = format!("abandon_{:08x}", rand::random::<u32>());
     let locks = PgLocks::connect_with(
         PgConfig::new(url)
             .schema(schema.clone())
-            .pool_size(4)
-            .op_timeout(Duration::from_secs(3)),
+            .pool_size(8)
+            .op_timeout(Duration::from_secs(1)),
     )
     .await
     .map_err(e2s)?;
@@ -657,7 +658,7 @@ async fn abandoned_acquire(url: &str, schema: &str, locks: &PgLocks) -> Res<Stri
     let c = LockClient::new(locks.lease_rows()).with_options(
         LockOptions::default()
             .lease(Duration::from_secs(30))
-            .op_timeout(Duration::from_secs(3)),
+            .op_timeout(Duration::from_secs(1)),
     );
     // The schema is made by the first operation.
     c.acquire("warm-up")
@@ -666,41 +667,59 @@ async fn abandoned_acquire(url: &str, schema: &str, locks: &PgLocks) -> Res<Stri
         .release()
         .await
         .map_err(e2s)?;
-    let k = "slow-key";
-    admin(url)
-        .await?
+    let admin = admin(url).await?;
+    admin
         .batch_execute(&format!(
             "CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS \
-               $$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$; \
-             CREATE TRIGGER slow BEFORE INSERT ON {schema}.lease FOR EACH ROW \
-               WHEN (NEW.key = '{k}') EXECUTE FUNCTION {schema}.slow();"
+               $$ BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$;"
         ))
         .await
         .map_err(e2s)?;
-    let abandoned = tokio::time::timeout(Duration::from_millis(150), c.acquire(k)).await;
-    if let Ok(r) = abandoned {
-        return Err(format!("the slowed acquire answered in 150 ms: {r:?}"));
-    }
-    // Another task's lookup takes the most recently used connection: the abandoned one.
     let other = locks.lease_rows();
-    other
-        .inspect(&lock_core::LockKey::new("warm-up").map_err(e2s)?)
-        .await
-        .map_err(e2s)?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    match c.try_acquire(k).await {
-        Ok(g) => {
-            g.release().await.map_err(e2s)?;
-            Ok("the key was free once the abandoned statement had committed".into())
+    for fresh in [false, true] {
+        let k = if fresh { "slow-fresh" } else { "slow-reused" };
+        admin
+            .batch_execute(&format!(
+                "CREATE TRIGGER slow BEFORE INSERT ON {schema}.lease FOR EACH ROW \
+                   WHEN (NEW.key = '{k}') EXECUTE FUNCTION {schema}.slow();"
+            ))
+            .await
+            .map_err(e2s)?;
+        // Every idle connection taken: the acquire opens a new one.
+        let mut taken = Vec::new();
+        while fresh && locks.pool().status().available > 0 {
+            taken.push(locks.pool().get().await.map_err(e2s)?);
         }
-        Err(e) => {
+        let abandoned = tokio::time::timeout(Duration::from_millis(150), c.acquire(k)).await;
+        if let Ok(r) = abandoned {
+            return Err(format!("the slowed acquire answered in 150 ms: {r:?}"));
+        }
+        drop(taken);
+        // Another task's lookup runs at once, before the caller's clean-up, on the most
+        // recently used connection (it may wait behind the slowed statement: its outcome
+        // does not matter).
+        let _ = other
+            .inspect(&lock_core::LockKey::new("warm-up").map_err(e2s)?)
+            .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        admin
+            .batch_execute(&format!("DROP TRIGGER slow ON {schema}.lease"))
+            .await
+            .map_err(e2s)?;
+        if let Err(e) = c.try_acquire(k).await {
             let info = other
                 .inspect(&lock_core::LockKey::new(k).map_err(e2s)?)
                 .await
                 .map_err(e2s)?;
-            Err(format!(
-                "the key is still held after the abandoned acquire: {e}; {info:?}"
-            ))
+            return Err(format!(
+                "the key is still held after the abandoned acquire ({}): {e}; {info:?}",
+                if fresh {
+                    "new connection"
+                } else {
+                    "connection taken back"
+                }
+            ));
         }
     }
+    Ok("the key was free once each abandoned statement had committed".into())
 }

@@ -136,13 +136,16 @@ async fn short_partition(connect: &str) -> Res<String> {
     let k = key("short");
     let g = a.acquire(&k).await.map_err(e2s)?;
     let seen = record(&g);
-    // Long enough for the client to notice (2/5 of the session timeout), short enough to
-    // come back before it gives up (9/10).
-    let cut_for = ZK_SESSION * 3 / 5;
+    // Cut until the holder notices (an unanswered check of its node), then healed at once:
+    // well before the holder's deadline (half the session timeout after its last check).
     for p in &proxies {
         p.set_cut(true);
     }
-    sleep(cut_for).await;
+    let cut_at = Instant::now();
+    while g.status() == LockStatus::Held && cut_at.elapsed() < ZK_SESSION {
+        sleep(Duration::from_millis(20)).await;
+    }
+    let cut_for = cut_at.elapsed();
     let during = g.status();
     let contended = matches!(b.try_acquire(&k).await, Err(LockError::Contended { .. }));
     for p in &proxies {

@@ -135,6 +135,11 @@ impl Capabilities {
 }
 
 /// One acquisition request, made by the client before anything is sent.
+///
+/// A request whose outcome is unknown (its future dropped, or an error other than
+/// `Contended`/`Timeout`) must not be sent again: backends may still give back what it
+/// created, by lease id, and would end a grant made to the repeat. Make a new request
+/// (a fresh lease id) instead, as [`LockClient`](crate::LockClient) does.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct AcquireRequest {

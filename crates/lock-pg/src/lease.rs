@@ -11,7 +11,7 @@ use lock_core::{
 };
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 
 use crate::handoff::{Handed, Release, Waiter};
 use crate::shared::Shared;
@@ -52,6 +52,7 @@ fn token_of(t: i64) -> Result<FencingToken, LockError> {
 /// another pooled connection and reach the server first, finding nothing to release.
 struct Unanswered {
     conn: Option<Object>,
+    release: Statement,
     shared: Arc<Shared>,
     lease: LeaseRef,
 }
@@ -67,16 +68,19 @@ impl Drop for Unanswered {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        let (shared, lease) = (self.shared.clone(), self.lease.clone());
+        let (shared, lease, stmt) = (
+            self.shared.clone(),
+            self.lease.clone(),
+            self.release.clone(),
+        );
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         rt.spawn(async move {
-            let release = async {
-                let stmt = conn.prepare_cached(&shared.sql.lease_release).await?;
-                conn.query(&stmt, &[&lease.key.as_str(), &lease.lease_id.as_str()])
-                    .await
-            };
+            // Sent at the first poll, behind the acquire; the answer may wait for it.
+            let (key, id) = (lease.key.as_str(), lease.lease_id.as_str());
+            let params: [&(dyn ToSql + Sync); 2] = [&key, &id];
+            let release = conn.query(&stmt, &params);
             match tokio::time::timeout(shared.cfg.op_timeout, release).await {
                 Ok(Ok(rows)) if !rows.is_empty() => shared.released_here(&lease.key),
                 Ok(Ok(_)) => {}
@@ -134,16 +138,24 @@ impl PgLeaseBackend {
         let sent = Instant::now();
         let rows = self
             .bounded("acquire", async {
-                let mut unanswered = Unanswered {
-                    conn: None,
-                    shared: self.shared.clone(),
-                    lease: req.lease(),
-                };
-                let conn = unanswered.conn.insert(self.shared.conn(None).await?);
+                let conn = self.shared.conn(None).await?;
+                // Prepared before the acquire goes out: a give-back must not wait for a
+                // Parse whose answer queues behind the acquire.
+                let release = conn
+                    .prepare_cached(&self.shared.sql.lease_release)
+                    .await
+                    .map_err(map_err)?;
                 let stmt = conn
                     .prepare_cached(&self.shared.sql.lease_acquire)
                     .await
                     .map_err(map_err)?;
+                let mut unanswered = Unanswered {
+                    conn: None,
+                    release,
+                    shared: self.shared.clone(),
+                    lease: req.lease(),
+                };
+                let conn = unanswered.conn.insert(conn);
                 let params: [&(dyn ToSql + Sync); 4] = [
                     &req.key.as_str(),
                     &req.lease_id.as_str(),

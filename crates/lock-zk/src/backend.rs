@@ -130,12 +130,14 @@ struct Inner {
 /// A lock backend on ZooKeeper (the Curator recipe: ephemeral sequential nodes, each
 /// waiter watching only its predecessor).
 ///
-/// The session is the lease: a lock lives while its session does. When the connection
-/// drops, the guard turns `Uncertain`; if it comes back in time and the lock node is still
-/// there (owned by this session), `Held` again; if not, or if the session is disconnected
-/// for half the negotiated session timeout (the client library notices a silent connection
-/// after 2/5 of it, so that is 9/10 of the timeout after the last answer, before the server
-/// can expire the session), `Lost`. A session declared lost is closed and never reused.
+/// The session is the lease: a lock lives while its session does. Each held lock checks
+/// its node, after a `sync` through the leader, every eighth of the negotiated session
+/// timeout; an answer to a check sent at `t` keeps the guard's safe deadline at `t` plus
+/// half the timeout (the leader cannot expire the session before then). When the
+/// connection drops or a check goes unanswered, the guard turns `Uncertain`; if a check finds the
+/// node still owned by this session, `Held` again; if the node is gone, or the deadline
+/// passes unconfirmed, `Lost`, before the server can expire the session and grant the
+/// lock to the next waiter. A session declared lost is closed and never reused.
 #[derive(Clone, Debug)]
 pub struct ZkBackend {
     inner: Arc<Inner>,
@@ -621,13 +623,7 @@ impl ZkBackend {
         let (tx, rx) = watch::channel(SessionHealth::Alive {
             until: confirmed_until(&session, asked),
         });
-        let monitor = tokio::spawn(monitor(
-            session.clone(),
-            path.clone(),
-            tx,
-            self.inner.cfg.op_timeout,
-            asked,
-        ));
+        let monitor = tokio::spawn(monitor(session.clone(), path.clone(), tx, asked));
         self.held().insert(
             lease,
             Held {
@@ -644,22 +640,25 @@ impl ZkBackend {
     }
 }
 
-/// Until when the server certainly keeps a session that answered a request sent at `sent`:
-/// it expires a session a whole timeout after it last heard from it; a tenth is kept as the
-/// margin for the two clocks' rates.
+/// Until when the leader certainly keeps a session whose lock node a request sent at `sent`
+/// found, after a `sync` (answered only through the leader, so the server in between was
+/// still following it). The leader expires a session a timeout after it last heard of it,
+/// and hears of a follower's clients only at its pings (every half tick, at most a quarter
+/// of the timeout); the client is never silent longer than 3/20 of it. So the session
+/// lives until at least `sent` + 3/5 of the timeout; a tenth more is kept for the clocks.
 fn confirmed_until(session: &Session, sent: Instant) -> Instant {
-    sent + session.timeout * 9 / 10
+    sent + session.timeout / 2
 }
 
 /// Mirrors the session and the lock node into the lock's health, and confirms the node (so
-/// the session) every third of the session timeout: each answer moves the lock's deadline.
+/// the session) every eighth of the session timeout: each answer moves the lock's deadline,
+/// and a lock unconfirmed until its deadline closes the session.
 /// `asked`: when the request that showed the node first in line was sent (the session was
 /// connected since).
 async fn monitor(
     session: Arc<Session>,
     path: String,
     tx: watch::Sender<SessionHealth>,
-    op: Duration,
     asked: Instant,
 ) {
     let ended = |r: String| SessionHealth::Ended(LossReason::SessionEnded(r));
@@ -668,16 +667,12 @@ async fn monitor(
         return;
     };
     let mut states = client.state_watcher();
-    // Half the session timeout after the library reports Disconnected (which it does 2/5 of
-    // the timeout after the last answer): 9/10 of the timeout, before the server can expire
-    // the session and grant the lock to the next waiter.
-    let grace = session.timeout / 2;
     // The library reports each state once: one reported before this task ran is read here.
-    let mut disconnected: Option<Instant> = match states.peek_state() {
-        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => None,
+    let mut disconnected = match states.peek_state() {
+        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => false,
         zk::SessionState::Disconnected => {
             tx.send_replace(SessionHealth::Suspended);
-            Some(asked)
+            true
         }
         other => {
             tx.send_replace(ended(format!("the ZooKeeper session is {other:?}")));
@@ -692,41 +687,33 @@ async fn monitor(
         }
     };
     let mut node = Box::pin(node_watch(client.clone(), path.clone()));
-    let every = session.timeout / 3;
+    // A check every eighth of the timeout, given a sixteenth to answer; an unanswered one
+    // makes the lock Uncertain and is tried again a sixteenth later, so that the first
+    // check after a short cut ends is answered well before the deadline.
+    let every = session.timeout / 8;
+    let patience = session.timeout / 16;
     let probe_at = |c: zk::Client, p: String, at: Instant| async move {
         tokio::time::sleep_until(at).await;
         let sent = Instant::now();
-        (sent, tokio::time::timeout(every, c.check_stat(&p)).await)
+        let answer = tokio::time::timeout(patience, async {
+            c.sync(&p).await?;
+            c.check_stat(&p).await
+        })
+        .await;
+        (sent, answer)
     };
     let mut probe = Box::pin(probe_at(client.clone(), path.clone(), asked + every));
     let mut until = confirmed_until(&session, asked);
     let outcome = loop {
-        let lost_at = disconnected.map(|d| d + grace);
-        let give_up = async {
-            match lost_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             st = states.changed() => match st {
                 zk::SessionState::Disconnected => {
-                    disconnected.get_or_insert_with(Instant::now);
+                    disconnected = true;
                     tx.send_replace(SessionHealth::Suspended);
                 }
                 zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                    // Back in time: the node must still be ours.
-                    let sent = Instant::now();
-                    match tokio::time::timeout(op, client.check_stat(&path)).await {
-                        Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.id => {
-                            disconnected = None;
-                            until = confirmed_until(&session, sent);
-                            tx.send_replace(SessionHealth::Alive { until });
-                        }
-                        Ok(Ok(_)) => break SessionHealth::Ended(LossReason::NotHeld),
-                        // Unanswered: stay suspended; the grace timer still runs.
-                        _ => {}
-                    }
+                    // Back in time: held again once a check finds the node still ours.
+                    probe = Box::pin(probe_at(client.clone(), path.clone(), Instant::now()));
                 }
                 zk::SessionState::Expired => break ended("the ZooKeeper session expired".into()),
                 zk::SessionState::Closed => break ended("the ZooKeeper client was closed".into()),
@@ -745,39 +732,38 @@ async fn monitor(
                 None => break SessionHealth::Ended(LossReason::NotHeld),
             },
             (sent, answer) = &mut probe => {
-                probe = Box::pin(probe_at(client.clone(), path.clone(), sent + every));
+                let mut next = sent + every;
                 match answer {
                     Ok(Ok(Some(stat))) if stat.ephemeral_owner == session.id => {
                         until = confirmed_until(&session, sent);
-                        if disconnected.is_none() {
+                        if client.state() == zk::SessionState::SyncConnected {
+                            disconnected = false;
                             tx.send_replace(SessionHealth::Alive { until });
                         }
                     }
                     Ok(Ok(_)) => break SessionHealth::Ended(LossReason::NotHeld),
                     // Unanswered: the deadline stays where the last answer put it.
-                    _ => {}
+                    _ => {
+                        next = Instant::now().max(sent + patience);
+                        if !disconnected {
+                            disconnected = true;
+                            tx.send_replace(SessionHealth::Suspended);
+                        }
+                    }
                 }
+                probe = Box::pin(probe_at(client.clone(), path.clone(), next));
             }
             () = tokio::time::sleep_until(until) => {
-                // Unconfirmed for too long (answers lost, the library still connected):
-                // closed as a session declared lost.
+                // Unconfirmed for too long (disconnected, or answers lost): closed, so that
+                // the session cannot come back holding a lock its owner gave up on.
                 session.kill();
                 break ended(format!(
-                    "the session was not confirmed for 9/10 of its timeout ({:?})",
+                    "the session was not confirmed for half its timeout ({:?})",
                     session.timeout
                 ));
             }
             () = session.killed() => {
                 break ended("the session was given up (another lock on it was lost)".into());
-            }
-            () = give_up => {
-                // Declared lost: close the session so that it cannot come back holding a
-                // lock its owner gave up on.
-                session.kill();
-                break ended(format!(
-                    "disconnected for {grace:?} (session timeout {:?}): the server may expire the session",
-                    session.timeout
-                ));
             }
         }
     };
@@ -856,11 +842,28 @@ impl LockBackend for ZkBackend {
             Ok(Err(e)) => map_err(e),
             Err(e) => e,
         };
-        // The node of a lock this process let go may outlive the request: nothing watches
-        // it any more, so the session is closed, which removes it (and ends the session's
-        // other locks, which their guards report).
+        // The node of a lock this process let go would outlive the failed request with
+        // nothing watching it: the delete is tried again in the background for a session
+        // timeout, and if it still fails the session is closed, which removes the node (and
+        // ends the session's other locks, which their guards report).
         if let Some(session) = held_on {
-            session.kill();
+            let op = self.inner.cfg.op_timeout;
+            tokio::spawn(async move {
+                let until = Instant::now() + session.timeout;
+                let mut pause = Duration::from_millis(50);
+                while Instant::now() < until {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(session.timeout / 4);
+                    let Ok(client) = session.client() else {
+                        return;
+                    };
+                    let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+                    if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
+                        return;
+                    }
+                }
+                session.kill();
+            });
         }
         Err(res)
     }
