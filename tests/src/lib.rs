@@ -3,11 +3,14 @@
 pub mod containers;
 pub mod mongo_extra;
 pub mod pg_extra;
+pub mod pg_net;
 pub mod pg_safety;
 pub mod redis_extra;
+pub mod redis_net;
 pub mod redis_safety;
 pub mod servers;
 pub mod targets;
+pub mod tls;
 pub mod zk_extra;
 
 use lock_conformance::{CaseResult, Outcome};

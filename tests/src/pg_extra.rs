@@ -117,6 +117,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     }
     out.push(
         check(
+            "pg",
+            "built_on_the_applications_own_config",
+            crate::pg_net::built_on_the_applications_config(url),
+        )
+        .await,
+    );
+    out.push(
+        check(
             "pg-lease",
             "an_abandoned_acquire_leaves_the_key_free",
             s::abandoned_lease_acquire_leaves_the_key_free(url),
@@ -156,10 +164,19 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
             )
             .await,
         );
+        out.push(
+            check(
+                "pg",
+                "tls_by_sslmode_and_scram_passwords",
+                crate::pg_net::tls_and_scram(),
+            )
+            .await,
+        );
     } else {
         for case in [
             "two_crashes_in_a_row_never_repeat_a_token",
             "caller_transaction_across_a_crash_stalls_nobody",
+            "tls_by_sslmode_and_scram_passwords",
         ] {
             out.push(crate::skip(
                 "pg",

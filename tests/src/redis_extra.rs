@@ -64,6 +64,19 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
             "fenced_read_modify_write_loses_no_update",
             || Box::pin(s::fenced_read_modify_write_loses_no_update()),
         ),
+        (
+            "redis-extra",
+            "tls_with_a_private_ca_and_client_certificates",
+            || Box::pin(crate::redis_net::tls_with_a_private_ca()),
+        ),
+        ("redis-extra", "acl_user_and_a_wrong_password", || {
+            Box::pin(crate::redis_net::acl_user_and_wrong_password())
+        }),
+        (
+            "redis-extra",
+            "built_on_the_applications_own_client",
+            || Box::pin(crate::redis_net::built_on_the_applications_client()),
+        ),
         ("redlock", "one_server_listed_twice_is_refused", || {
             Box::pin(s::redlock_refuses_one_server_listed_twice())
         }),

@@ -669,6 +669,11 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The data directory (`pg_hba.conf` is there).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
     /// Runs SQL through psql and returns its output.
     pub fn psql(&self, sql: &str) -> Res<String> {
         psql_at(self.port, sql)

@@ -7,6 +7,7 @@ mod chaos;
 mod demo;
 mod images;
 mod integration;
+mod msrv;
 mod worker_backend;
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -16,6 +17,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   chaos [--quick] [--seed n] [--lanes n] [--only part,...] [redis|redis-unfair|redlock|zk|zk-ensemble3|pg-lease|pg-advisory|pg-xact|mongo...]
               fault injection with worker processes, judged by the history checker
   package     package each publishable crate and build it on its own, as crates.io would
+  msrv        each published crate's rust-version covers what its dependencies declare
   ctrl-c-check
               SIGINT an integration run (local, then containers): nothing may be left
   runner-check
@@ -66,8 +68,11 @@ fn main() -> ExitCode {
         Some("images") => images::run_images(&args[1..]),
         Some("package") => step(
             "package (each crate packaged and built on its own)",
-            cargo().args(["package", "--allow-dirty"]).args(CRATES),
+            cargo()
+                .args(["package", "--allow-dirty"])
+                .args(published_args()),
         ),
+        Some("msrv") => msrv::check(),
         Some("ctrl-c-check") => ctrl_c_leaves_nothing(),
         Some("runner-check") => runners_fail_when_they_must(),
         Some("chaos") => {
@@ -344,32 +349,72 @@ fn ci() -> bool {
             ]),
         )
         && step("unit tests", cargo().args(["test", "--workspace"]))
+        && timed("feature check", features_alone)
         && step(
             "docs",
             cargo()
                 .args(["doc", "--workspace", "--no-deps"])
                 .env("RUSTDOCFLAGS", "-D warnings"),
         )
+        && timed("rust-version check", msrv::check)
         && step(
             // Building each packaged crate on its own (`cargo xtask package`) compiles the
             // dependency tree once per crate: too slow for every CI run.
-            "package (manifests and file lists)",
+            "publish --dry-run (manifests and file lists, in dependency order)",
             cargo()
-                .args(["package", "--no-verify", "--allow-dirty"])
-                .args(CRATES),
+                .args(["publish", "--dry-run", "--no-verify", "--allow-dirty"])
+                .args(published_args()),
         )
 }
 
-/// The crates published on their own, each as `-p name`.
-const CRATES: [&str; 10] = [
-    "-p",
+/// Each backend crate built and unit-tested on its own (its features resolved for it
+/// alone, not unified with the workspace's), with no default features and with each of
+/// its features.
+fn features_alone() -> bool {
+    const BACKENDS: [(&str, &[&str]); 4] = [
+        ("lock-redis", &["tls"]),
+        ("lock-pg", &["tls"]),
+        ("lock-zk", &[]),
+        ("lock-mongo", &[]),
+    ];
+    BACKENDS.iter().all(|(krate, features)| {
+        std::iter::once(None)
+            .chain(features.iter().map(Some))
+            .all(|feature| {
+                let mut cmd = cargo();
+                cmd.args([
+                    "test",
+                    "--quiet",
+                    "--lib",
+                    "-p",
+                    krate,
+                    "--no-default-features",
+                ]);
+                if let Some(f) = feature {
+                    cmd.args(["--features", f]);
+                }
+                step(
+                    &format!(
+                        "{krate}: no default features{}",
+                        feature.map_or(String::new(), |f| format!(" + {f}"))
+                    ),
+                    &mut cmd,
+                )
+            })
+    })
+}
+
+/// The crates published on their own, in dependency order.
+pub(crate) const PUBLISHED: [&str; 6] = [
     "lock-core",
-    "-p",
+    "lock-conformance",
     "lock-redis",
-    "-p",
     "lock-pg",
-    "-p",
     "lock-zk",
-    "-p",
     "lock-mongo",
 ];
+
+/// `-p name` for each published crate.
+fn published_args() -> Vec<&'static str> {
+    PUBLISHED.iter().flat_map(|c| ["-p", c]).collect()
+}

@@ -86,6 +86,19 @@ impl MongoBackend {
         }
         let client = Client::with_options(opts)
             .map_err(|e| LockError::InvalidConfig(format!("MongoDB client options: {e}")))?;
+        Self::open(client, cfg).await
+    }
+
+    /// Builds the backend on the application's own `mongodb::Client` (its deployment, TLS
+    /// and credentials); `cfg` gives the other settings, its URL is not used. Checks them,
+    /// reaches the deployment, creates the collection if it is missing.
+    pub async fn from_client(client: Client, cfg: MongoConfig) -> Result<Self, LockError> {
+        cfg.validate_settings()?;
+        Self::open(client, cfg).await
+    }
+
+    async fn open(client: Client, cfg: MongoConfig) -> Result<Self, LockError> {
+        let op = cfg.op_timeout;
         let db = client.database(&cfg.database);
         let (wc, rc) = match cfg.durability {
             Durability::Majority => (

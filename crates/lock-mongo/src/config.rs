@@ -147,6 +147,11 @@ impl MongoConfig {
                 redact(&self.url).chars().take(60).collect::<String>()
             )));
         }
+        self.validate_settings()
+    }
+
+    /// Checks everything but the URL (a backend built on the caller's client has none).
+    pub(crate) fn validate_settings(&self) -> Result<(), LockError> {
         check_name("database", &self.database, 63)?;
         check_name("collection", &self.collection, 120)?;
         if self.collection.starts_with("system") {

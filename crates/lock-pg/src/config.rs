@@ -10,8 +10,17 @@ use lock_core::LockError;
 #[non_exhaustive]
 pub struct PgConfig {
     /// Connection URL or key-value string, as `tokio-postgres` parses it
-    /// (`postgres://user:pass@host:port/db`). Shown with the password redacted.
+    /// (`postgres://user:pass@host:port/db`), with libpq's TLS parameters: `sslmode`
+    /// (`disable`, `prefer` (the default), `require`, `verify-ca`, `verify-full`),
+    /// `sslrootcert` (a PEM file, or `system`), `sslcert` and `sslkey`. Shown with the
+    /// password redacted.
     pub url: String,
+    /// The certificate authorities (PEM) that `verify-ca` and `verify-full` trust, instead of
+    /// `sslrootcert` or the system's.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key (PEM), instead of `sslcert` and
+    /// `sslkey`. The key never shows in Debug output.
+    pub tls_client_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// Schema that holds the lock tables and functions. Default `distlock`. A plain SQL
     /// identifier: lowercase letters, digits and `_`, starting with a letter or `_`, at most
     /// 40 bytes (it is also the prefix of the notification channel).
@@ -44,6 +53,11 @@ impl std::fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgConfig")
             .field("url", &redact(&self.url))
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<set>"))
+            .field(
+                "tls_client_pem",
+                &self.tls_client_pem.as_ref().map(|_| "<set, key hidden>"),
+            )
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("op_timeout", &self.op_timeout)
@@ -115,6 +129,8 @@ impl PgConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls_ca_pem: None,
+            tls_client_pem: None,
             schema: "distlock".into(),
             pool_size: 16,
             op_timeout: Duration::from_secs(5),
@@ -123,6 +139,25 @@ impl PgConfig {
             poll_max: Duration::from_secs(1),
             auto_migrate: true,
         }
+    }
+
+    /// Trusts the certificate authorities in `pem` for `sslmode=verify-ca` and
+    /// `verify-full`.
+    #[must_use]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert_pem` with its private key `key_pem`.
+    #[must_use]
+    pub fn tls_client_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_client_pem = Some((cert_pem.into(), key_pem.into()));
+        self
     }
 
     /// Sets the schema name.
@@ -168,8 +203,51 @@ impl PgConfig {
         self
     }
 
-    /// Checks the settings and parses the URL, before anything is sent.
+    /// Checks the settings and parses the URL (and reads the TLS files it names), before
+    /// anything is sent.
     pub fn validate(&self) -> Result<tokio_postgres::Config, LockError> {
+        Ok(self.connect_parts()?.0)
+    }
+
+    /// The checked connection settings and their TLS connector.
+    pub(crate) fn connect_parts(
+        &self,
+    ) -> Result<(tokio_postgres::Config, crate::tls::Connector), LockError> {
+        self.validate_settings()?;
+        let shown: String = redact(&self.url).chars().take(60).collect();
+        let (url, tls) = crate::tls::split(&self.url)?;
+        let pg = tokio_postgres::Config::from_str(&url)
+            .map_err(|e| LockError::InvalidConfig(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
+        self.finish(pg, &tls, &shown)
+    }
+
+    /// The same for the application's own connection settings `pg` (the URL is not used).
+    /// TLS follows `pg`'s `ssl_mode`: `disable`; `prefer` (encrypted when the server
+    /// offers it, unverified); `require`: encrypted, and verified with the host name when
+    /// [`PgConfig::tls_ca_pem`] is given.
+    pub(crate) fn connect_parts_for(
+        &self,
+        pg: tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Config, crate::tls::Connector), LockError> {
+        use crate::tls::Mode;
+        use tokio_postgres::config::SslMode;
+        self.validate_settings()?;
+        let mode = match pg.get_ssl_mode() {
+            SslMode::Disable => Mode::Disable,
+            SslMode::Prefer => Mode::Prefer,
+            _ if self.tls_ca_pem.is_some() => Mode::VerifyFull,
+            _ => Mode::Require,
+        };
+        let tls = crate::tls::Params {
+            mode,
+            root_cert: None,
+            cert: None,
+            key: None,
+        };
+        self.finish(pg, &tls, "the application's settings")
+    }
+
+    fn validate_settings(&self) -> Result<(), LockError> {
         validate_ident("schema", &self.schema, 40)?;
         if self.pool_size < 2 {
             return Err(LockError::InvalidConfig(
@@ -204,9 +282,15 @@ impl PgConfig {
                 lock_core::options::MAX_LEASE
             )));
         }
-        let shown: String = redact(&self.url).chars().take(60).collect();
-        let mut pg = tokio_postgres::Config::from_str(&self.url)
-            .map_err(|e| LockError::InvalidConfig(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
+        Ok(())
+    }
+
+    fn finish(
+        &self,
+        mut pg: tokio_postgres::Config,
+        tls: &crate::tls::Params,
+        shown: &str,
+    ) -> Result<(tokio_postgres::Config, crate::tls::Connector), LockError> {
         if pg.get_hosts().is_empty() {
             return Err(LockError::InvalidConfig(format!(
                 "PostgreSQL URL {shown:?} names no host"
@@ -218,7 +302,13 @@ impl PgConfig {
         if pg.get_application_name().is_none() {
             pg.application_name("lock-pg");
         }
-        Ok(pg)
+        let (connector, mode) = crate::tls::connector(
+            tls,
+            self.tls_ca_pem.as_deref(),
+            self.tls_client_pem.as_ref(),
+        )?;
+        pg.ssl_mode(mode);
+        Ok((pg, connector))
     }
 }
 

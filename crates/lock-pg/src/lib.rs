@@ -11,6 +11,7 @@ mod lease;
 mod session;
 mod shared;
 mod sql;
+mod tls;
 
 use std::sync::Arc;
 
@@ -50,7 +51,27 @@ impl PgLocks {
     /// Connects with explicit settings. Checks the settings, opens one connection (so a
     /// bad address or password is reported here) and creates the schema if `auto_migrate`.
     pub async fn connect_with(cfg: PgConfig) -> Result<Self, LockError> {
-        let shared = Arc::new(Shared::new(cfg)?);
+        let parts = cfg.connect_parts()?;
+        Self::start(Shared::new(cfg, parts)?).await
+    }
+
+    /// Connects with the application's own connection settings (host, user, password,
+    /// options); `cfg` gives the lock's settings, its URL is not used. TLS follows `pg`'s
+    /// `ssl_mode`: `disable`; `prefer`, encrypted when the server offers it, unverified;
+    /// `require`, encrypted, and verified with the host name when
+    /// [`PgConfig::tls_ca_pem`] is given.
+    ///
+    /// The lock keeps a pool of its own, of at most `cfg.pool_size` connections: each new
+    /// connection checks, before its first statement, whether the server crashed since the
+    /// last token was drawn (see [`PgLocks::migrate`]), which a pool made elsewhere would
+    /// not do.
+    pub async fn from_config(pg: tokio_postgres::Config, cfg: PgConfig) -> Result<Self, LockError> {
+        let parts = cfg.connect_parts_for(pg)?;
+        Self::start(Shared::new(cfg, parts)?).await
+    }
+
+    async fn start(shared: Shared) -> Result<Self, LockError> {
+        let shared = Arc::new(shared);
         drop(shared.conn(None).await?);
         shared.ready().await?;
         Ok(Self { shared })

@@ -94,6 +94,8 @@ fn discard(obj: Object) {
     let token = client.cancel_token();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
+            // A cancel request carries no credentials (the backend's pid and a one-time
+            // key) and is accepted before any TLS or authentication rule, as libpq sends it.
             let _ = tokio::time::timeout(Duration::from_secs(2), token.cancel_query(NoTls)).await;
             drop(client);
         });

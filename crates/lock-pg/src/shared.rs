@@ -12,7 +12,7 @@ use lock_core::keyed::{KeyTurns, KeyWakeups};
 use lock_core::{LockError, LockKey};
 use tokio::sync::{Notify, OnceCell, OwnedMutexGuard};
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::config::PgConfig;
 use crate::handoff::Handoffs;
@@ -23,6 +23,8 @@ use crate::sql::{self, map_err, Sql, NAME, SCHEMA_VERSION};
 pub(crate) struct Shared {
     pub(crate) cfg: PgConfig,
     pub(crate) pg: tokio_postgres::Config,
+    /// TLS for every connection (`sslmode` and its companions).
+    tls: Tls,
     pub(crate) pool: Pool,
     pub(crate) sql: Sql,
     migrated: OnceCell<()>,
@@ -36,12 +38,33 @@ pub(crate) struct Shared {
     listener: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
+/// The TLS connector (its configuration holds keys: not shown).
+#[derive(Clone)]
+struct Tls(crate::tls::Connector);
+
+impl Tls {
+    // Without the `tls` feature the connector is `NoTls`, which is `Copy`.
+    #[allow(clippy::clone_on_copy)]
+    fn connector(&self) -> crate::tls::Connector {
+        self.0.clone()
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
 impl Shared {
-    pub(crate) fn new(cfg: PgConfig) -> Result<Self, LockError> {
-        let pg = cfg.validate()?;
+    pub(crate) fn new(
+        cfg: PgConfig,
+        (pg, tls): (tokio_postgres::Config, crate::tls::Connector),
+    ) -> Result<Self, LockError> {
+        let tls = Tls(tls);
         let mgr = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -74,6 +97,7 @@ impl Shared {
             sql,
             cfg,
             pg,
+            tls,
             pool,
             migrated: OnceCell::new(),
             queues: KeyTurns::new(),
@@ -96,7 +120,11 @@ impl Shared {
     pub(crate) async fn crash_guard(&self) -> Result<(), LockError> {
         let op = self.cfg.op_timeout;
         tokio::time::timeout(op, async {
-            let (client, conn) = self.pg.connect(NoTls).await.map_err(map_err)?;
+            let (client, conn) = self
+                .pg
+                .connect(self.tls.connector())
+                .await
+                .map_err(map_err)?;
             let task = tokio::spawn(conn);
             let res = client
                 .batch_execute(&self.sql.crash_guard)
@@ -245,7 +273,11 @@ impl Shared {
     }
 
     async fn listen(&self) -> Result<tokio_postgres::Client, LockError> {
-        let (client, mut conn) = self.pg.connect(NoTls).await.map_err(map_err)?;
+        let (client, mut conn) = self
+            .pg
+            .connect(self.tls.connector())
+            .await
+            .map_err(map_err)?;
         let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
         // The task only holds a weak reference: it ends with the client or the connection.
         let registry = Arc::downgrade(&self.notifies);

@@ -412,6 +412,24 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
         let msg = format!("{} (SQLSTATE {})", db.message(), code.code());
         return LockError::backend(NAME, retryable, msg);
     }
+    // A certificate refused, or no TLS where sslmode asks for it, will be the same on a
+    // retry: configuration errors, named as such.
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    let tls = if text.contains("invalid peer certificate") {
+        Some("the server's certificate was not accepted (wrong CA, or a host name it does not name?)")
+    } else if text.contains("does not support TLS") {
+        Some("the server does not offer TLS, which sslmode asks for")
+    } else {
+        None
+    };
+    if let Some(hint) = tls {
+        return LockError::InvalidConfig(format!("TLS: {hint}: {text}"));
+    }
     // Not a server error: I/O, a closed connection, a timeout while connecting.
     LockError::backend(NAME, true, e)
 }

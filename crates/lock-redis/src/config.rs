@@ -9,8 +9,17 @@ use lock_core::LockError;
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// Server URL, `redis://[user:pass@]host:port[/db]`. Shown with the password redacted.
+    /// Server URL, `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS (the `tls`
+    /// feature, on by default). An ACL user and password go in the URL. Shown with the
+    /// password redacted.
     pub url: String,
+    /// For `rediss://`: the certificate authorities to trust (PEM), instead of the system's,
+    /// for a server whose certificate a private CA signed.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// For `rediss://` to a server that asks for client certificates (Redis does by
+    /// default: `tls-auth-clients yes`): the certificate chain and its private key (PEM).
+    /// The key never shows in Debug output.
+    pub tls_client_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// Prefix of every key this backend writes. Default `lock:`. 1 to 64 characters,
     /// without spaces, control characters, `{` or `}`.
     pub namespace: String,
@@ -32,6 +41,11 @@ impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact(&self.url))
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<set>"))
+            .field(
+                "tls_client_pem",
+                &self.tls_client_pem.as_ref().map(|_| "<set, key hidden>"),
+            )
             .field("namespace", &self.namespace)
             .field("fair", &self.fair)
             .field("op_timeout", &self.op_timeout)
@@ -82,12 +96,34 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls_ca_pem: None,
+            tls_client_pem: None,
             namespace: "lock:".into(),
             fair: true,
             op_timeout: Duration::from_secs(2),
             replica_acks: None,
             allow_eviction: false,
         }
+    }
+
+    /// Trusts the certificate authorities in `pem` (instead of the system's) for
+    /// `rediss://`.
+    #[must_use]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert_pem` with its private key `key_pem` on
+    /// `rediss://` connections (mutual TLS).
+    #[must_use]
+    pub fn tls_client_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_client_pem = Some((cert_pem.into(), key_pem.into()));
+        self
     }
 
     /// Sets the key namespace.
@@ -128,22 +164,32 @@ impl RedisConfig {
 
     /// Checks the settings before connecting.
     pub fn validate(&self) -> Result<(), LockError> {
-        if self.url.starts_with("rediss://") {
+        let tls = self.url.starts_with("rediss://");
+        if tls && !cfg!(feature = "tls") {
             return Err(LockError::InvalidConfig(
-                "rediss:// (TLS) is not supported by lock-redis: connect with redis:// over a \
-                 trusted network or a TLS tunnel"
-                    .into(),
+                "rediss:// needs lock-redis built with its `tls` feature".into(),
             ));
         }
-        if !(self.url.starts_with("redis://")
+        if !(tls
+            || self.url.starts_with("redis://")
             || self.url.starts_with("redis+unix://")
             || self.url.starts_with("unix://"))
         {
             return Err(LockError::InvalidConfig(format!(
-                "Redis URL must start with redis:// or unix://, got {:?}",
+                "Redis URL must start with redis://, rediss:// or unix://, got {:?}",
                 redact(&self.url).chars().take(60).collect::<String>()
             )));
         }
+        if !tls && (self.tls_ca_pem.is_some() || self.tls_client_pem.is_some()) {
+            return Err(LockError::InvalidConfig(
+                "TLS certificates are set but the URL is not rediss://".into(),
+            ));
+        }
+        self.validate_settings()
+    }
+
+    /// Checks everything but the URL (a backend built on the caller's client has none).
+    pub(crate) fn validate_settings(&self) -> Result<(), LockError> {
         if self.namespace.is_empty()
             || self.namespace.len() > 64
             || self
@@ -197,6 +243,19 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn tls_settings_need_a_tls_url_and_hide_the_key() {
+        let c = RedisConfig::new("redis://h").tls_ca_pem("ca");
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not rediss://"));
+        let c = RedisConfig::new("rediss://h:6380").tls_client_pem("cert", "KEY-s3cret");
+        assert_eq!(c.validate().is_ok(), cfg!(feature = "tls"));
+        assert!(!format!("{c:?}").contains("KEY-s3cret"));
     }
 
     #[test]

@@ -26,5 +26,10 @@ pub(crate) fn map_err(e: RedisError) -> LockError {
     ) {
         return LockError::InvalidConfig(format!("Redis refused access: {e}"));
     }
+    if e.code() == Some("NOAUTH") {
+        return LockError::InvalidConfig(format!(
+            "Redis refused access: {e} (give a user and password in the URL: redis://user:password@host)"
+        ));
+    }
     LockError::backend(NAME, retryable, e)
 }

@@ -75,13 +75,28 @@ impl RedisBackend {
         Self::open(cfg, Duration::ZERO).await
     }
 
+    /// Builds the backend on the application's own `redis::Client` (its address, TLS
+    /// settings and credentials); `cfg` gives the other settings, its URL is not used. The
+    /// backend opens its own connections from the client: one shared, multiplexed
+    /// connection, and one per blocked waiter.
+    pub async fn from_client(client: Client, cfg: RedisConfig) -> Result<Self, LockError> {
+        cfg.validate_settings()?;
+        Self::open_client(client, cfg, Duration::ZERO).await
+    }
+
     /// Connects as one node of a Redlock: a node whose lock data began less than `sit_out`
     /// ago grants nothing (see the `scripts` module).
     pub(crate) async fn open(cfg: RedisConfig, sit_out: Duration) -> Result<Self, LockError> {
         cfg.validate()?;
-        let client = Client::open(cfg.url.as_str()).map_err(|e| {
-            LockError::InvalidConfig(format!("bad Redis URL {}: {e}", redact(&cfg.url)))
-        })?;
+        let client = client_for(&cfg)?;
+        Self::open_client(client, cfg, sit_out).await
+    }
+
+    async fn open_client(
+        client: Client,
+        cfg: RedisConfig,
+        sit_out: Duration,
+    ) -> Result<Self, LockError> {
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.op_timeout))
             .set_response_timeout(Some(cfg.op_timeout))
@@ -97,7 +112,7 @@ impl RedisBackend {
             op: "connect",
             after: cfg.op_timeout * 2,
         })?
-        .map_err(map_err)?;
+        .map_err(connect_err)?;
         let run_id = tokio::time::timeout(cfg.op_timeout * 2, check_server(&conn, &cfg))
             .await
             .map_err(|_| LockError::OperationTimeout {
@@ -472,6 +487,48 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 /// Refuses servers on which the lock is not safe: older than 6.2 (the scripts need
 /// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys. Returns the
 /// server's `run_id`.
+/// The client for `cfg`'s URL, with its TLS settings.
+fn client_for(cfg: &RedisConfig) -> Result<Client, LockError> {
+    let bad = |e: redis::RedisError| {
+        LockError::InvalidConfig(format!("bad Redis URL {}: {e}", redact(&cfg.url)))
+    };
+    #[cfg(feature = "tls")]
+    if cfg.url.starts_with("rediss://") {
+        // rustls needs a process-wide provider when more than one is compiled in.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let certs = redis::TlsCertificates {
+            client_tls: cfg
+                .tls_client_pem
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: cfg.tls_ca_pem.clone(),
+        };
+        return Client::build_with_tls(cfg.url.as_str(), certs).map_err(bad);
+    }
+    Client::open(cfg.url.as_str()).map_err(bad)
+}
+
+/// A failed first connection: a certificate refused on either side will be refused on a
+/// retry too, so it is a configuration error, named as such.
+fn connect_err(e: redis::RedisError) -> LockError {
+    let text = e.to_string();
+    let hint = if text.contains("invalid peer certificate") {
+        "the server's certificate was not accepted (wrong CA, or a host name it does not name?)"
+    } else if text.contains("CertificateRequired") {
+        "the server asks for a client certificate (RedisConfig::tls_client_pem)"
+    } else if text.contains("fatal alert") {
+        "the server refused the handshake (is the client certificate one it trusts?)"
+    } else {
+        return map_err(e);
+    };
+    LockError::InvalidConfig(format!("TLS: {hint}: {text}"))
+}
+
 async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<String, LockError> {
     let section = |name: &'static str| {
         let mut c = conn.clone();

@@ -213,7 +213,7 @@ async fn run() -> Result<(), String> {
                 until_us: now_us() + left.as_micros() as u64,
             });
         }
-        if starve_every > 0 && n % starve_every == 0 {
+        if starve_every > 0 && n.is_multiple_of(starve_every) {
             // Block the only runtime thread: renewals cannot run.
             std::thread::sleep(starve.unwrap_or(lease * 2));
         }

@@ -1,0 +1,412 @@
+//! TLS for the connections to PostgreSQL, by libpq's rules: `sslmode` (`disable`, `prefer`
+//! (the default), `require`, `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or
+//! `system`), `sslcert` and `sslkey` (a client certificate), read from the URL or the
+//! key-value string, or given as PEM through [`PgConfig`](crate::PgConfig).
+
+use lock_core::LockError;
+
+/// What libpq's `sslmode` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS settings taken out of a connection string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Params {
+    pub(crate) mode: Mode,
+    /// `sslrootcert`: a file, or `system`.
+    pub(crate) root_cert: Option<String>,
+    pub(crate) cert: Option<String>,
+    pub(crate) key: Option<String>,
+}
+
+const KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+fn bad(msg: String) -> LockError {
+    LockError::InvalidConfig(msg)
+}
+
+impl Params {
+    fn set(&mut self, key: &str, value: &str) -> Result<(), LockError> {
+        match key {
+            "sslmode" => {
+                self.mode = match value {
+                    "disable" => Mode::Disable,
+                    "prefer" | "allow" => Mode::Prefer,
+                    "require" => Mode::Require,
+                    "verify-ca" => Mode::VerifyCa,
+                    "verify-full" => Mode::VerifyFull,
+                    other => {
+                        return Err(bad(format!(
+                            "sslmode {:?} is not one of disable, allow, prefer, require, \
+                             verify-ca, verify-full",
+                            other.chars().take(20).collect::<String>()
+                        )))
+                    }
+                }
+            }
+            "sslrootcert" => self.root_cert = Some(value.to_owned()),
+            "sslcert" => self.cert = Some(value.to_owned()),
+            _ => self.key = Some(value.to_owned()),
+        }
+        Ok(())
+    }
+}
+
+/// Splits the TLS parameters off `url` (a URL or a key-value string); returns the rest,
+/// for `tokio-postgres`, and the parameters.
+pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
+    let mut p = Params {
+        mode: Mode::Prefer,
+        root_cert: None,
+        cert: None,
+        key: None,
+    };
+    if url.contains("://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), p));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some((k, v)) if KEYS.contains(&k) => p.set(k, &percent_decode(v))?,
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((rest, p));
+    }
+    // Key-value form: the TLS keys take plain values (no quotes, no spaces).
+    let mut kept = Vec::new();
+    let mut words = url.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        let key = w.split('=').next().unwrap_or_default();
+        if !KEYS.contains(&key) {
+            kept.push(w.to_owned());
+            continue;
+        }
+        let value = match w.split_once('=') {
+            Some((_, v)) if !v.is_empty() => v.to_owned(),
+            // `key = value` or `key =value`
+            _ => {
+                let mut v = String::new();
+                for next in words.by_ref() {
+                    let part = next.trim_start_matches('=');
+                    if !part.is_empty() {
+                        v = part.to_owned();
+                        break;
+                    }
+                }
+                v
+            }
+        };
+        p.set(key, &value)?;
+    }
+    Ok((kept.join(" "), p))
+}
+
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(feature = "tls")]
+pub(crate) use rustls_impl::{connector, Connector};
+
+#[cfg(not(feature = "tls"))]
+pub(crate) type Connector = tokio_postgres::NoTls;
+
+/// Without the `tls` feature: no TLS, and a URL that requires it is refused.
+#[cfg(not(feature = "tls"))]
+pub(crate) fn connector(
+    p: &Params,
+    _ca_pem: Option<&[u8]>,
+    _client_pem: Option<&(Vec<u8>, Vec<u8>)>,
+) -> Result<(Connector, tokio_postgres::config::SslMode), LockError> {
+    match p.mode {
+        Mode::Disable | Mode::Prefer => Ok((
+            tokio_postgres::NoTls,
+            tokio_postgres::config::SslMode::Disable,
+        )),
+        _ => Err(bad(
+            "this sslmode needs lock-pg built with its `tls` feature".into(),
+        )),
+    }
+}
+
+#[cfg(feature = "tls")]
+mod rustls_impl {
+    use std::sync::Arc;
+
+    use lock_core::LockError;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    use rustls::{
+        CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    };
+    use tokio_postgres::config::SslMode;
+
+    use super::{bad, Mode, Params};
+
+    pub(crate) type Connector = tokio_postgres_rustls::MakeRustlsConnect;
+
+    /// Accepts any certificate (libpq's `prefer` and `require` without a root certificate:
+    /// encryption against eavesdroppers only), still checking the handshake's signatures.
+    #[derive(Debug)]
+    struct Unverified(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Unverified {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// libpq's `verify-ca`: the chain must lead to a trusted root; the host name is not
+    /// checked (the name check comes after the chain's in the WebPKI verifier).
+    #[derive(Debug)]
+    struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+
+    fn read(what: &str, path: &str) -> Result<Vec<u8>, LockError> {
+        std::fs::read(path).map_err(|e| bad(format!("cannot read {what} {path:?}: {e}")))
+    }
+
+    fn certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, LockError> {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("{what}: not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(format!("{what}: no certificate in it")));
+        }
+        Ok(certs)
+    }
+
+    fn roots(p: &Params, ca_pem: Option<&[u8]>) -> Result<RootCertStore, LockError> {
+        let mut store = RootCertStore::empty();
+        let pem = match (ca_pem, p.root_cert.as_deref()) {
+            (Some(pem), _) => Some(pem.to_vec()),
+            (None, Some("system") | None) => None,
+            (None, Some(path)) => Some(read("sslrootcert", path)?),
+        };
+        match pem {
+            Some(pem) => {
+                for c in certs("the root certificates", &pem)? {
+                    store
+                        .add(c)
+                        .map_err(|e| bad(format!("a root certificate: {e}")))?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = store.add(c);
+                }
+                if store.is_empty() {
+                    return Err(bad(
+                        "no certificate authority to verify the server with: give sslrootcert \
+                         (a PEM file) or PgConfig::tls_ca_pem"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The connector and the `sslmode` to give `tokio-postgres` for these settings.
+    pub(crate) fn connector(
+        p: &Params,
+        ca_pem: Option<&[u8]>,
+        client_pem: Option<&(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(Connector, SslMode), LockError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(format!("TLS: {e}")))?;
+        // libpq: `require` with a root certificate given verifies as `verify-ca`.
+        let given_root = ca_pem.is_some() || p.root_cert.is_some();
+        let builder = match p.mode {
+            Mode::VerifyFull => builder.with_root_certificates(roots(p, ca_pem)?),
+            Mode::VerifyCa => builder
+                .dangerous()
+                .with_custom_certificate_verifier(chain_only(p, ca_pem, &provider)?),
+            Mode::Require if given_root => builder
+                .dangerous()
+                .with_custom_certificate_verifier(chain_only(p, ca_pem, &provider)?),
+            _ => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(provider.clone()))),
+        };
+        let client_pem = match (client_pem, &p.cert, &p.key) {
+            (Some((c, k)), _, _) => Some((c.clone(), k.clone())),
+            (None, Some(c), Some(k)) => Some((read("sslcert", c)?, read("sslkey", k)?)),
+            (None, None, None) => None,
+            _ => return Err(bad("sslcert and sslkey go together".into())),
+        };
+        let config = match client_pem {
+            Some((cert, key)) => {
+                let chain = certs("the client certificate", &cert)?;
+                let key = PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|_| bad("the client key is not a PEM private key".into()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(format!("the client certificate: {e}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mode = match p.mode {
+            Mode::Disable => SslMode::Disable,
+            Mode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        };
+        Ok((tokio_postgres_rustls::MakeRustlsConnect::new(config), mode))
+    }
+
+    fn chain_only(
+        p: &Params,
+        ca_pem: Option<&[u8]>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Arc<ChainOnly>, LockError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(p, ca_pem)?),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad(format!("TLS: {e}")))?;
+        Ok(Arc::new(ChainOnly(inner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_keys_are_taken_out_of_both_forms() {
+        let (rest, p) = split(
+            "postgres://u:pw@h:5432/db?sslmode=verify-full&application_name=x&sslrootcert=%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u:pw@h:5432/db?application_name=x");
+        assert_eq!(p.mode, Mode::VerifyFull);
+        assert_eq!(p.root_cert.as_deref(), Some("/ca.pem"));
+        let (rest, p) =
+            split("host=h user=u sslmode = verify-ca sslrootcert=/ca.pem dbname=d").unwrap();
+        assert_eq!(rest, "host=h user=u dbname=d");
+        assert_eq!(p.mode, Mode::VerifyCa);
+        let (rest, p) = split("postgres://h/db").unwrap();
+        assert_eq!((rest.as_str(), p.mode), ("postgres://h/db", Mode::Prefer));
+        assert!(split("postgres://h/db?sslmode=bogus").is_err());
+    }
+}
