@@ -452,10 +452,16 @@ async fn watch_rearmed(connect: &str) -> Res<String> {
         )
         .await
         .map_err(e2s)?;
-    let (_, w) = watcher_client
+    // The watcher's server may not have applied the create yet: a sync first, so that the
+    // watch is one on an existing node.
+    watcher_client.sync(&path).await.map_err(e2s)?;
+    let (stat, w) = watcher_client
         .check_and_watch_stat(&path)
         .await
         .map_err(e2s)?;
+    if stat.is_none() {
+        return Err("the node is not there after a sync".into());
+    }
     // Break the watcher's connection; it reconnects (same session).
     for p in &proxies {
         p.reset_all();

@@ -142,6 +142,35 @@ impl LockClient {
         self.with_lock_opts(key, &self.defaults, work).await
     }
 
+    /// [`LockClient::with_lock`] for fallible work: the closure's error and the lock's come
+    /// back in one `Result`, in the closure's error type (which a [`LockError`] converts
+    /// into). A lock lost while the closure ran is reported as [`LockError::Lost`], whatever
+    /// the closure returned.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use lock_core::{LockClient, LockError, memory::MemoryStore};
+    /// #[derive(Debug)]
+    /// enum JobError { Lock(LockError), Parse(std::num::ParseIntError) }
+    /// impl From<LockError> for JobError {
+    ///     fn from(e: LockError) -> Self { JobError::Lock(e) }
+    /// }
+    /// let client = LockClient::new(MemoryStore::new().connect());
+    /// let n: Result<u32, JobError> = client
+    ///     .try_with_lock("job", |_lock| async { "42".parse::<u32>().map_err(JobError::Parse) })
+    ///     .await;
+    /// assert_eq!(n.unwrap(), 42);
+    /// # }
+    /// ```
+    pub async fn try_with_lock<F, Fut, T, E>(&self, key: &str, work: F) -> Result<T, E>
+    where
+        F: FnOnce(LockHandle) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<LockError>,
+    {
+        self.with_lock_opts(key, &self.defaults, work).await?
+    }
+
     /// [`LockClient::with_lock`] with explicit options.
     pub async fn with_lock_opts<F, Fut, T>(
         &self,
@@ -370,6 +399,32 @@ mod tests {
 
     use super::*;
     use crate::memory::MemoryStore;
+
+    /// Fallible work: its error comes back as it is, unnested, and the lock is released.
+    #[tokio::test]
+    async fn try_with_lock_returns_the_works_error_and_releases() {
+        #[derive(Debug, PartialEq)]
+        enum E {
+            Lock(String),
+            Work,
+        }
+        impl From<LockError> for E {
+            fn from(e: LockError) -> Self {
+                E::Lock(e.to_string())
+            }
+        }
+        let client = LockClient::new(MemoryStore::new().connect())
+            .with_options(LockOptions::default().wait(WaitPolicy::NoWait));
+        let r: Result<(), E> = client.try_with_lock("k", |_| async { Err(E::Work) }).await;
+        assert_eq!(r, Err(E::Work));
+        let g = client
+            .try_acquire("k")
+            .await
+            .expect("released after the work failed");
+        let r: Result<(), E> = client.try_with_lock("k", |_| async { Ok(()) }).await;
+        assert!(matches!(r, Err(E::Lock(_))), "{r:?}");
+        g.release().await.expect("release");
+    }
 
     /// The grant lands in the channel, then the caller drops its future without reading
     /// it (as a caller's own timeout can, between two polls): the lease must be released,

@@ -13,6 +13,8 @@ mod guard;
 mod guard_tests;
 mod keeper;
 pub mod key;
+// Per-key registries the backend crates of this workspace share; not a user API.
+#[doc(hidden)]
 pub mod keyed;
 pub mod memory;
 pub mod options;

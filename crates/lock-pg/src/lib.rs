@@ -15,8 +15,6 @@ mod tls;
 
 use std::sync::Arc;
 
-use lock_core::{HolderMeta, LeaseId, LockKey};
-
 pub use config::PgConfig;
 pub use fence::{fenced_update, FencedTable};
 pub use lease::PgLeaseBackend;
@@ -25,8 +23,9 @@ pub use sql::{advisory_id, advisory_lock_parts};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, FenceRejected, FencedWrite, FencingToken, LockClient, LockError, LockGuard, LockHandle,
-    LockOptions, LockStatus, WaitPolicy,
+    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
+    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
+    ReleaseOutcome, WaitPolicy,
 };
 /// The client libraries this backend is built on.
 pub use {deadpool_postgres, tokio_postgres};

@@ -17,8 +17,9 @@ pub use single::{FencedValue, RedisBackend};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, FencedWrite, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
-    LockStatus, WaitPolicy,
+    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
+    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
+    ReleaseOutcome, WaitPolicy,
 };
 /// The client library this backend is built on.
 pub use redis;

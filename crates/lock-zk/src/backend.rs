@@ -117,6 +117,17 @@ struct Held {
     session: Arc<Session>,
     path: String,
     monitor: JoinHandle<()>,
+    /// Until when the monitor's last answered check keeps the session (see
+    /// `confirmed_until`); shared with the monitor.
+    until: Arc<Mutex<Instant>>,
+}
+
+impl Held {
+    /// Whether the session went unconfirmed until its deadline: declared lost, as the
+    /// monitor (which a release stops) would have.
+    fn expired(&self) -> bool {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) <= Instant::now()
+    }
 }
 
 #[derive(Debug)]
@@ -620,16 +631,23 @@ impl ZkBackend {
         token: FencingToken,
         asked: Instant,
     ) -> Grant {
-        let (tx, rx) = watch::channel(SessionHealth::Alive {
-            until: confirmed_until(&session, asked),
-        });
-        let monitor = tokio::spawn(monitor(session.clone(), path.clone(), tx, asked));
+        let first = confirmed_until(&session, asked);
+        let (tx, rx) = watch::channel(SessionHealth::Alive { until: first });
+        let until = Arc::new(Mutex::new(first));
+        let monitor = tokio::spawn(monitor(
+            session.clone(),
+            path.clone(),
+            tx,
+            asked,
+            until.clone(),
+        ));
         self.held().insert(
             lease,
             Held {
                 session,
                 path,
                 monitor,
+                until,
             },
         );
         Grant::session(token, rx)
@@ -660,6 +678,7 @@ async fn monitor(
     path: String,
     tx: watch::Sender<SessionHealth>,
     asked: Instant,
+    deadline: Arc<Mutex<Instant>>,
 ) {
     let ended = |r: String| SessionHealth::Ended(LossReason::SessionEnded(r));
     let Ok(client) = session.client() else {
@@ -705,6 +724,7 @@ async fn monitor(
     let mut probe = Box::pin(probe_at(client.clone(), path.clone(), asked + every));
     let mut until = confirmed_until(&session, asked);
     let outcome = loop {
+        *deadline.lock().unwrap_or_else(|p| p.into_inner()) = until;
         tokio::select! {
             st = states.changed() => match st {
                 zk::SessionState::Disconnected => {
@@ -808,6 +828,9 @@ impl LockBackend for ZkBackend {
         let (client, path, held_on) = match held {
             Some(h) => {
                 h.monitor.abort();
+                if h.expired() {
+                    h.session.kill();
+                }
                 match h.session.client() {
                     Ok(c) => (c, Some(h.path), Some(h.session)),
                     // The session was given up: its nodes go when it closes or expires;

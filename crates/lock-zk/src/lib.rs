@@ -14,8 +14,9 @@ pub use path::escape_key;
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, FenceRejected, FencingToken, LockClient, LockError, LockGuard, LockHandle, LockOptions,
-    LockStatus, WaitPolicy,
+    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
+    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
+    ReleaseOutcome, WaitPolicy,
 };
 /// The client library this backend is built on.
 pub use zookeeper_client;
