@@ -148,6 +148,11 @@ pub(crate) async fn tls_and_scram() -> Res<String> {
         }
         seen.push(name);
     }
+    let cancelled = cancelled_wait_over_tls(
+        PgConfig::new(at("localhost", "sslmode=verify-full")).tls_ca_pem(ca.clone()),
+        &admin,
+    )
+    .await?;
     let wrong_name = refused(
         PgConfig::new(at("127.0.0.1", "sslmode=verify-full")).tls_ca_pem(ca.clone()),
         "not valid for name",
@@ -182,8 +187,59 @@ pub(crate) async fn tls_and_scram() -> Res<String> {
     .map_err(|e| format!("a wrong password: {e}"))?;
     drop(server);
     Ok(format!(
-        "locked and encrypted with {seen:?}; verify-full on 127.0.0.1: {wrong_name}; another \
-         CA: {other_ca}; disable: {plain}; wrong password: {wrong_password}"
+        "locked and encrypted with {seen:?}; {cancelled}; verify-full on 127.0.0.1: \
+         {wrong_name}; another CA: {other_ca}; disable: {plain}; wrong password: \
+         {wrong_password}"
+    ))
+}
+
+/// An advisory-lock wait abandoned by its caller on a TLS connection is cancelled on the
+/// server (the cancel request goes over TLS too): no backend of the role is left waiting.
+async fn cancelled_wait_over_tls(cfg: PgConfig, admin: &tokio_postgres::Client) -> Res<String> {
+    let locks = PgLocks::connect_with(cfg).await.map_err(e2s)?;
+    let c = LockClient::new(locks.advisory())
+        .with_options(lock_core::LockOptions::default().wait(lock_core::WaitPolicy::Forever));
+    let held = c.acquire("tls-wait").await.map_err(e2s)?;
+    let waiter = LockClient::new(locks.advisory())
+        .with_options(lock_core::LockOptions::default().wait(lock_core::WaitPolicy::Forever));
+    let waiting = || async {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE usename = 'app' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .map_err(e2s)?;
+        Ok::<i64, String>(row.get(0))
+    };
+    let task = tokio::spawn(async move { waiter.acquire("tls-wait").await.map(|_| ()) });
+    let t = tokio::time::Instant::now();
+    while waiting().await? == 0 {
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err("the waiter never waited on the server".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    let t = tokio::time::Instant::now();
+    loop {
+        let waiting = waiting().await?;
+        if waiting == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            return Err(format!(
+                "{waiting} backend(s) still wait for the lock 5 s after the waiter was dropped"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await.map_err(e2s)?;
+    Ok(format!(
+        "an abandoned wait cancelled on the server in {:?}",
+        t.elapsed()
     ))
 }
 

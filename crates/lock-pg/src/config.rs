@@ -71,17 +71,19 @@ impl std::fmt::Debug for PgConfig {
 
 /// `url` (a URL or a key-value string) with its password replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (base, query) = rest
-            .split_once('?')
-            .map_or((rest, None), |(b, q)| (b, Some(q)));
-        let base = match base.rsplit_once('@') {
+    if let Some((scheme, rest)) = url.split_once("://").filter(|_| crate::tls::is_url(url)) {
+        // The user info ends at the last `@`: a careless password may hold `?`, `/` or `@`.
+        // (An `@` in the query hides the host too: more hidden, never less.)
+        let rest = match rest.rsplit_once('@') {
             Some((auth, host)) => match auth.split_once(':') {
                 Some((user, _)) => format!("{user}:***@{host}"),
                 None => format!("{auth}@{host}"),
             },
-            None => base.to_owned(),
+            None => rest.to_owned(),
         };
+        let (base, query) = rest
+            .split_once('?')
+            .map_or((rest.as_str(), None), |(b, q)| (b, Some(q)));
         let query = query.map(|q| {
             q.split('&')
                 .map(|p| match p.split_once('=') {
@@ -218,6 +220,7 @@ impl PgConfig {
         let (url, tls) = crate::tls::split(&self.url)?;
         let pg = tokio_postgres::Config::from_str(&url)
             .map_err(|e| LockError::InvalidConfig(format!("bad PostgreSQL URL {shown:?}: {e}")))?;
+        crate::tls::check(&tls, pg.get_ssl_mode())?;
         self.finish(pg, &tls, &shown)
     }
 
@@ -391,6 +394,14 @@ mod tests {
             .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
         assert_eq!(redact("host=db user=app"), "host=db user=app");
+        for (url, secret) in [
+            ("postgres://app:p?s3cret@db/shop", "s3cret"),
+            ("postgres://app:pw/s3cret@db/shop?sslmode=require", "s3cret"),
+            ("host=db application_name=x://y password=s3cret", "s3cret"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url}: {shown}");
+        }
     }
 
     #[test]

@@ -14,7 +14,6 @@ use lock_core::{
     LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome,
 };
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 use crate::shared::Shared;
 use crate::sql::{advisory_id, advisory_lock_parts, is_lock_timeout, map_err};
@@ -65,7 +64,7 @@ struct Held {
 /// and the connection is closed rather than returned to the pool: closing it ends the
 /// session, which frees whatever the request may have been granted.
 #[derive(Debug)]
-struct InFlight(Option<Object>);
+struct InFlight(Option<Object>, crate::shared::Tls);
 
 impl InFlight {
     fn conn(&self) -> Result<&Object, LockError> {
@@ -82,21 +81,22 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(obj) = self.0.take() {
-            discard(obj);
+            discard(obj, self.1.clone());
         }
     }
 }
 
 /// Closes a connection instead of returning it to the pool, after asking the server to
 /// cancel whatever it is running.
-fn discard(obj: Object) {
+fn discard(obj: Object, tls: crate::shared::Tls) {
     let client = Object::take(obj);
     let token = client.cancel_token();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            // A cancel request carries no credentials (the backend's pid and a one-time
-            // key) and is accepted before any TLS or authentication rule, as libpq sends it.
-            let _ = tokio::time::timeout(Duration::from_secs(2), token.cancel_query(NoTls)).await;
+            // Over TLS when the connection used it (the token's sslmode asks for it).
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), token.cancel_query(tls.connector()))
+                    .await;
             drop(client);
         });
     }
@@ -195,7 +195,7 @@ impl PgSessionBackend {
                     Some(i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1))
                 }
             };
-            let flight = InFlight(Some(obj));
+            let flight = InFlight(Some(obj), self.shared.tls());
             let conn = flight.conn()?;
             let sent = Instant::now();
             // A try is bounded here; a waiting acquire by lock_timeout and the caller.
@@ -388,7 +388,7 @@ impl LockBackend for PgSessionBackend {
         };
         // Until the release is answered, dropping `flight` (this future cancelled) closes
         // the connection, which frees the lock.
-        let flight = InFlight(h.conn.lock().await.0.take());
+        let flight = InFlight(h.conn.lock().await.0.take(), self.shared.tls());
         let Ok(obj) = flight.conn() else {
             return Ok(ReleaseOutcome::NotHeld);
         };

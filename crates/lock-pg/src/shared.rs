@@ -40,12 +40,12 @@ pub(crate) struct Shared {
 
 /// The TLS connector (its configuration holds keys: not shown).
 #[derive(Clone)]
-struct Tls(crate::tls::Connector);
+pub(crate) struct Tls(crate::tls::Connector);
 
 impl Tls {
     // Without the `tls` feature the connector is `NoTls`, which is `Copy`.
     #[allow(clippy::clone_on_copy)]
-    fn connector(&self) -> crate::tls::Connector {
+    pub(crate) fn connector(&self) -> crate::tls::Connector {
         self.0.clone()
     }
 }
@@ -105,6 +105,11 @@ impl Shared {
             notifies: Arc::new(KeyWakeups::new()),
             listener: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The TLS connector of this client's connections.
+    pub(crate) fn tls(&self) -> Tls {
+        self.tls.clone()
     }
 
     /// The server-side idle limit of a holder's session, in ms: `session_timeout`.

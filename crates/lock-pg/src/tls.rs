@@ -58,8 +58,22 @@ impl Params {
     }
 }
 
+/// Whether `url` is in URL form, by the rule `tokio-postgres` uses.
+pub(crate) fn is_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `sslmode` as `tokio-postgres` understands it: the verify modes are `require` to it.
+fn for_driver(mode: &str) -> &str {
+    match mode {
+        "verify-ca" | "verify-full" => "require",
+        other => other,
+    }
+}
+
 /// Splits the TLS parameters off `url` (a URL or a key-value string); returns the rest,
-/// for `tokio-postgres`, and the parameters.
+/// for `tokio-postgres`, and the parameters. `sslmode` stays in the rest (the verify modes
+/// as `require`), so that [`check`] can compare what both parsers read.
 pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
     let mut p = Params {
         mode: Mode::Prefer,
@@ -67,15 +81,21 @@ pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
         cert: None,
         key: None,
     };
-    if url.contains("://") {
+    if is_url(url) {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((url.to_owned(), p));
         };
         let mut kept = Vec::new();
         for pair in query.split('&') {
             match pair.split_once('=') {
-                Some((k, v)) if KEYS.contains(&k) => p.set(k, &percent_decode(v))?,
-                _ => kept.push(pair),
+                Some((k, v)) if KEYS.contains(&k) => {
+                    let v = percent_decode(v);
+                    p.set(k, &v)?;
+                    if k == "sslmode" {
+                        kept.push(format!("sslmode={}", for_driver(&v)));
+                    }
+                }
+                _ => kept.push(pair.to_owned()),
             }
         }
         let rest = if kept.is_empty() {
@@ -110,8 +130,36 @@ pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
             }
         };
         p.set(key, &value)?;
+        if key == "sslmode" {
+            kept.push(format!("sslmode={}", for_driver(&value)));
+        }
     }
     Ok((kept.join(" "), p))
+}
+
+/// Refuses a connection string whose `sslmode` this crate and `tokio-postgres` read
+/// differently (an encoded key, a `?` where the query is not): TLS must never be weaker
+/// than what the string asks for.
+pub(crate) fn check(p: &Params, driver: tokio_postgres::config::SslMode) -> Result<(), LockError> {
+    use tokio_postgres::config::SslMode;
+    let same = matches!(
+        (p.mode, driver),
+        (Mode::Disable, SslMode::Disable)
+            | (Mode::Prefer, SslMode::Prefer)
+            | (
+                Mode::Require | Mode::VerifyCa | Mode::VerifyFull,
+                SslMode::Require
+            )
+    );
+    if same {
+        Ok(())
+    } else {
+        Err(bad(
+            "the connection string's sslmode could not be read unambiguously (an encoded key, \
+             or a ? or space where it does not belong?)"
+                .into(),
+        ))
+    }
 }
 
 fn percent_decode(v: &str) -> String {
@@ -293,6 +341,21 @@ mod rustls_impl {
         Ok(certs)
     }
 
+    /// The roots `verify-ca` (or `require` with a root certificate) checks the chain
+    /// against: given explicitly, as libpq requires, since a chain to a public CA with no
+    /// name check would accept anyone's certificate.
+    fn private_roots(p: &Params, ca_pem: Option<&[u8]>) -> Result<RootCertStore, LockError> {
+        if ca_pem.is_none() && matches!(p.root_cert.as_deref(), None | Some("system")) {
+            return Err(bad(
+                "this sslmode checks the chain but not the host name: it needs the CA that \
+                 signed the server's certificate (sslrootcert=<file> or PgConfig::tls_ca_pem); \
+                 sslrootcert=system goes with sslmode=verify-full only"
+                    .into(),
+            ));
+        }
+        roots(p, ca_pem)
+    }
+
     fn roots(p: &Params, ca_pem: Option<&[u8]>) -> Result<RootCertStore, LockError> {
         let mut store = RootCertStore::empty();
         let pem = match (ca_pem, p.root_cert.as_deref()) {
@@ -379,7 +442,7 @@ mod rustls_impl {
         provider: &Arc<CryptoProvider>,
     ) -> Result<Arc<ChainOnly>, LockError> {
         let inner = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots(p, ca_pem)?),
+            Arc::new(private_roots(p, ca_pem)?),
             provider.clone(),
         )
         .build()
@@ -398,15 +461,51 @@ mod tests {
             "postgres://u:pw@h:5432/db?sslmode=verify-full&application_name=x&sslrootcert=%2Fca.pem",
         )
         .unwrap();
-        assert_eq!(rest, "postgres://u:pw@h:5432/db?application_name=x");
+        assert_eq!(
+            rest,
+            "postgres://u:pw@h:5432/db?sslmode=require&application_name=x"
+        );
         assert_eq!(p.mode, Mode::VerifyFull);
         assert_eq!(p.root_cert.as_deref(), Some("/ca.pem"));
         let (rest, p) =
             split("host=h user=u sslmode = verify-ca sslrootcert=/ca.pem dbname=d").unwrap();
-        assert_eq!(rest, "host=h user=u dbname=d");
+        assert_eq!(rest, "host=h user=u sslmode=require dbname=d");
         assert_eq!(p.mode, Mode::VerifyCa);
         let (rest, p) = split("postgres://h/db").unwrap();
         assert_eq!((rest.as_str(), p.mode), ("postgres://h/db", Mode::Prefer));
         assert!(split("postgres://h/db?sslmode=bogus").is_err());
+    }
+
+    #[test]
+    fn sslmode_read_differently_by_the_driver_is_refused() {
+        use crate::PgConfig;
+        for url in [
+            "postgres://u:p?w@h/db?sslmode=require",
+            "postgres://h/db?ssl%6Dode=require",
+        ] {
+            assert!(PgConfig::new(url).validate().is_err(), "{url}");
+        }
+        let kv = PgConfig::new("host=h application_name=svc://x sslmode=require");
+        assert_eq!(
+            kv.validate().map(|c| c.get_ssl_mode()).ok(),
+            Some(tokio_postgres::config::SslMode::Require)
+        );
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn chain_only_modes_need_a_private_ca() {
+        use crate::PgConfig;
+        for url in [
+            "postgres://h/db?sslmode=verify-ca",
+            "postgres://h/db?sslmode=verify-ca&sslrootcert=system",
+            "postgres://h/db?sslmode=require&sslrootcert=system",
+        ] {
+            let e = PgConfig::new(url).validate().unwrap_err().to_string();
+            assert!(e.contains("host name"), "{url}: {e}");
+        }
+        assert!(PgConfig::new("postgres://h/db?sslmode=require")
+            .validate()
+            .is_ok());
     }
 }

@@ -58,19 +58,21 @@ impl fmt::Debug for RedisConfig {
 /// `url` with the password (in the authority, or a `pass`/`password` query parameter)
 /// replaced by `***`.
 pub(crate) fn redact(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let base = match base.split_once("://") {
+    // The user info ends at the last `@`: a careless password may hold `?`, `/` or `@`.
+    // (An `@` in the query hides the host too: more hidden, never less.)
+    let url = match url.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((auth, host)) => match auth.split_once(':') {
                 Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
                 None => format!("{scheme}://***@{host}"),
             },
-            None => base.to_owned(),
+            None => url.to_owned(),
         },
-        None => base.to_owned(),
+        None => url.to_owned(),
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b.to_owned(), Some(q)),
+        None => (url.clone(), None),
     };
     match query {
         None => base,
@@ -243,6 +245,9 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        for url in ["redis://app:p?s3cret@h:1", "rediss://app:pw/s3cret@h:1/0"] {
+            assert!(!redact(url).contains("s3cret"), "{}", redact(url));
+        }
     }
 
     #[test]

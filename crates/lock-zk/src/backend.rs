@@ -503,6 +503,7 @@ impl ZkBackend {
             }
         }
         // A session given up meanwhile must not be kept open by this create's client clone.
+        let create_sent = Instant::now();
         let (path, czxid) = tokio::select! {
             created = self.create_node(&client, req) => created?,
             () = session.killed() => return Err(LockError::backend(
@@ -523,8 +524,29 @@ impl ZkBackend {
                 && session.usable()
                 && wait.is_some_and(|d| d.is_none_or(|d| Instant::now() < d))
         };
+        let mut first = true;
         loop {
-            let asked = Instant::now();
+            // A grant's deadline counts from a moment the answering server followed the
+            // leader (see `confirmed_until`): the create, a write, proves it for the first
+            // look; a later look (after a wait) syncs first.
+            let asked = if std::mem::take(&mut first) {
+                create_sent
+            } else {
+                let asked = Instant::now();
+                match self
+                    .timed("sync", client.sync(&parent))
+                    .await
+                    .and_then(|r| r.map_err(map_err))
+                {
+                    Ok(()) => {}
+                    Err(e) if ask_again(&e) => {
+                        tokio::time::sleep(ASK_AGAIN_AFTER).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                asked
+            };
             let queue = match self.queue(&client, &parent).await {
                 Ok(q) => q.unwrap_or_default(),
                 Err(e) if ask_again(&e) => {
@@ -631,7 +653,7 @@ impl ZkBackend {
         token: FencingToken,
         asked: Instant,
     ) -> Grant {
-        let first = confirmed_until(&session, asked);
+        let first = first_deadline(&session, asked);
         let (tx, rx) = watch::channel(SessionHealth::Alive { until: first });
         let until = Arc::new(Mutex::new(first));
         let monitor = tokio::spawn(monitor(
@@ -658,14 +680,23 @@ impl ZkBackend {
     }
 }
 
-/// Until when the leader certainly keeps a session whose lock node a request sent at `sent`
+/// Until when the leader certainly keeps a session whose lock node a check sent at `sent`
 /// found, after a `sync` (answered only through the leader, so the server in between was
 /// still following it). The leader expires a session a timeout after it last heard of it,
 /// and hears of a follower's clients only at its pings (every half tick, at most a quarter
-/// of the timeout); the client is never silent longer than 3/20 of it. So the session
-/// lives until at least `sent` + 3/5 of the timeout; a tenth more is kept for the clocks.
+/// of the timeout). A held lock's checks, every eighth of the timeout, keep the client from
+/// being silent longer than that; so the session lives until at least `sent` + 5/8 of the
+/// timeout, of which half is used (the rest covers the clocks' rates).
 fn confirmed_until(session: &Session, sent: Instant) -> Instant {
     sent + session.timeout / 2
+}
+
+/// The deadline of a grant judged from a look sent at `asked`, before the lock's first
+/// check: the client library's own pings (after at most a fifth of the timeout of silence)
+/// are all that spaced the client's requests before it, so 11/20 of the timeout are
+/// certain, of which 2/5 are used.
+fn first_deadline(session: &Session, asked: Instant) -> Instant {
+    asked + session.timeout * 2 / 5
 }
 
 /// Mirrors the session and the lock node into the lock's health, and confirms the node (so
@@ -722,7 +753,7 @@ async fn monitor(
         (sent, answer)
     };
     let mut probe = Box::pin(probe_at(client.clone(), path.clone(), asked + every));
-    let mut until = confirmed_until(&session, asked);
+    let mut until = first_deadline(&session, asked);
     let outcome = loop {
         *deadline.lock().unwrap_or_else(|p| p.into_inner()) = until;
         tokio::select! {
