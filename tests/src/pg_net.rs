@@ -194,7 +194,8 @@ pub(crate) async fn tls_and_scram() -> Res<String> {
 }
 
 /// An advisory-lock wait abandoned by its caller on a TLS connection is cancelled on the
-/// server (the cancel request goes over TLS too): no backend of the role is left waiting.
+/// server: no backend of the role is left waiting. (It passes with a plain cancel request
+/// too: the server accepts one; the backend sends it over TLS as libpq does.)
 async fn cancelled_wait_over_tls(cfg: PgConfig, admin: &tokio_postgres::Client) -> Res<String> {
     let locks = PgLocks::connect_with(cfg).await.map_err(e2s)?;
     let c = LockClient::new(locks.advisory())

@@ -145,8 +145,8 @@ struct Inner {
 /// its node, after a `sync` through the leader, every eighth of the negotiated session
 /// timeout; an answer to a check sent at `t` keeps the guard's safe deadline at `t` plus
 /// half the timeout (the leader cannot expire the session before then). When the
-/// connection drops or a check goes unanswered, the guard turns `Uncertain`; if a check finds the
-/// node still owned by this session, `Held` again; if the node is gone, or the deadline
+/// connection drops or a check goes unanswered, the guard turns `Uncertain`; if a check
+/// finds the node still owned by this session, `Held` again; if the node is gone, or the deadline
 /// passes unconfirmed, `Lost`, before the server can expire the session and grant the
 /// lock to the next waiter. A session declared lost is closed and never reused.
 #[derive(Clone, Debug)]
@@ -685,8 +685,8 @@ impl ZkBackend {
 /// still following it). The leader expires a session a timeout after it last heard of it,
 /// and hears of a follower's clients only at its pings (every half tick, at most a quarter
 /// of the timeout). A held lock's checks, every eighth of the timeout, keep the client from
-/// being silent longer than that; so the session lives until at least `sent` + 5/8 of the
-/// timeout, of which half is used (the rest covers the clocks' rates).
+/// being silent longer than an eighth; so the session lives until at least `sent` + 5/8 of
+/// the timeout (1 - 1/4 - 1/8), of which half is used (the rest covers the clocks' rates).
 fn confirmed_until(session: &Session, sent: Instant) -> Instant {
     sent + session.timeout / 2
 }
@@ -753,7 +753,8 @@ async fn monitor(
         (sent, answer)
     };
     let mut probe = Box::pin(probe_at(client.clone(), path.clone(), asked + every));
-    let mut until = first_deadline(&session, asked);
+    // The grant's first deadline, set by `hold`.
+    let mut until = *deadline.lock().unwrap_or_else(|p| p.into_inner());
     let outcome = loop {
         *deadline.lock().unwrap_or_else(|p| p.into_inner()) = until;
         tokio::select! {
