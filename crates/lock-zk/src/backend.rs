@@ -926,6 +926,12 @@ impl LockBackend for ZkBackend {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         let client = self.session().await?.client()?;
         let parent = self.key_path(key);
+        // Through the leader first: a follower may not yet show what another client's
+        // finished request changed (a waiter's node it removed, a release).
+        match self.timed("sync", client.sync(&parent)).await? {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(map_err(e)),
+        }
         for _ in 0..3 {
             let Some(queue) = self.queue(&client, &parent).await? else {
                 return Ok(None);
