@@ -147,6 +147,26 @@ impl Shared {
         changed
     }
 
+    /// A release is on its way: the store may let go at any moment, so no handle may say
+    /// Held any more (quietly: this is the normal end of a lock).
+    fn releasing(&self) {
+        self.status.send_if_modified(|cur| {
+            let change = *cur == LockStatus::Held;
+            if change {
+                *cur = LockStatus::Uncertain;
+            }
+            change
+        });
+    }
+
+    /// What a release answered, for the handles still watching.
+    fn released(&self, outcome: &ReleaseOutcome) {
+        self.set_status(match outcome {
+            ReleaseOutcome::Released => LockStatus::Released,
+            _ => LockStatus::Lost(LossReason::NotHeld),
+        });
+    }
+
     /// Declares the lock lost (final): renewal stops at once and the lease is given back,
     /// best effort, so that nothing this guard started can keep the key.
     fn lose(sh: &Arc<Self>, reason: LossReason) {
@@ -527,6 +547,12 @@ impl LockGuard {
             let _ = keeper.await;
         }
         let sh = self.handle.shared.clone();
+        // With no receiver but this guard's own (no handle or watch given out), nobody can
+        // see a status: skip the channel.
+        let watched = sh.status.receiver_count() > 1;
+        if watched {
+            sh.releasing();
+        }
         let span = tracing::debug_span!("lock.release", backend = sh.backend.name(), key = %sh.lease.key, token = %sh.token);
         let started = Instant::now();
         let mut attempt = 0;
@@ -550,15 +576,8 @@ impl LockGuard {
         metrics::histogram!("lock_hold_seconds", "backend" => sh.backend.name())
             .record(sh.granted_at.elapsed().as_secs_f64());
         match &res {
-            // With no receiver but this guard's own (no handle or watch given out), nobody
-            // can see the final status: skip waking the channel's listeners.
-            Ok(ReleaseOutcome::Released) if sh.status.receiver_count() <= 1 => {}
-            Ok(ReleaseOutcome::Released) => {
-                sh.set_status(LockStatus::Released);
-            }
-            Ok(_) => {
-                sh.set_status(LockStatus::Lost(LossReason::NotHeld));
-            }
+            Ok(outcome) if watched => sh.released(outcome),
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "release failed; the lease will expire"),
         }
         res
@@ -574,13 +593,12 @@ impl Drop for LockGuard {
             keeper.abort();
         }
         let sh = self.handle.shared.clone();
+        sh.releasing();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
                     match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
-                        Ok(_) => {
-                            sh.set_status(LockStatus::Released);
-                        }
+                        Ok(outcome) => sh.released(&outcome),
                         Err(e) => tracing::warn!(key = %sh.lease.key, error = %e, "background release failed; the lease will expire"),
                     }
                 });

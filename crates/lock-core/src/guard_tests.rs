@@ -333,3 +333,44 @@ async fn a_shorter_extend_whose_answer_is_lost_shortens_the_deadline() {
     .await;
     assert!(matches!(seen, Ok(Ok(_))), "no Lost published");
 }
+
+/// A release whose answer never comes back in time, though the store applies it: once
+/// the release went out, nothing of the guard may say Held, whether it was given back by
+/// `release()` or by dropping the guard, and whoever holds a handle sees it.
+#[tokio::test]
+async fn a_handle_never_says_held_once_the_release_went_out() {
+    for dropped in [false, true] {
+        let store = MemoryStore::new();
+        let backend = Wrapped::new(
+            store.connect(),
+            Plan {
+                release_delay: Duration::from_millis(300),
+                ..Plan::default()
+            },
+        );
+        let client = LockClient::from_arc(backend).with_options(
+            LockOptions::default()
+                .lease(Duration::from_secs(30))
+                .op_timeout(Duration::from_millis(100)),
+        );
+        let g = client.acquire("k").await.expect("acquire");
+        let handle = g.handle();
+        if dropped {
+            drop(g);
+        } else {
+            assert!(g.release().await.is_err(), "the answer came too late");
+        }
+        sleep(Duration::from_millis(400)).await;
+        let other = LockClient::new(store.connect())
+            .try_acquire("k")
+            .await
+            .expect("the store applied the release");
+        assert!(
+            handle.status() != LockStatus::Held && handle.check().is_err(),
+            "dropped {dropped}: another client holds the key (token {}), the old handle says {:?}",
+            other.token(),
+            handle.status()
+        );
+        other.release().await.expect("release");
+    }
+}
