@@ -12,6 +12,7 @@ pub mod servers;
 pub mod targets;
 pub mod tls;
 pub mod zk_extra;
+pub mod zk_net;
 
 use lock_conformance::{CaseResult, Outcome};
 use tokio::time::Instant;

@@ -716,6 +716,11 @@ fn zk_classpath() -> Option<String> {
 impl ZooKeeper {
     /// Starts `members` servers (1: standalone; 3: an ensemble) on free ports.
     pub fn start(members: usize) -> Res<Self> {
+        Self::start_with(members, "")
+    }
+
+    /// Starts `members` servers with `extra` lines added to each one's configuration.
+    pub fn start_with(members: usize, extra: &str) -> Res<Self> {
         let cp = zk_classpath().ok_or("ZooKeeper is not installed (apt-get install zookeeper)")?;
         let java = server_program("LOCK_ZK_JAVA", "java");
         if !have(&java.to_string_lossy()) {
@@ -737,6 +742,7 @@ impl ZooKeeper {
                 data.display(),
                 port
             );
+            cfg.push_str(extra);
             if members > 1 {
                 std::fs::write(data.join("myid"), format!("{}\n", i + 1))
                     .map_err(|e| e.to_string())?;

@@ -115,6 +115,16 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
         .await,
     ];
     let ensemble = connect.split(',').count() > 1;
+    let case = "tls_with_a_private_ca_and_client_certificates";
+    if zk.is_none() {
+        out.push(crate::skip(
+            name,
+            case,
+            "starts a ZooKeeper server of its own: needs the local ZooKeeper (--via local)",
+        ));
+    } else if !ensemble {
+        out.push(check(name, case, crate::zk_net::tls_with_a_private_ca()).await);
+    }
     if ensemble {
         let case = "leader_killed_while_held_no_double_grant";
         out.push(match zk {

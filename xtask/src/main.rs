@@ -371,10 +371,11 @@ fn ci() -> bool {
 /// alone, not unified with the workspace's), with no default features and with each of
 /// its features.
 fn features_alone() -> bool {
-    const BACKENDS: [(&str, &[&str]); 4] = [
+    const BACKENDS: [(&str, &[&str]); 5] = [
+        ("lock-core", &["testing"]),
         ("lock-redis", &["tls"]),
         ("lock-pg", &["tls"]),
-        ("lock-zk", &[]),
+        ("lock-zk", &["tls"]),
         ("lock-mongo", &[]),
     ];
     BACKENDS.iter().all(|(krate, features)| {

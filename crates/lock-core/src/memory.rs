@@ -1,11 +1,16 @@
-//! An in-memory backend with the full contract, plus fault controls for tests.
+//! An in-memory backend with the full contract, for tests and single-process use.
 //!
 //! A [`MemoryStore`] plays the server; each [`MemoryBackend`] from
 //! [`MemoryStore::connect`] is one client connection. Expiry is judged on the store's own
-//! clock, which tests can move forward with [`MemoryStore::advance`] to simulate a holder
-//! that paused past its lease. Waiters queue in FIFO order and are woken on release.
+//! clock. Waiters queue in FIFO order and are woken on release.
 //!
-//! ```
+//! With the `testing` feature, fault controls simulate what real stores do to a client:
+//! `MemoryStore::advance` moves the store's clock (a holder paused past its lease),
+//! `MemoryBackend::set_disconnected` cuts a connection, `MemoryBackend::pause_renewals`
+//! stops its renewals from arriving.
+//!
+#![cfg_attr(not(feature = "testing"), doc = "```ignore")]
+#![cfg_attr(feature = "testing", doc = "```")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use std::time::Duration;
 //! use lock_core::{LockClient, LockOptions, LockStatus, memory::MemoryStore};
@@ -67,7 +72,6 @@ struct StoreInner {
     keys: Mutex<HashMap<String, KeyState>>,
     epoch: Instant,
     offset_ms: AtomicU64,
-    ops: AtomicU64,
 }
 
 /// The in-memory "server". Cheap to clone; clones share state.
@@ -90,7 +94,6 @@ impl MemoryStore {
                 keys: Mutex::new(HashMap::new()),
                 epoch: Instant::now(),
                 offset_ms: AtomicU64::new(0),
-                ops: AtomicU64::new(0),
             }),
         }
     }
@@ -105,25 +108,14 @@ impl MemoryStore {
 
     /// Moves the store's clock forward: leases expire as if `by` had passed, while clients'
     /// own monotonic clocks do not move. Simulates a client paused past its lease.
+    #[cfg(feature = "testing")]
     pub fn advance(&self, by: Duration) {
         self.inner
             .offset_ms
             .fetch_add(by.as_millis() as u64, Ordering::SeqCst);
-        self.wake_all();
-    }
-
-    /// Ends the current lease on `key` at once, as if it expired. The token counter stays.
-    pub fn force_expire(&self, key: &str) {
-        let mut keys = self.keys();
-        if let Some(ks) = keys.get_mut(key) {
-            ks.holder = None;
+        for ks in self.keys().values() {
             ks.notify.notify_waiters();
         }
-    }
-
-    /// Operations served so far (acquire attempts, renewals, releases, inspections).
-    pub fn ops(&self) -> u64 {
-        self.inner.ops.load(Ordering::Relaxed)
     }
 
     fn now(&self) -> Duration {
@@ -133,12 +125,6 @@ impl MemoryStore {
 
     fn keys(&self) -> MutexGuard<'_, HashMap<String, KeyState>> {
         self.inner.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn wake_all(&self) {
-        for ks in self.keys().values() {
-            ks.notify.notify_waiters();
-        }
     }
 }
 
@@ -158,23 +144,19 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     /// Cuts (`true`) or restores (`false`) this connection: every operation fails with a
     /// retryable backend error while cut, as with a network partition.
+    #[cfg(feature = "testing")]
     pub fn set_disconnected(&self, cut: bool) {
         self.flags.disconnected.store(cut, Ordering::SeqCst);
     }
 
     /// Makes renewals from this connection fail (`true`) or succeed again (`false`), as if
     /// the holder's renewals stopped reaching the store.
+    #[cfg(feature = "testing")]
     pub fn pause_renewals(&self, paused: bool) {
         self.flags.renewals_paused.store(paused, Ordering::SeqCst);
     }
 
-    /// The store behind this connection.
-    pub fn store(&self) -> &MemoryStore {
-        &self.store
-    }
-
     fn check_connected(&self) -> Result<(), LockError> {
-        self.store.inner.ops.fetch_add(1, Ordering::Relaxed);
         if self.flags.disconnected.load(Ordering::SeqCst) {
             return Err(LockError::backend(
                 NAME,

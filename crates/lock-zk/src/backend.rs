@@ -205,7 +205,7 @@ impl ZkBackend {
         me.bounded("create root", client.mkdir(&me.inner.cfg.root, &opts))
             .await
             .map_err(|e| match e {
-                LockError::Backend { .. } if me.inner.cfg.connect.contains('/') => {
+                LockError::Backend { .. } if me.inner.cfg.addresses().1.is_some() => {
                     LockError::InvalidConfig(format!(
                         "cannot create {} under the chroot of {:?} (does the chroot exist?): {e}",
                         me.inner.cfg.root, me.inner.cfg.connect
@@ -286,16 +286,28 @@ impl ZkBackend {
         if let Some(d) = &cfg.digest {
             connector = connector.with_auth("digest", d.as_bytes());
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = crate::tls::options(cfg)? {
+            connector = connector.with_tls(tls);
+        }
+        let failed = |e: LockError| async move {
+            #[cfg(feature = "tls")]
+            if let Some(why) = crate::tls::diagnose(cfg).await {
+                return LockError::InvalidConfig(format!("ZooKeeper TLS: {why}"));
+            }
+            e
+        };
         let client =
             match tokio::time::timeout(cfg.op_timeout, connector.connect(&cfg.connect)).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(map_err(e)),
+                Ok(Err(e)) => return Err(failed(map_err(e)).await),
                 Err(_) => {
-                    return Err(LockError::OperationTimeout {
+                    return Err(failed(LockError::OperationTimeout {
                         backend: NAME,
                         op: "connect",
                         after: cfg.op_timeout,
                     })
+                    .await)
                 }
             };
         let s = Arc::new(Session {

@@ -19,7 +19,9 @@ pub enum ZkAcl {
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ZkConfig {
-    /// Connect string: `host:port[,host:port...][/chroot]`.
+    /// Connect string: `host:port[,host:port...][/chroot]`. An address written
+    /// `tcp+tls://host:port` is reached over TLS (the `tls` feature), checked against
+    /// [`tls_ca_pem`](Self::tls_ca_pem) and the host name.
     pub connect: String,
     /// Absolute path under which lock nodes live (one child per key). Default `/distlock`.
     pub root: String,
@@ -34,6 +36,12 @@ pub struct ZkConfig {
     pub acl: ZkAcl,
     /// `digest` authentication as `user:password`.
     pub digest: Option<String>,
+    /// The CA certificates (PEM) that signed the servers' certificates; needed by
+    /// `tcp+tls://` addresses.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its private key (PEM), for servers that ask for one
+    /// (`ssl.clientAuth=need`).
+    pub tls_client_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for ZkConfig {
@@ -45,6 +53,11 @@ impl std::fmt::Debug for ZkConfig {
             .field("op_timeout", &self.op_timeout)
             .field("acl", &self.acl)
             .field("digest", &self.digest.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<set>"))
+            .field(
+                "tls_client_pem",
+                &self.tls_client_pem.as_ref().map(|_| "<set, key hidden>"),
+            )
             .finish()
     }
 }
@@ -59,6 +72,8 @@ impl ZkConfig {
             op_timeout: Duration::from_secs(5),
             acl: ZkAcl::Open,
             digest: None,
+            tls_ca_pem: None,
+            tls_client_pem: None,
         }
     }
 
@@ -97,22 +112,70 @@ impl ZkConfig {
         self
     }
 
+    /// Trusts the CA certificates in `pem` for `tcp+tls://` addresses.
+    #[must_use]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate chain and private key (PEM) to servers that ask for a
+    /// client certificate.
+    #[must_use]
+    pub fn tls_client_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_client_pem = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Whether any address of the connect string is reached over TLS.
+    pub(crate) fn uses_tls(&self) -> bool {
+        self.addresses().0.iter().any(|(tls, _)| *tls)
+    }
+
+    /// The connect string's addresses (`host:port`, with whether it is `tcp+tls://`) and
+    /// its chroot, split as the client library splits them: the chroot follows the last
+    /// address.
+    pub(crate) fn addresses(&self) -> (Vec<(bool, &str)>, Option<&str>) {
+        if self.connect.is_empty() {
+            return (Vec::new(), None);
+        }
+        let last = self.connect.split(',').count() - 1;
+        let mut chroot = None;
+        let hosts = self
+            .connect
+            .split(',')
+            .enumerate()
+            .map(|(i, part)| {
+                let part = part.trim();
+                let (tls, mut h) = match part.strip_prefix("tcp+tls://") {
+                    Some(h) => (true, h),
+                    None => (false, part.strip_prefix("tcp://").unwrap_or(part)),
+                };
+                if let Some(j) = h.find('/').filter(|_| i == last) {
+                    chroot = Some(&h[j..]);
+                    h = &h[..j];
+                }
+                (tls, h)
+            })
+            .collect();
+        (hosts, chroot)
+    }
+
     /// Checks the settings before connecting.
     pub fn validate(&self) -> Result<(), LockError> {
         let bad = |m: String| Err(LockError::InvalidConfig(m));
-        let (hosts, chroot) = match self.connect.find('/') {
-            Some(i) => (&self.connect[..i], Some(&self.connect[i..])),
-            None => (self.connect.as_str(), None),
-        };
+        let (hosts, chroot) = self.addresses();
         if hosts.is_empty() {
             return bad(format!(
                 "ZooKeeper connect string {:?} names no host",
                 self.connect
             ));
         }
-        for h in hosts.split(',') {
-            let h = h.trim();
-            let h = h.strip_prefix("tcp://").unwrap_or(h);
+        for (_, h) in hosts {
             let Some((host, port)) = h.rsplit_once(':') else {
                 return bad(format!("ZooKeeper address {h:?} must be host:port"));
             };
@@ -137,6 +200,26 @@ impl ZkConfig {
             if !d.contains(':') {
                 return bad("digest auth must be user:password".into());
             }
+        }
+        let tls_settings = self.tls_ca_pem.is_some() || self.tls_client_pem.is_some();
+        if self.uses_tls() {
+            if !cfg!(feature = "tls") {
+                return bad(
+                    "tcp+tls:// addresses need lock-zk built with its `tls` feature".into(),
+                );
+            }
+            if self.tls_ca_pem.is_none() {
+                return bad(
+                    "tcp+tls:// addresses need the CA that signed the servers' certificates \
+                     (ZkConfig::tls_ca_pem)"
+                        .into(),
+                );
+            }
+        } else if tls_settings {
+            return bad(
+                "TLS certificates are set but no address of the connect string is tcp+tls://"
+                    .into(),
+            );
         }
         if self.acl == ZkAcl::CreatorAll && self.digest.is_none() {
             return bad("ZkAcl::CreatorAll needs authentication (digest_auth)".into());
@@ -201,5 +284,19 @@ mod tests {
             .is_err());
         let shown = format!("{:?}", ZkConfig::new("h:1").digest_auth("u:secret"));
         assert!(!shown.contains("secret"));
+    }
+
+    #[test]
+    fn tls_settings_need_a_tls_address_and_hide_the_key() {
+        let tls = ZkConfig::new("a:1,tcp+tls://b:2/app").tls_ca_pem("ca");
+        assert_eq!(tls.validate().is_ok(), cfg!(feature = "tls"));
+        assert!(ZkConfig::new("tcp+tls://b:2").validate().is_err(), "no CA");
+        assert!(ZkConfig::new("b:2").tls_ca_pem("ca").validate().is_err());
+        assert!(ZkConfig::new("tcp+tls://:2")
+            .tls_ca_pem("ca")
+            .validate()
+            .is_err());
+        let shown = format!("{:?}", tls.tls_client_pem("cert", "KEY-s3cret"));
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

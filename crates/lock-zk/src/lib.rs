@@ -7,6 +7,8 @@
 mod backend;
 mod config;
 mod path;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use backend::ZkBackend;
 pub use config::{ZkAcl, ZkConfig};

@@ -1,0 +1,124 @@
+//! TLS for `tcp+tls://` addresses: the client library's options from the configured PEM,
+//! and a handshake of our own after a failed connect, to name the cause (the library
+//! retries a refused handshake until its timeout and reports only the timeout).
+
+use std::io::{ErrorKind, Read};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lock_core::LockError;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use zookeeper_client as zk;
+
+use crate::config::ZkConfig;
+
+fn bad(m: impl Into<String>) -> LockError {
+    LockError::InvalidConfig(format!("ZooKeeper TLS: {}", m.into()))
+}
+
+fn text<'a>(what: &str, pem: &'a [u8]) -> Result<&'a str, LockError> {
+    std::str::from_utf8(pem).map_err(|_| bad(format!("{what} is not PEM text")))
+}
+
+/// The library's TLS options, or `None` when no address is `tcp+tls://`.
+pub(crate) fn options(cfg: &ZkConfig) -> Result<Option<zk::TlsOptions>, LockError> {
+    let Some(ca) = cfg.tls_ca_pem.as_deref().filter(|_| cfg.uses_tls()) else {
+        return Ok(None);
+    };
+    // rustls needs a process-wide provider when more than one is compiled in.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+    let mut o = zk::TlsOptions::new()
+        .with_pem_ca(text("tls_ca_pem", ca)?)
+        .map_err(|e| bad(format!("tls_ca_pem: {e}")))?;
+    if let Some((cert, key)) = &cfg.tls_client_pem {
+        // The key's parse error is not shown: it could quote the key.
+        o = o
+            .with_pem_identity(
+                text("the client certificate", cert)?,
+                text("the client key", key)?,
+            )
+            .map_err(|_| bad("tls_client_pem: not a PEM certificate chain and private key"))?;
+    }
+    Ok(Some(o))
+}
+
+/// After a failed connect: why a TLS handshake with the first `tcp+tls://` address fails,
+/// if it does.
+pub(crate) async fn diagnose(cfg: &ZkConfig) -> Option<String> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || handshake(&cfg).err())
+        .await
+        .ok()
+        .flatten()
+}
+
+fn handshake(cfg: &ZkConfig) -> Result<(), String> {
+    let (hosts, _) = cfg.addresses();
+    let Some((_, addr)) = hosts.into_iter().find(|(tls, _)| *tls) else {
+        return Ok(());
+    };
+    let (host, _) = addr.rsplit_once(':').ok_or("no port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(cfg.tls_ca_pem.as_deref().unwrap_or_default()) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match &cfg.tls_client_pem {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| "bad client key")?;
+            config
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => config.with_no_client_auth(),
+    };
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let timeout = cfg.op_timeout.min(Duration::from_secs(5));
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .find_map(|a| TcpStream::connect_timeout(&a, timeout).ok());
+    // An unreachable server is not a TLS problem: nothing to add.
+    let Some(mut sock) = sock else { return Ok(()) };
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let refused = |e: std::io::Error| {
+        let text = e.to_string();
+        if text.contains("invalid peer certificate") {
+            format!("the server's certificate was not accepted (wrong CA, or a host name it does not name?): {text}")
+        } else if text.contains("CertificateRequired") {
+            format!("the server asks for a client certificate (ZkConfig::tls_client_pem): {text}")
+        } else if text.contains("fatal alert") {
+            format!(
+                "the server refused the handshake (it asks for a client certificate, \
+                     ZkConfig::tls_client_pem, or does not trust the one given?): {text}"
+            )
+        } else {
+            format!("the TLS handshake with {addr} failed: {text}")
+        }
+    };
+    conn.complete_io(&mut sock).map_err(refused)?;
+    // TLS 1.3: a server that refuses the client's certificate says so after the handshake;
+    // one that accepts it waits for the session request.
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let mut byte = [0u8; 1];
+    match rustls::Stream::new(&mut conn, &mut sock).read(&mut byte) {
+        Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err(refused(e))
+        }
+        _ => Ok(()),
+    }
+}
