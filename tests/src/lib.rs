@@ -8,6 +8,7 @@ pub mod pg_safety;
 pub mod redis_extra;
 pub mod redis_net;
 pub mod redis_safety;
+pub mod secrets;
 pub mod servers;
 pub mod targets;
 pub mod tls;
@@ -15,6 +16,11 @@ pub mod zk_extra;
 pub mod zk_net;
 
 use lock_conformance::{CaseResult, Outcome};
+
+/// The workspace README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct WorkspaceReadme;
 use tokio::time::Instant;
 
 /// The case filter of this run (`cargo xtask integration --only <part of a name>`).

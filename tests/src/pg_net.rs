@@ -93,14 +93,13 @@ pub(crate) async fn tls_and_scram() -> Res<String> {
         .await
         .map_err(e2s)?;
     tokio::spawn(conn);
-    admin
-        .batch_execute(
-            "SET password_encryption = 'scram-sha-256'; \
-             CREATE ROLE app LOGIN PASSWORD 's3cret-pg'; \
-             GRANT CREATE ON DATABASE postgres TO app;",
-        )
-        .await
-        .map_err(e2s)?;
+    // Through psql: the driver would log the statement, password and all, and the run
+    // watches every log for it (`secrets`).
+    server.psql(
+        "SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE app LOGIN PASSWORD 's3cret-pg'; \
+         GRANT CREATE ON DATABASE postgres TO app;",
+    )?;
     let hba = server.data_dir().join("pg_hba.conf");
     let old = std::fs::read_to_string(&hba).map_err(e2s)?;
     std::fs::write(

@@ -648,9 +648,13 @@ async fn fenced_set() -> Result<String, String> {
     }
     sleep(Duration::from_millis(400)).await; // old's lease ends
     let new = c.acquire("stock").await.map_err(|e| e.to_string())?;
-    b.fenced_set("stock:value", new.token(), "9")
+    let w = b
+        .fenced_set("stock:value", new.token(), "9")
         .await
         .map_err(|e| e.to_string())?;
+    if !w.is_applied() {
+        return Err(format!("the new holder's write gave {w:?}"));
+    }
     let refused = b
         .fenced_set("stock:value", old.token(), "stale")
         .await

@@ -410,7 +410,14 @@ pub(crate) async fn fenced_read_modify_write_loses_no_update() -> Res<String> {
     let mut outcomes = Vec::new();
     for old_first in [true, false] {
         let res = format!("stock-{old_first}");
-        b.fenced_set(&res, t(1), "100").await.map_err(e2s)?;
+        if !b
+            .fenced_set(&res, t(1), "100")
+            .await
+            .map_err(e2s)?
+            .is_applied()
+        {
+            return Err("the first write was refused".into());
+        }
         // Both read 100 (the newer holder's function sees it before the older writes).
         let (first, second) = if old_first { (old, new) } else { (new, old) };
         let seen = b.fenced_get(&res).await.map_err(e2s)?.ok_or("no value")?;
@@ -441,7 +448,14 @@ pub(crate) async fn fenced_read_modify_write_loses_no_update() -> Res<String> {
     // A compare-and-set under one token: the value changed between the read and the
     // write (another write with the same token) is read again, not overwritten.
     let res = "stock-cas";
-    b.fenced_set(res, new, "10").await.map_err(e2s)?;
+    if !b
+        .fenced_set(res, new, "10")
+        .await
+        .map_err(e2s)?
+        .is_applied()
+    {
+        return Err("the first write was refused".into());
+    }
     let mut calls = 0;
     let url = server.url();
     let w = b

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lock_conformance::Target;
-use lock_core::{Fenced, LockClient, LockError, LockOptions, WaitPolicy};
+use lock_core::{Fenced, FencedWrite, LockClient, LockError, LockOptions, WaitPolicy};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
 use lock_tests::targets;
 use tokio::time::{sleep, Instant};
@@ -167,7 +167,7 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
                 inv.stock -= 1;
                 inv.sold.push(UNITS - inv.stock);
                 let left = inv.stock;
-                if inventory.write(g.token(), inv).is_ok() {
+                if inventory.write(g.token(), inv).is_applied() {
                     bought += 1;
                     let mut m = min_stock.lock().unwrap_or_else(|p| p.into_inner());
                     *m = (*m).min(left);
@@ -233,9 +233,11 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
     sleep(pause).await;
     let other = client(&t).await?;
     let gq = other.acquire(&key).await?;
-    restock
-        .write(gq.token(), stale_read + 10)
-        .map_err(|e| LockError::Protocol(e.to_string()))?;
+    if !restock.write(gq.token(), stale_read + 10).is_applied() {
+        return Err(LockError::Protocol(
+            "the newest holder's write was refused".into(),
+        ));
+    }
     println!(
         "  worker Q took the lock with token {} and restocked to 10",
         gq.token()
@@ -243,14 +245,14 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
     gq.release().await?;
     let late = restock.write(gp.token(), stale_read + 5);
     let late_write = match &late {
-        Err(e) => {
+        FencedWrite::Refused { highest } => {
             println!(
-                "  worker P woke and wrote with token {}: refused ({e})",
+                "  worker P woke and wrote with token {}: refused (the fence had seen {highest})",
                 gp.token()
             );
-            format!("refused (token {} < {})", e.offered, e.highest)
+            format!("refused (token {} < {highest})", gp.token())
         }
-        Ok(()) => "ACCEPTED (bug)".into(),
+        _ => "ACCEPTED (bug)".into(),
     };
     println!("  P's guard status after waking: {:?}", gp.status());
     if let Some(cut) = dark {
@@ -294,7 +296,7 @@ async fn try_scenario(t: Target) -> Result<Row, LockError> {
         sold: inv.sold.len(),
         unique,
         min_stock,
-        ok: unique && inv.stock == 0 && late.is_err(),
+        ok: unique && inv.stock == 0 && matches!(late, FencedWrite::Refused { .. }),
         late_write,
         recovery,
     })

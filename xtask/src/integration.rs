@@ -65,6 +65,7 @@ impl Run {
 /// Runs the legs `args` asks for and prints the summary; false when a case failed or the
 /// run was interrupted (Ctrl-C stops every server the run started before this returns).
 pub(crate) async fn run(args: &[String]) -> bool {
+    let secrets = lock_tests::secrets::Watch::install();
     let mut backend = "all".to_owned();
     let mut via = Via::Auto;
     let mut require_all = false;
@@ -209,7 +210,12 @@ pub(crate) async fn run(args: &[String]) -> bool {
         return false;
     }
     lines.sort_by_key(|(i, _)| *i);
-    let lines: Vec<Line> = lines.into_iter().map(|(_, l)| l).collect();
+    let mut lines: Vec<Line> = lines.into_iter().map(|(_, l)| l).collect();
+    lines.push(Line {
+        backend: "secrets".into(),
+        provider: "this run's tracing and metrics".into(),
+        results: vec![secrets.result()],
+    });
     let (mut p, mut f, mut s) = (0, 0, 0);
     println!("\n=== summary");
     for l in &lines {

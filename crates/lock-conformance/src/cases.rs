@@ -140,7 +140,7 @@ async fn exclusion_fenced_counter(c: Ctx) -> Result<String, String> {
                 let wrote = match counter.read_with(g.token()) {
                     Ok(v) => {
                         tokio::task::yield_now().await;
-                        counter.write(g.token(), v + 1).is_ok()
+                        counter.write(g.token(), v + 1).is_applied()
                     }
                     Err(_) => false,
                 };
@@ -883,7 +883,7 @@ async fn randomized_history_passes_checker(c: Ctx) -> Result<String, String> {
                 let read = resource.read_with(g.token());
                 tokio::task::yield_now().await;
                 let v = read.as_ref().map_or(0, |v| *v);
-                let accepted = read.is_ok() && resource.write(g.token(), v + 1).is_ok();
+                let accepted = read.is_ok() && resource.write(g.token(), v + 1).is_applied();
                 history.record(Event::Write {
                     client: name.clone(),
                     key: key.clone(),

@@ -1,10 +1,4 @@
-//! The conformance suite every lock backend is run against, and the history checker.
-//!
-//! A backend's test setup builds a [`Target`] (how to open fresh client connections, and
-//! optionally connections that can be cut, through a [`proxy::Proxy`] for real servers) and
-//! calls [`run_suite`]. The backend's [`Capabilities`] select the cases; a case that does not
-//! apply is reported as skipped, by name, with the reason. Every run uses a random key prefix,
-//! so runs never collide.
+#![doc = include_str!("../README.md")]
 
 use std::fmt;
 use std::future::Future;

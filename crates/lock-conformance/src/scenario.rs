@@ -37,7 +37,7 @@ pub async fn paused_holder(fenced: bool) -> Result<CheckReport, LockError> {
     };
     let write = |client: &str, token: lock_core::FencingToken, value: u64| {
         let accepted = if fenced {
-            fenced_counter.write(token, value).is_ok()
+            fenced_counter.write(token, value).is_applied()
         } else {
             *plain.lock().unwrap_or_else(|p| p.into_inner()) = value;
             true

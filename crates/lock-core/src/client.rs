@@ -168,7 +168,22 @@ impl LockClient {
         Fut: Future<Output = Result<T, E>>,
         E: From<LockError>,
     {
-        self.with_lock_opts(key, &self.defaults, work).await?
+        self.try_with_lock_opts(key, &self.defaults, work).await
+    }
+
+    /// [`LockClient::try_with_lock`] with explicit options.
+    pub async fn try_with_lock_opts<F, Fut, T, E>(
+        &self,
+        key: &str,
+        opts: &LockOptions,
+        work: F,
+    ) -> Result<T, E>
+    where
+        F: FnOnce(LockHandle) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<LockError>,
+    {
+        self.with_lock_opts(key, opts, work).await?
     }
 
     /// [`LockClient::with_lock`] with explicit options.

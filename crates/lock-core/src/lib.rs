@@ -29,7 +29,7 @@ pub use error::{LockError, LossReason};
 pub use guard::{LockGuard, LockHandle, LockStatus};
 pub use key::{HolderMeta, LeaseId, LockKey, MAX_KEY_LEN};
 pub use options::{Backoff, LockOptions, WaitPolicy};
-pub use token::{FenceRegister, FenceRejected, Fenced, FencedWrite, FencingToken};
+pub use token::{FenceRejected, Fenced, FencedWrite, FencingToken};
 
 /// Re-exported so backends and users share one `async-trait`.
 pub use async_trait::async_trait;

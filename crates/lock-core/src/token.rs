@@ -45,10 +45,12 @@ pub struct FenceRejected {
     pub highest: FencingToken,
 }
 
-/// What a fenced write to a store-held resource did (`lock_pg::fenced_update`,
-/// `lock_mongo::MongoBackend::fenced_update`, ...).
+/// What a fenced write did: [`Fenced::update`] in memory, and each store's own
+/// (`lock_redis::RedisBackend::fenced_set`, `lock_pg::fenced_update`,
+/// `lock_mongo::MongoBackend::fenced_update`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "a refused fenced write wrote nothing"]
 pub enum FencedWrite {
     /// This many records were updated (and now carry the token).
     Applied(u64),
@@ -62,29 +64,10 @@ pub enum FencedWrite {
     NoMatch,
 }
 
-/// A resource-side fence held in memory: accepts a token only if it is not lower than the
-/// highest token accepted so far. Equal tokens are accepted, so one holder may write many
-/// times under one grant.
-#[derive(Debug, Default)]
-pub struct FenceRegister {
-    highest: Mutex<Option<FencingToken>>,
-}
-
-impl FenceRegister {
-    /// An empty fence: the first token is accepted.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Admits `token` if it is not lower than the highest admitted, and records it.
-    pub fn admit(&self, token: FencingToken) -> Result<(), FenceRejected> {
-        let mut highest = self.highest.lock().unwrap_or_else(|p| p.into_inner());
-        admit(&mut highest, token)
-    }
-
-    /// The highest token admitted so far.
-    pub fn highest(&self) -> Option<FencingToken> {
-        *self.highest.lock().unwrap_or_else(|p| p.into_inner())
+impl FencedWrite {
+    /// Whether the write was applied.
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Self::Applied(_))
     }
 }
 
@@ -129,15 +112,15 @@ impl<T: Clone> Fenced<T> {
 
     /// Runs a read-modify-write under `token` atomically: `f` gets the current value and
     /// returns the new one.
-    pub fn update(
-        &self,
-        token: FencingToken,
-        f: impl FnOnce(&T) -> T,
-    ) -> Result<(), FenceRejected> {
+    pub fn update(&self, token: FencingToken, f: impl FnOnce(&T) -> T) -> FencedWrite {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        admit(&mut g.0, token)?;
-        g.1 = f(&g.1);
-        Ok(())
+        match admit(&mut g.0, token) {
+            Ok(()) => {
+                g.1 = f(&g.1);
+                FencedWrite::Applied(1)
+            }
+            Err(r) => FencedWrite::Refused { highest: r.highest },
+        }
     }
 
     /// The current value (no fence check: for display, or for writes that do not depend
@@ -151,11 +134,8 @@ impl<T: Clone> Fenced<T> {
     }
 
     /// Writes `value` if `token` passes the fence.
-    pub fn write(&self, token: FencingToken, value: T) -> Result<(), FenceRejected> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        admit(&mut g.0, token)?;
-        g.1 = value;
-        Ok(())
+    pub fn write(&self, token: FencingToken, value: T) -> FencedWrite {
+        self.update(token, |_| value)
     }
 
     /// The highest token accepted so far.
@@ -176,32 +156,29 @@ mod tests {
         // The newer holder reads: the fence rises to its token.
         let seen_new = v.read_with(new).unwrap();
         // The older holder's write, between the newer one's read and write, is refused.
-        assert!(v.write(old, seen_old + 1).is_err());
-        v.write(new, seen_new + 1).unwrap();
+        assert_eq!(
+            v.write(old, seen_old + 1),
+            FencedWrite::Refused { highest: new }
+        );
+        assert!(v.write(new, seen_new + 1).is_applied());
         assert_eq!(v.read(), 11);
-        v.update(new, |x| x + 1).unwrap();
-        assert!(v.update(old, |x| x + 1).is_err());
+        assert!(v.update(new, |x| x + 1).is_applied());
+        assert!(!v.update(old, |x| x + 1).is_applied());
         assert_eq!(v.read(), 12);
-    }
-
-    #[test]
-    fn fence_refuses_lower_tokens_and_says_why() {
-        let f = FenceRegister::new();
-        f.admit(FencingToken::new(5)).unwrap();
-        f.admit(FencingToken::new(5)).unwrap();
-        let e = f.admit(FencingToken::new(4)).unwrap_err();
-        assert_eq!(e.offered.get(), 4);
-        assert_eq!(e.highest.get(), 5);
-        assert!(e.to_string().contains("lower"));
-        f.admit(FencingToken::new(9)).unwrap();
-        assert_eq!(f.highest(), Some(FencingToken::new(9)));
     }
 
     #[test]
     fn fenced_value_writes_only_with_fresh_tokens() {
         let v = Fenced::new(0u64);
-        v.write(FencingToken::new(2), 1).unwrap();
-        assert!(v.write(FencingToken::new(1), 7).is_err());
-        assert_eq!(v.read(), 1);
+        assert!(v.write(FencingToken::new(2), 1).is_applied());
+        assert!(
+            v.write(FencingToken::new(2), 3).is_applied(),
+            "equal tokens pass"
+        );
+        let e = v.read_with(FencingToken::new(1)).unwrap_err();
+        assert_eq!((e.offered.get(), e.highest.get()), (1, 2));
+        assert!(e.to_string().contains("lower"));
+        assert!(!v.write(FencingToken::new(1), 7).is_applied());
+        assert_eq!(v.read(), 3);
     }
 }

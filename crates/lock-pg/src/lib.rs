@@ -23,9 +23,9 @@ pub use sql::{advisory_id, advisory_lock_parts};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
-    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
-    ReleaseOutcome, WaitPolicy,
+    self, Backoff, FenceRejected, Fenced, FencedWrite, FencingToken, HolderMeta, LeaseId,
+    LockBackend, LockClient, LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions,
+    LockStatus, LossReason, ReleaseOutcome, WaitPolicy,
 };
 /// The client libraries this backend is built on.
 pub use {deadpool_postgres, tokio_postgres};
@@ -139,8 +139,10 @@ impl PgLocks {
     /// let tx = conn.transaction().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
     /// let token = locks.lock_in_transaction(&tx, "inventory:item-1", WaitPolicy::Timeout(std::time::Duration::from_secs(5))).await?;
     /// let inventory = FencedTable::new("inventory", "fence_token")?;
-    /// fenced_update(&*tx, &inventory, "stock = stock - 1", "item = $1 AND stock > 0", &[&"item-1"], token).await?;
-    /// tx.commit().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
+    /// let sold = fenced_update(&*tx, &inventory, "stock = stock - 1", "item = $1 AND stock > 0", &[&"item-1"], token).await?;
+    /// if sold.is_applied() {
+    ///     tx.commit().await.map_err(|e| lock_core::LockError::backend("pg", true, e))?;
+    /// }
     /// # Ok(()) }
     /// ```
     pub async fn lock_in_transaction(

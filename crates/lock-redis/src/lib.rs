@@ -17,9 +17,9 @@ pub use single::{FencedValue, RedisBackend};
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
-    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
-    ReleaseOutcome, WaitPolicy,
+    self, Backoff, FenceRejected, Fenced, FencedWrite, FencingToken, HolderMeta, LeaseId,
+    LockBackend, LockClient, LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions,
+    LockStatus, LossReason, ReleaseOutcome, WaitPolicy,
 };
 /// The client library this backend is built on.
 pub use redis;

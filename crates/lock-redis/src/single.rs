@@ -325,8 +325,19 @@ impl RedisBackend {
                 token: parse_token(&token)?,
             })),
             (None, None) => Ok(None),
-            other => Err(LockError::Protocol(format!(
-                "fenced resource {resource:?} holds {other:?}"
+            // The stored value stays out of the message: it is the application's data.
+            (value, _) => Err(LockError::Protocol(format!(
+                "fenced resource {resource:?} holds {} without {}",
+                if value.is_some() {
+                    "a value"
+                } else {
+                    "a token"
+                },
+                if value.is_some() {
+                    "its token"
+                } else {
+                    "a value"
+                },
             ))),
         }
     }
@@ -484,9 +495,6 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Refuses servers on which the lock is not safe: older than 6.2 (the scripts need
-/// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys. Returns the
-/// server's `run_id`.
 /// The client for `cfg`'s URL, with its TLS settings.
 fn client_for(cfg: &RedisConfig) -> Result<Client, LockError> {
     let bad = |e: redis::RedisError| {
@@ -529,6 +537,9 @@ fn connect_err(e: redis::RedisError) -> LockError {
     LockError::InvalidConfig(format!("TLS: {hint}: {text}"))
 }
 
+/// Refuses servers on which the lock is not safe: older than 6.2 (the scripts need
+/// `SET .. GET` and `PXAT`), in cluster mode, or allowed to evict keys. Returns the
+/// server's `run_id`.
 async fn check_server(conn: &ConnectionManager, cfg: &RedisConfig) -> Result<String, LockError> {
     let section = |name: &'static str| {
         let mut c = conn.clone();

@@ -16,9 +16,9 @@ pub use path::escape_key;
 
 /// The core types, so one dependency is enough.
 pub use lock_core::{
-    self, Backoff, FenceRejected, FencedWrite, FencingToken, HolderMeta, LeaseId, LockClient,
-    LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions, LockStatus, LossReason,
-    ReleaseOutcome, WaitPolicy,
+    self, Backoff, FenceRejected, Fenced, FencedWrite, FencingToken, HolderMeta, LeaseId,
+    LockBackend, LockClient, LockError, LockGuard, LockHandle, LockInfo, LockKey, LockOptions,
+    LockStatus, LossReason, ReleaseOutcome, WaitPolicy,
 };
 /// The client library this backend is built on.
 pub use zookeeper_client;
