@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
-use crate::guard::{LockGuard, LockHandle, LockStatus};
+use crate::guard::{bounded, LockGuard, LockHandle, LockStatus};
 use crate::key::{LeaseId, LockKey};
 use crate::options::{LockOptions, WaitPolicy};
 
@@ -222,15 +222,8 @@ impl LockClient {
     pub async fn inspect(&self, key: &str) -> Result<Option<LockInfo>, LockError> {
         let key = LockKey::new(key)?;
         key.check_len(self.backend.capabilities().max_key_len)?;
-        let op = self.defaults.op_timeout;
-        match timeout(op, self.backend.inspect(&key)).await {
-            Ok(r) => r,
-            Err(_) => Err(LockError::OperationTimeout {
-                backend: self.backend.name(),
-                op: "inspect",
-                after: op,
-            }),
-        }
+        let (name, op) = (self.backend.name(), self.defaults.op_timeout);
+        bounded(name, "inspect", op, self.backend.inspect(&key)).await
     }
 }
 
@@ -259,10 +252,8 @@ impl Drop for Pending<'_> {
         let Some(backend) = self.backend.take().cloned() else {
             return;
         };
-        let (lease, op) = (
-            self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            self.op_timeout,
-        );
+        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let op = self.op_timeout;
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move { cleanup(&*backend, &lease, op).await });
@@ -397,13 +388,7 @@ async fn run_acquire(
         }
     };
     match limit {
-        Some(l) => timeout(l, fut)
-            .await
-            .unwrap_or(Err(LockError::OperationTimeout {
-                backend: backend.name(),
-                op: "acquire",
-                after: l,
-            })),
+        Some(l) => bounded(backend.name(), "acquire", l, fut).await,
         None => fut.await,
     }
 }

@@ -159,11 +159,13 @@ impl LockError {
     /// retryable; invalid input, contention and loss are not (contention is resolved by
     /// waiting, not retrying).
     pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Backend { retryable, .. } => *retryable,
-            Self::OperationTimeout { .. } => true,
-            _ => false,
-        }
+        matches!(
+            self,
+            Self::Backend {
+                retryable: true,
+                ..
+            } | Self::OperationTimeout { .. }
+        )
     }
 
     /// Whether this is a timeout (waiting for the lock, or an operation).

@@ -77,25 +77,14 @@ pub(crate) struct Shared {
     keeper: Mutex<Keeper>,
 }
 
-/// What the scheduler runs when a guard's renewal comes due.
-fn starter(sh: &Arc<Shared>) -> crate::keeper::Starter {
-    let weak = Arc::downgrade(sh);
-    Box::new(move |_| {
-        if let Some(sh) = weak.upgrade() {
-            Shared::start_keeper(&sh);
-        }
-    })
-}
-
 /// The guard's background work: renewal (TTL) or the session watch.
 #[derive(Debug)]
 enum Keeper {
-    /// Nothing to do (no deadline, no session).
+    /// Nothing to do (no deadline, no session), or stopped.
     Idle,
     /// The renewal task starts when its first renewal comes due (see `keeper.rs`).
     Scheduled(Ticket),
     Running(JoinHandle<()>),
-    Stopped,
 }
 
 impl Shared {
@@ -103,7 +92,7 @@ impl Shared {
     fn start_keeper(sh: &Arc<Shared>) {
         let mut k = lock(&sh.keeper);
         if let Keeper::Scheduled(_) = &*k {
-            if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Stopped) {
+            if let Keeper::Scheduled(ticket) = std::mem::replace(&mut *k, Keeper::Idle) {
                 ticket.cancel();
             }
             *k = Keeper::Running(tokio::spawn(keep_alive(sh.clone())));
@@ -112,20 +101,19 @@ impl Shared {
 
     /// Stops the background work; returns the task if one was running.
     fn stop_keeper(&self) -> Option<JoinHandle<()>> {
-        match std::mem::replace(&mut *lock(&self.keeper), Keeper::Stopped) {
+        match std::mem::replace(&mut *lock(&self.keeper), Keeper::Idle) {
             Keeper::Scheduled(ticket) => {
                 ticket.cancel();
                 None
             }
             Keeper::Running(task) => Some(task),
-            Keeper::Idle | Keeper::Stopped => None,
+            Keeper::Idle => None,
         }
     }
 
     /// Sets a non-final status; returns false if the status was already final.
     fn set_status(&self, new: LockStatus) -> bool {
         let backend = self.backend.name();
-        let mut changed = false;
         self.status.send_if_modified(|cur| {
             if cur.is_final() || *cur == new {
                 return false;
@@ -141,10 +129,8 @@ impl Shared {
                 _ => {}
             }
             *cur = new;
-            changed = true;
             true
-        });
-        changed
+        })
     }
 
     /// A release is on its way: the store may let go at any moment, so no handle may say
@@ -181,13 +167,25 @@ impl Shared {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let sh = sh.clone();
             rt.spawn(async move {
-                let _ = bounded(&sh, "release", sh.backend.release(&sh.lease)).await;
+                let _ = sh.release_once().await;
             });
         }
     }
 
     fn safe_until(&self) -> Option<Instant> {
         lock(&self.state).safe_until
+    }
+
+    /// One release request, within the operation timeout.
+    async fn release_once(&self) -> Result<ReleaseOutcome, LockError> {
+        let op = self.opts.op_timeout;
+        bounded(
+            self.backend.name(),
+            "release",
+            op,
+            self.backend.release(&self.lease),
+        )
+        .await
     }
 
     /// A renewal (or extend) confirmed the lease until `deadline`; `len` is the lease it
@@ -207,9 +205,7 @@ impl Shared {
         }
         self.safe_changed.notify_waiters();
     }
-}
 
-impl Shared {
     /// A request that would end the lease at `deadline` may have reached the store: the
     /// lock is safe until that deadline at most.
     fn may_have_shortened(&self, deadline: Instant, len: Duration) {
@@ -323,7 +319,8 @@ impl LockHandle {
     }
 }
 
-/// A held lock.
+/// A held lock. It derefs to its [`LockHandle`]: `guard.token()`, `guard.status()`,
+/// `guard.check()`, `guard.lost()`, `guard.safe_until()`.
 ///
 /// Release it with [`LockGuard::release`]: only that reports failure. Dropping the guard
 /// spawns a best-effort release on the current Tokio runtime (or, without one, leaves the
@@ -406,7 +403,17 @@ impl LockGuard {
                         _ => (now + every).min(safe),
                     };
                     match Scheduler::current() {
-                        Some(sched) => Keeper::Scheduled(sched.schedule(due, starter(&shared))),
+                        Some(sched) => {
+                            let weak = Arc::downgrade(&shared);
+                            Keeper::Scheduled(sched.schedule(
+                                due,
+                                Box::new(move |_| {
+                                    if let Some(sh) = weak.upgrade() {
+                                        Shared::start_keeper(&sh);
+                                    }
+                                }),
+                            ))
+                        }
                         // Not reachable from the async acquire; without a runtime nothing
                         // renews.
                         None => Keeper::Idle,
@@ -424,46 +431,6 @@ impl LockGuard {
     /// A cloneable view of this lock (token, status, lost signal).
     pub fn handle(&self) -> LockHandle {
         self.handle.clone()
-    }
-
-    /// The key.
-    pub fn key(&self) -> &LockKey {
-        self.handle.key()
-    }
-
-    /// The fencing token of this grant.
-    pub fn token(&self) -> FencingToken {
-        self.handle.token()
-    }
-
-    /// This acquisition's lease id.
-    pub fn lease_id(&self) -> &LeaseId {
-        self.handle.lease_id()
-    }
-
-    /// The current status.
-    pub fn status(&self) -> LockStatus {
-        self.handle.status()
-    }
-
-    /// See [`LockHandle::safe_until`].
-    pub fn safe_until(&self) -> Option<Instant> {
-        self.handle.safe_until()
-    }
-
-    /// See [`LockHandle::check`].
-    pub fn check(&self) -> Result<(), LockError> {
-        self.handle.check()
-    }
-
-    /// See [`LockHandle::lost`].
-    pub async fn lost(&self) -> Option<LossReason> {
-        self.handle.lost().await
-    }
-
-    /// A receiver that sees every status change.
-    pub fn watch(&self) -> watch::Receiver<LockStatus> {
-        self.handle.watch()
     }
 
     /// Extends the lease to `lease` from now (TTL backends), and makes it the lease that
@@ -495,14 +462,13 @@ impl LockGuard {
         let budget = safe.map_or(sh.opts.op_timeout, |s| {
             sh.opts.op_timeout.min(s.saturating_duration_since(sent))
         });
-        let res = match timeout(budget, sh.backend.renew(&sh.lease, lease)).await {
-            Ok(r) => r,
-            Err(_) => Err(LockError::OperationTimeout {
-                backend: sh.backend.name(),
-                op: "renew",
-                after: budget,
-            }),
-        };
+        let res = bounded(
+            sh.backend.name(),
+            "renew",
+            budget,
+            sh.backend.renew(&sh.lease, lease),
+        )
+        .await;
         if safe.is_some_and(|s| Instant::now() >= s) {
             // Confirmed too late: the lock was no longer safe while the request was out.
             Shared::lose(sh, LossReason::Expired);
@@ -561,7 +527,7 @@ impl LockGuard {
         // tasks run there.
         let res = async {
             loop {
-                match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
+                match sh.release_once().await {
                     Err(e) if e.is_retryable() && started.elapsed() < sh.opts.op_timeout => {
                         tokio::time::sleep(sh.opts.backoff.delay(attempt)).await;
                         attempt += 1;
@@ -584,6 +550,13 @@ impl LockGuard {
     }
 }
 
+impl std::ops::Deref for LockGuard {
+    type Target = LockHandle;
+    fn deref(&self) -> &LockHandle {
+        &self.handle
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if self.done {
@@ -597,7 +570,7 @@ impl Drop for LockGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    match bounded(&sh, "release", sh.backend.release(&sh.lease)).await {
+                    match sh.release_once().await {
                         Ok(outcome) => sh.released(&outcome),
                         Err(e) => tracing::warn!(key = %sh.lease.key, error = %e, "background release failed; the lease will expire"),
                     }
@@ -611,19 +584,16 @@ impl Drop for LockGuard {
     }
 }
 
-async fn bounded<T>(
-    sh: &Shared,
+/// `fut` within `after`, or an operation timeout naming `op`.
+pub(crate) async fn bounded<T>(
+    backend: &'static str,
     op: &'static str,
+    after: Duration,
     fut: impl std::future::Future<Output = Result<T, LockError>>,
 ) -> Result<T, LockError> {
-    match timeout(sh.opts.op_timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(LockError::OperationTimeout {
-            backend: sh.backend.name(),
-            op,
-            after: sh.opts.op_timeout,
-        }),
-    }
+    timeout(after, fut)
+        .await
+        .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
 }
 
 /// Keeps a lease alive (or, with renewal off, watches its deadline). Marks the lock

@@ -17,7 +17,7 @@ pub const MAX_KEY_LEN: usize = 512;
 ///
 /// Backends may narrow these rules (for example a maximum length) and report a violation
 /// with [`LockError::InvalidKey`], never with a panic.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LockKey(String);
 
 impl LockKey {
@@ -62,29 +62,9 @@ impl LockKey {
     }
 }
 
-impl fmt::Debug for LockKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LockKey({:?})", self.0)
-    }
-}
-
 impl fmt::Display for LockKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-impl TryFrom<&str> for LockKey {
-    type Error = LockError;
-    fn try_from(value: &str) -> Result<Self, Self::Error> {
-        Self::new(value)
-    }
-}
-
-impl TryFrom<String> for LockKey {
-    type Error = LockError;
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        Self::new(value)
     }
 }
 
@@ -92,7 +72,7 @@ impl TryFrom<String> for LockKey {
 ///
 /// Backends store it with the lease so that renew and release are owner-checked, and so
 /// that a request whose reply was lost can be found again (or cleaned up) by this id.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseId(String);
 
 impl LeaseId {
@@ -114,12 +94,6 @@ impl LeaseId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl fmt::Debug for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LeaseId({})", self.0)
     }
 }
 
@@ -183,21 +157,9 @@ impl HolderMeta {
 
     /// Encodes the metadata as `host\tpid\tlabel` (tabs cannot occur in validated fields).
     pub fn encode(&self) -> String {
-        use std::fmt::Write as _;
-        let (host, label) = (
-            self.host.as_deref().unwrap_or(""),
-            self.label.as_deref().unwrap_or(""),
-        );
-        // One allocation, sized up front (this runs on every acquire).
-        let mut out = String::with_capacity(host.len() + label.len() + 12);
-        out.push_str(host);
-        out.push('\t');
-        if let Some(pid) = self.pid {
-            let _ = write!(out, "{pid}");
-        }
-        out.push('\t');
-        out.push_str(label);
-        out
+        let pid = self.pid.map(|p| p.to_string()).unwrap_or_default();
+        let host = self.host.as_deref().unwrap_or("");
+        format!("{host}\t{pid}\t{}", self.label.as_deref().unwrap_or(""))
     }
 
     /// Decodes what [`HolderMeta::encode`] wrote; unknown or partial input gives empty fields.

@@ -167,12 +167,13 @@ impl MemoryBackend {
         Ok(())
     }
 
-    /// Takes the lock if free (and, with `fair`, if `lease` is first in the queue).
+    /// Takes the lock if free (and, with `fair`, if `lease` is first in the queue); else
+    /// what to wait on and how long the holder's lease has left.
     fn attempt(
         &self,
         req: &AcquireRequest,
         enqueue: bool,
-    ) -> Result<Result<Grant, Wait>, LockError> {
+    ) -> Result<Grant, (Arc<Notify>, Duration)> {
         let sent = Instant::now();
         let now = self.store.now();
         let mut keys = self.store.keys();
@@ -195,10 +196,7 @@ impl MemoryBackend {
                 expires_at: now + req.ttl,
                 meta: req.meta.clone(),
             });
-            return Ok(Ok(Grant::ttl(
-                FencingToken::new(ks.last_token),
-                sent + req.ttl,
-            )));
+            return Ok(Grant::ttl(FencingToken::new(ks.last_token), sent + req.ttl));
         }
         if enqueue {
             match ks.queue.iter_mut().find(|(l, _)| *l == req.lease_id) {
@@ -211,16 +209,8 @@ impl MemoryBackend {
             .as_ref()
             .map(|h| h.expires_at.saturating_sub(now))
             .unwrap_or_default();
-        Ok(Err(Wait {
-            notify: ks.notify.clone(),
-            holder_left,
-        }))
+        Err((ks.notify.clone(), holder_left))
     }
-}
-
-struct Wait {
-    notify: Arc<Notify>,
-    holder_left: Duration,
 }
 
 #[async_trait]
@@ -238,12 +228,9 @@ impl LockBackend for MemoryBackend {
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         self.check_connected()?;
-        match self.attempt(req, false)? {
-            Ok(g) => Ok(g),
-            Err(_) => Err(LockError::Contended {
-                key: req.key.to_string(),
-            }),
-        }
+        self.attempt(req, false).map_err(|_| LockError::Contended {
+            key: req.key.to_string(),
+        })
     }
 
     async fn acquire(
@@ -254,17 +241,15 @@ impl LockBackend for MemoryBackend {
         let started = Instant::now();
         loop {
             self.check_connected()?;
-            let wait = match self.attempt(req, true)? {
+            let (notify, holder_left) = match self.attempt(req, true) {
                 Ok(g) => return Ok(g),
                 Err(w) => w,
             };
-            let notified = wait.notify.notified();
+            let notified = notify.notified();
             // Wake at the holder's expiry (store time and local time run at the same rate
             // unless the test moves the store's clock, which wakes everyone).
-            let mut wake = Instant::now()
-                + wait
-                    .holder_left
-                    .clamp(Duration::from_millis(1), QUEUE_REFRESH);
+            let mut wake =
+                Instant::now() + holder_left.clamp(Duration::from_millis(1), QUEUE_REFRESH);
             if let Some(d) = deadline {
                 wake = wake.min(d);
             }
@@ -317,16 +302,8 @@ impl LockBackend for MemoryBackend {
             return Ok(ReleaseOutcome::NotHeld);
         };
         ks.queue.retain(|(l, _)| *l != lease.lease_id);
-        let outcome = match &ks.holder {
-            Some(h) if h.lease_id == lease.lease_id => {
-                let live = h.expires_at > now;
-                ks.holder = None;
-                if live {
-                    ReleaseOutcome::Released
-                } else {
-                    ReleaseOutcome::NotHeld
-                }
-            }
+        let outcome = match ks.holder.take_if(|h| h.lease_id == lease.lease_id) {
+            Some(h) if h.expires_at > now => ReleaseOutcome::Released,
             _ => ReleaseOutcome::NotHeld,
         };
         ks.notify.notify_waiters();
