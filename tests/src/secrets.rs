@@ -19,8 +19,11 @@ pub const SECRETS: &[&str] = &["s3cret", "n0t-the-pw-7", "PRIVATE KEY"];
 #[derive(Debug, Default)]
 pub struct Watch {
     events: AtomicU64,
+    records: AtomicU64,
     series: AtomicU64,
     leaks: Mutex<Vec<String>>,
+    /// Hooks that could not be installed (another was first).
+    missing: Mutex<Vec<&'static str>>,
 }
 
 static WATCH: OnceLock<Arc<Watch>> = OnceLock::new();
@@ -31,14 +34,23 @@ impl Watch {
         WATCH
             .get_or_init(|| {
                 let w = Arc::new(Watch::default());
+                // Down to debug: trace is left out for its volume (it would slow the
+                // timing-sensitive checks).
                 let sub = tracing_subscriber::registry()
                     .with(tracing_subscriber::filter::LevelFilter::DEBUG)
                     .with(Scan(w.clone()));
-                let _ = tracing::subscriber::set_global_default(sub);
-                let _ = metrics::set_global_recorder(Labels(w.clone()));
-                if log::set_boxed_logger(Box::new(Logs(w.clone()))).is_ok() {
-                    log::set_max_level(log::LevelFilter::Debug);
+                let mut missing = Vec::new();
+                if tracing::subscriber::set_global_default(sub).is_err() {
+                    missing.push("tracing subscriber");
                 }
+                if metrics::set_global_recorder(Labels(w.clone())).is_err() {
+                    missing.push("metrics recorder");
+                }
+                match log::set_boxed_logger(Box::new(Logs(w.clone()))) {
+                    Ok(()) => log::set_max_level(log::LevelFilter::Debug),
+                    Err(_) => missing.push("log logger"),
+                }
+                *w.missing.lock().unwrap_or_else(|p| p.into_inner()) = missing;
                 w
             })
             .clone()
@@ -53,26 +65,54 @@ impl Watch {
         }
     }
 
-    /// The run's verdict as a case: failed if a secret showed, or if nothing was seen (a
-    /// watch that saw nothing proves nothing).
-    pub fn result(&self) -> CaseResult {
+    /// The run's verdict as a case, the run's own results (their details and reasons)
+    /// scanned too: failed if a secret showed anywhere, or if a hook was missing or saw
+    /// nothing while cases ran (a watch that saw nothing proves nothing).
+    pub fn result(&self, cases: &[CaseResult]) -> CaseResult {
+        for c in cases {
+            self.look(
+                &format!("the result of {}/{}", c.target, c.case),
+                &format!("{:?}", c.outcome),
+            );
+        }
         let leaks = self.leaks.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (events, series) = (
+        let missing = self
+            .missing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (events, records, series) = (
             self.events.load(Ordering::Relaxed),
+            self.records.load(Ordering::Relaxed),
             self.series.load(Ordering::Relaxed),
         );
+        let ran = cases
+            .iter()
+            .any(|c| matches!(c.outcome, Outcome::Passed { .. } | Outcome::Failed { .. }));
         let outcome = if !leaks.is_empty() {
             Outcome::Failed {
                 reason: leaks.join("; "),
             }
+        } else if !missing.is_empty() {
+            Outcome::Failed {
+                reason: format!("not installed: {missing:?}"),
+            }
+        } else if !ran {
+            Outcome::Skipped {
+                reason: "no case ran".into(),
+            }
         } else if events == 0 || series == 0 {
             Outcome::Failed {
-                reason: format!("saw {events} events and {series} metric registrations"),
+                reason: format!(
+                    "saw {events} tracing events and {series} metric registrations while cases ran"
+                ),
             }
         } else {
             Outcome::Passed {
                 detail: format!(
-                    "{events} tracing events, spans and log records, {series} metric registrations: none shows {SECRETS:?}"
+                    "{events} tracing events and spans, {records} log records, {series} metric \
+                     registrations, {} results: none shows {SECRETS:?}",
+                    cases.len()
                 ),
             }
         };
@@ -127,7 +167,7 @@ impl log::Log for Logs {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        self.0.events.fetch_add(1, Ordering::Relaxed);
+        self.0.records.fetch_add(1, Ordering::Relaxed);
         self.0.look(record.target(), &record.args().to_string());
     }
     fn flush(&self) {}
@@ -175,7 +215,15 @@ mod tests {
         tracing::warn!(url = "redis://app:s3cret@h", "connect failed");
         log::debug!("key: -----BEGIN PRIVATE KEY-----");
         metrics::counter!("lock_test_total", "url" => "n0t-the-pw-7").increment(1);
-        let r = w.result();
+        let ran = CaseResult {
+            target: "t".into(),
+            case: "c".into(),
+            outcome: Outcome::Passed {
+                detail: "connected to postgres://app:PRIVATE KEY@h".into(),
+            },
+            millis: 0,
+        };
+        let r = w.result(&[ran]);
         let Outcome::Failed { reason } = r.outcome else {
             panic!("not caught: {:?}", r.outcome)
         };

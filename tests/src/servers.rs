@@ -845,3 +845,94 @@ impl Drop for ZooKeeper {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The moto release the runs use (pinned, so that every run emulates the same API).
+const MOTO: &str = "moto[server]==5.2.5";
+
+/// moto's server, its requests served one at a time.
+const MOTO_SERIAL: &str = r#"
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app)
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+def serial(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+run_simple(sys.argv[1], int(sys.argv[2]), serial, threaded=True,
+           request_handler=MotoRequestHandler)
+"#;
+
+fn moto_venv() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join("moto")
+}
+
+/// moto's server mode: an emulator of the DynamoDB wire API (not DynamoDB: it keeps its
+/// tables in memory and judges nothing about capacity or replication). Installed into a
+/// virtual environment under `target/moto` on first use.
+#[derive(Debug)]
+pub struct Moto {
+    /// Its process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Moto {
+    /// Installs moto if needed and starts it on a free loopback port.
+    pub fn start() -> Res<Self> {
+        let venv = moto_venv();
+        if !venv.join("bin/moto_server").exists() {
+            let run = |cmd: &mut Command, what: &str| -> Res<()> {
+                let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+                out.status.success().then_some(()).ok_or_else(|| {
+                    format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr))
+                })
+            };
+            run(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                "python3 -m venv (apt-get install python3-venv)",
+            )?;
+            run(
+                Command::new(venv.join("bin/pip")).args(["install", "-q", MOTO]),
+                &format!("pip install {MOTO}"),
+            )?;
+        }
+        Self::start_at(&venv, free_port()?)
+    }
+
+    fn start_at(venv: &Path, port: u16) -> Res<Self> {
+        // DynamoDB applies each conditional write atomically; moto's threaded server does
+        // not (its check and its write can interleave with another request's), so the
+        // runs serve one request at a time.
+        let launcher = venv.join("moto_serial.py");
+        std::fs::write(&launcher, MOTO_SERIAL).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(venv.join("bin/python"));
+        cmd.arg(&launcher)
+            .args(["127.0.0.1", &port.to_string()])
+            .env("MOTO_PORT", port.to_string());
+        let mut proc = Proc::spawn("moto_server", &mut cmd)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_ready_or_exit(&mut proc, "moto_server", Duration::from_secs(60), || {
+            send_recv(addr, b"GET /moto-api/ HTTP/1.0\r\n\r\n")
+                .is_some_and(|r| r.starts_with("HTTP/1"))
+        })?;
+        Ok(Self { proc, port })
+    }
+
+    /// The endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the emulator and starts it again on the same port: it comes back empty.
+    pub fn restart(&mut self) -> Res<()> {
+        self.proc.kill9();
+        *self = Self::start_at(&moto_venv(), self.port)?;
+        Ok(())
+    }
+}

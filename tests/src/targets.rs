@@ -6,6 +6,7 @@ use std::sync::Arc;
 use lock_conformance::proxy::Proxy;
 use lock_conformance::{Cut, Target};
 use lock_core::{LockBackend, LockError};
+use lock_dynamo::{DynamoBackend, DynamoConfig};
 use lock_mongo::{MongoBackend, MongoConfig};
 use lock_pg::{PgConfig, PgLocks};
 use lock_redis::{RedisBackend, RedisConfig, RedlockBackend};
@@ -283,6 +284,49 @@ pub fn mongo(url: String) -> Result<Target, String> {
                 .collection(collection)
                 .op_timeout(Duration::from_millis(800));
             let b: Arc<dyn LockBackend> = Arc::new(MongoBackend::connect_with(cfg).await?);
+            let c: Arc<dyn Cut> = Arc::new(MultiCut(vec![proxy]));
+            Ok((b, c))
+        })
+    })))
+}
+
+/// Settings for a DynamoDB endpoint (moto, DynamoDB Local or AWS): a table of the run's own,
+/// created on first use; static test credentials unless the environment gives some.
+pub fn dynamo_config(endpoint: &str, table: &str) -> DynamoConfig {
+    let cfg = DynamoConfig::new(table)
+        .endpoint(endpoint)
+        .create_table(true)
+        .region(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()))
+        .op_timeout(Duration::from_secs(2));
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        cfg
+    } else {
+        cfg.credentials("testing", "testing")
+    }
+}
+
+/// A DynamoDB endpoint.
+pub fn dynamo(url: String, name: &str) -> Result<Target, String> {
+    let addr = addr_of(&url)?;
+    let table = format!("locks-{:08x}", rand::random::<u32>());
+    let (u1, t1) = (url.clone(), table.clone());
+    Ok(Target::new(
+        name,
+        Arc::new(move || {
+            let cfg = dynamo_config(&u1, &t1);
+            Box::pin(async move {
+                let b: Arc<dyn LockBackend> = Arc::new(DynamoBackend::connect_with(cfg).await?);
+                Ok(b)
+            })
+        }),
+    )
+    .cuttable(Arc::new(move || {
+        let (url, table) = (url.clone(), table.clone());
+        Box::pin(async move {
+            let proxy = Proxy::start(addr).await.map_err(proxy_err)?;
+            let via = with_addr(&url, proxy.addr()).map_err(LockError::InvalidConfig)?;
+            let cfg = dynamo_config(&via, &table).op_timeout(Duration::from_millis(800));
+            let b: Arc<dyn LockBackend> = Arc::new(DynamoBackend::connect_with(cfg).await?);
             let c: Arc<dyn Cut> = Arc::new(MultiCut(vec![proxy]));
             Ok((b, c))
         })

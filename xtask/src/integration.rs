@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use lock_conformance::{run_suite, CaseResult, Outcome, SuiteReport};
 use lock_tests::containers::{self, Kind};
 use lock_tests::servers::{Postgres, Redis, ZooKeeper};
-use lock_tests::{mongo_extra, pg_extra, redis_extra, targets, zk_extra};
+use lock_tests::{dynamo_extra, mongo_extra, pg_extra, redis_extra, targets, zk_extra};
 
-const BACKENDS: [&str; 6] = ["memory", "redis", "redlock", "zk", "pg", "mongo"];
+const BACKENDS: [&str; 7] = ["memory", "redis", "redlock", "zk", "pg", "mongo", "dynamo"];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Via {
@@ -160,7 +160,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
                 (_, true) => 0,
                 ("zk" | "pg", _) => 3,
                 ("redis", _) => 2,
-                ("redlock", _) => 1,
+                ("redlock" | "dynamo", _) => 1,
                 _ => 0,
             })
         });
@@ -211,10 +211,11 @@ pub(crate) async fn run(args: &[String]) -> bool {
     }
     lines.sort_by_key(|(i, _)| *i);
     let mut lines: Vec<Line> = lines.into_iter().map(|(_, l)| l).collect();
+    let all: Vec<CaseResult> = lines.iter().flat_map(|l| l.results.clone()).collect();
     lines.push(Line {
         backend: "secrets".into(),
-        provider: "this run's tracing and metrics".into(),
-        results: vec![secrets.result()],
+        provider: "this run's logs, metrics and results".into(),
+        results: vec![secrets.result(&all)],
     });
     let (mut p, mut f, mut s) = (0, 0, 0);
     println!("\n=== summary");
@@ -261,6 +262,7 @@ async fn run_leg((b, via, images, smoke): Leg) -> Line {
         "redlock" => redlock(&r).await,
         "pg" => pg(&r).await,
         "zk" => zk(&r).await,
+        "dynamo" => dynamo(&r).await,
         _ => mongo(&r).await,
     }
 }
@@ -561,6 +563,46 @@ async fn zk(r: &Run) -> Line {
         } else {
             providers.join(" + ")
         },
+        results,
+    }
+}
+
+/// DynamoDB: `LOCK_DYNAMO_URL` (DynamoDB Local, a real endpoint), else moto's server
+/// mode, an emulator of the wire API, installed under `target/moto`. Cases run against the
+/// emulator are named `dynamo-moto/...`, never as DynamoDB's.
+async fn dynamo(r: &Run) -> Line {
+    let mut names = lock_conformance::case_names();
+    names.extend(dynamo_extra::CHECKS);
+    let from_env = env("LOCK_DYNAMO_URL");
+    let (url, provider, target, _moto) = match (r.via, from_env) {
+        (Via::Auto | Via::Env, Some(url)) => (url, "env LOCK_DYNAMO_URL".to_owned(), "dynamo", None),
+        (Via::Env, None) => {
+            return skipped("dynamo", "env", "LOCK_DYNAMO_URL is not set", &names)
+        }
+        (Via::Containers, _) => {
+            return skipped(
+                "dynamo",
+                "containers",
+                "no DynamoDB image here: the emulator (moto) runs from a virtual environment (--via local)",
+                &names,
+            )
+        }
+        _ => match tokio::task::spawn_blocking(lock_tests::servers::Moto::start).await {
+            Ok(Ok(m)) => (m.url(), "local moto 5.2.5 (an emulator, not DynamoDB)".to_owned(), "dynamo-moto", Some(m)),
+            Ok(Err(e)) => return failed("dynamo", "local moto", e),
+            Err(e) => return failed("dynamo", "local moto", e.to_string()),
+        },
+    };
+    let mut results = match targets::dynamo(url.clone(), target) {
+        Ok(t) => run_suite(t, r.filter().as_deref()).await.results,
+        Err(e) => return failed("dynamo", &provider, e),
+    };
+    if !r.smoke {
+        results.extend(dynamo_extra::run(&url, target, _moto.is_some()).await);
+    }
+    Line {
+        backend: target.into(),
+        provider: r.label(provider),
         results,
     }
 }

@@ -371,12 +371,13 @@ fn ci() -> bool {
 /// alone, not unified with the workspace's), with no default features and with each of
 /// its features.
 fn features_alone() -> bool {
-    const BACKENDS: [(&str, &[&str]); 5] = [
+    const BACKENDS: [(&str, &[&str]); 6] = [
         ("lock-core", &["testing"]),
         ("lock-redis", &["tls"]),
         ("lock-pg", &["tls"]),
         ("lock-zk", &["tls"]),
         ("lock-mongo", &[]),
+        ("lock-dynamo", &[]),
     ];
     BACKENDS.iter().all(|(krate, features)| {
         std::iter::once(None)
@@ -406,13 +407,14 @@ fn features_alone() -> bool {
 }
 
 /// The crates published on their own, in dependency order.
-pub(crate) const PUBLISHED: [&str; 6] = [
+pub(crate) const PUBLISHED: [&str; 7] = [
     "lock-core",
     "lock-conformance",
     "lock-redis",
     "lock-pg",
     "lock-zk",
     "lock-mongo",
+    "lock-dynamo",
 ];
 
 /// `-p name` for each published crate.

@@ -23,8 +23,9 @@ use crate::token::FencingToken;
 pub enum LockStatus {
     /// Held: the last renewal (or the session) confirms it.
     Held,
-    /// Renewals are failing or the session is suspended: the store may still hold the
-    /// lock, or may not. Stop starting new work; the fence still protects writes.
+    /// Renewals are failing, the session is suspended, or a release is on its way: the
+    /// store may still hold the lock, or may not. Stop starting new work; the fence still
+    /// protects writes.
     Uncertain,
     /// The lock is gone.
     Lost(LossReason),
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) opts: LockOptions,
     granted_at: Instant,
     keeper: Mutex<Keeper>,
+    /// A release went out: nothing may say Held again (a renewal answered meanwhile).
+    release_sent: std::sync::atomic::AtomicBool,
 }
 
 /// The guard's background work: renewal (TTL) or the session watch.
@@ -115,7 +118,8 @@ impl Shared {
     fn set_status(&self, new: LockStatus) -> bool {
         let backend = self.backend.name();
         self.status.send_if_modified(|cur| {
-            if cur.is_final() || *cur == new {
+            let releasing = self.release_sent.load(std::sync::atomic::Ordering::SeqCst);
+            if cur.is_final() || *cur == new || (releasing && new == LockStatus::Held) {
                 return false;
             }
             match &new {
@@ -136,6 +140,8 @@ impl Shared {
     /// A release is on its way: the store may let go at any moment, so no handle may say
     /// Held any more (quietly: this is the normal end of a lock).
     fn releasing(&self) {
+        self.release_sent
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.status.send_if_modified(|cur| {
             let change = *cur == LockStatus::Held;
             if change {
@@ -389,6 +395,7 @@ impl LockGuard {
             opts,
             granted_at: now,
             keeper: Mutex::new(Keeper::Idle),
+            release_sent: std::sync::atomic::AtomicBool::new(false),
         });
         {
             // Held while scheduling: an entry that comes due at once finds itself stored.
@@ -514,11 +521,9 @@ impl LockGuard {
         }
         let sh = self.handle.shared.clone();
         // With no receiver but this guard's own (no handle or watch given out), nobody can
-        // see a status: skip the channel.
+        // see a Released status: skip the channel then.
         let watched = sh.status.receiver_count() > 1;
-        if watched {
-            sh.releasing();
-        }
+        sh.releasing();
         let span = tracing::debug_span!("lock.release", backend = sh.backend.name(), key = %sh.lease.key, token = %sh.token);
         let started = Instant::now();
         let mut attempt = 0;
@@ -542,8 +547,8 @@ impl LockGuard {
         metrics::histogram!("lock_hold_seconds", "backend" => sh.backend.name())
             .record(sh.granted_at.elapsed().as_secs_f64());
         match &res {
-            Ok(outcome) if watched => sh.released(outcome),
-            Ok(_) => {}
+            Ok(ReleaseOutcome::Released) if !watched => {}
+            Ok(outcome) => sh.released(outcome),
             Err(e) => tracing::warn!(error = %e, "release failed; the lease will expire"),
         }
         res

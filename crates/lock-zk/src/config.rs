@@ -150,7 +150,6 @@ impl ZkConfig {
             .split(',')
             .enumerate()
             .map(|(i, part)| {
-                let part = part.trim();
                 let (tls, mut h) = match part.strip_prefix("tcp+tls://") {
                     Some(h) => (true, h),
                     None => (false, part.strip_prefix("tcp://").unwrap_or(part)),
@@ -175,13 +174,40 @@ impl ZkConfig {
                 self.connect
             ));
         }
-        for (_, h) in hosts {
+        if self.connect.contains(char::is_whitespace) {
+            return bad(format!(
+                "ZooKeeper connect string {:?} holds white space",
+                self.connect
+            ));
+        }
+        for (tls, h) in &hosts {
             let Some((host, port)) = h.rsplit_once(':') else {
                 return bad(format!("ZooKeeper address {h:?} must be host:port"));
             };
             if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
                 return bad(format!("ZooKeeper address {h:?} must be host:port"));
             }
+            #[cfg(feature = "tls")]
+            if *tls {
+                let name = host.trim_start_matches('[').trim_end_matches(']');
+                if rustls::pki_types::ServerName::try_from(name).is_err() {
+                    return bad(format!(
+                        "ZooKeeper address {h:?}: {name:?} is not a host name or IP address a \
+                         certificate can name"
+                    ));
+                }
+            }
+            #[cfg(not(feature = "tls"))]
+            let _ = tls;
+        }
+        // A plain address beside TLS ones would be a way around them (and around the
+        // password, sent in the clear to it).
+        if hosts.iter().any(|(t, _)| *t) && !hosts.iter().all(|(t, _)| *t) {
+            return bad(format!(
+                "ZooKeeper connect string {:?} mixes tcp+tls:// and plain addresses: write \
+                 every address tcp+tls://, or none",
+                self.connect
+            ));
         }
         if let Some(c) = chroot {
             check_abs_path("chroot", c)?;
@@ -288,8 +314,17 @@ mod tests {
 
     #[test]
     fn tls_settings_need_a_tls_address_and_hide_the_key() {
-        let tls = ZkConfig::new("a:1,tcp+tls://b:2/app").tls_ca_pem("ca");
+        let tls = ZkConfig::new("tcp+tls://a:1,tcp+tls://b:2/app").tls_ca_pem("ca");
         assert_eq!(tls.validate().is_ok(), cfg!(feature = "tls"));
+        let mixed = ZkConfig::new("tcp+tls://a:1,b:2").tls_ca_pem("ca");
+        assert!(mixed.validate().is_err(), "a plain address beside TLS ones");
+        assert!(ZkConfig::new("a:1, b:2").validate().is_err(), "white space");
+        if cfg!(feature = "tls") {
+            let odd = ZkConfig::new("tcp+tls://zk1..corp:2281").tls_ca_pem("ca");
+            assert!(odd.validate().is_err(), "a name a certificate cannot hold");
+            let v6 = ZkConfig::new("tcp+tls://[::1]:2281").tls_ca_pem("ca");
+            assert!(v6.validate().is_ok(), "{:?}", v6.validate());
+        }
         assert!(ZkConfig::new("tcp+tls://b:2").validate().is_err(), "no CA");
         assert!(ZkConfig::new("b:2").tls_ca_pem("ca").validate().is_err());
         assert!(ZkConfig::new("tcp+tls://:2")

@@ -2,7 +2,7 @@
 //! and a handshake of our own after a failed connect, to name the cause (the library
 //! retries a refused handshake until its timeout and reports only the timeout).
 
-use std::io::{ErrorKind, Read};
+use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,79 +46,84 @@ pub(crate) fn options(cfg: &ZkConfig) -> Result<Option<zk::TlsOptions>, LockErro
     Ok(Some(o))
 }
 
-/// After a failed connect: why a TLS handshake with the first `tcp+tls://` address fails,
-/// if it does.
+/// After a failed connect: what a TLS handshake with the first `tcp+tls://` address says
+/// about certificates, if anything (other failures, such as an unreachable or slow server,
+/// are not configuration errors and are left to the caller's own error).
 pub(crate) async fn diagnose(cfg: &ZkConfig) -> Option<String> {
     let cfg = cfg.clone();
-    tokio::task::spawn_blocking(move || handshake(&cfg).err())
+    let look = tokio::task::spawn_blocking(move || handshake(&cfg));
+    tokio::time::timeout(Duration::from_secs(5), look)
         .await
+        .ok()?
         .ok()
         .flatten()
 }
 
-fn handshake(cfg: &ZkConfig) -> Result<(), String> {
+/// The certificate problem a handshake runs into, if any.
+fn handshake(cfg: &ZkConfig) -> Option<String> {
     let (hosts, _) = cfg.addresses();
-    let Some((_, addr)) = hosts.into_iter().find(|(tls, _)| *tls) else {
-        return Ok(());
-    };
-    let (host, _) = addr.rsplit_once(':').ok_or("no port")?;
+    let (_, addr) = hosts.into_iter().find(|(tls, _)| *tls)?;
+    let (host, _) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(cfg.tls_ca_pem.as_deref().unwrap_or_default()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        roots.add(c.ok()?).ok()?;
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots);
     let config = match &cfg.tls_client_pem {
         Some((cert, key)) => {
             let chain = CertificateDer::pem_slice_iter(cert)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| "bad client key")?;
-            config
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())?
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_slice(key).ok()?;
+            config.with_client_auth_cert(chain, key).ok()?
         }
         None => config.with_no_client_auth(),
     };
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-    let timeout = cfg.op_timeout.min(Duration::from_secs(5));
-    let sock = addr
+    let name = ServerName::try_from(host.to_owned()).ok()?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let timeout = Duration::from_secs(2);
+    let mut sock = addr
         .to_socket_addrs()
-        .map_err(|e| e.to_string())?
-        .find_map(|a| TcpStream::connect_timeout(&a, timeout).ok());
-    // An unreachable server is not a TLS problem: nothing to add.
-    let Some(mut sock) = sock else { return Ok(()) };
-    sock.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let refused = |e: std::io::Error| {
-        let text = e.to_string();
-        if text.contains("invalid peer certificate") {
-            format!("the server's certificate was not accepted (wrong CA, or a host name it does not name?): {text}")
-        } else if text.contains("CertificateRequired") {
-            format!("the server asks for a client certificate (ZkConfig::tls_client_pem): {text}")
-        } else if text.contains("fatal alert") {
-            format!(
-                "the server refused the handshake (it asks for a client certificate, \
-                     ZkConfig::tls_client_pem, or does not trust the one given?): {text}"
-            )
-        } else {
-            format!("the TLS handshake with {addr} failed: {text}")
-        }
-    };
-    conn.complete_io(&mut sock).map_err(refused)?;
+        .ok()?
+        .find_map(|a| TcpStream::connect_timeout(&a, timeout).ok())?;
+    sock.set_read_timeout(Some(timeout)).ok()?;
+    if let Err(e) = conn.complete_io(&mut sock) {
+        return certificate_problem(&e);
+    }
     // TLS 1.3: a server that refuses the client's certificate says so after the handshake;
     // one that accepts it waits for the session request.
-    sock.set_read_timeout(Some(Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     let mut byte = [0u8; 1];
-    match rustls::Stream::new(&mut conn, &mut sock).read(&mut byte) {
-        Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            Err(refused(e))
-        }
-        _ => Ok(()),
+    // Bytes or the end of the stream: no refusal to report.
+    let read = rustls::Stream::new(&mut conn, &mut sock).read(&mut byte);
+    read.err().and_then(|e| certificate_problem(&e))
+}
+
+/// A refused certificate, on either side, explained; `None` for anything else.
+fn certificate_problem(e: &std::io::Error) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let text = e.to_string();
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(_) => Some(format!(
+            "the server's certificate was not accepted (wrong CA, or a host name it does not \
+             name?): {text}"
+        )),
+        rustls::Error::AlertReceived(A::CertificateRequired) => Some(format!(
+            "the server asks for a client certificate (ZkConfig::tls_client_pem): {text}"
+        )),
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied,
+        ) => Some(format!(
+            "the server refused the client certificate (it asks for one, \
+             ZkConfig::tls_client_pem, or does not trust the one given?): {text}"
+        )),
+        _ => None,
     }
 }

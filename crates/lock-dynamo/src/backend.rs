@@ -1,0 +1,612 @@
+//! The DynamoDB lock backend: the record-version lease of the AWS DynamoDB Lock Client.
+//!
+//! DynamoDB has no clock a condition can read, so no request can ask "has this lease
+//! expired?". Instead every write of a held item (a grant, each heartbeat) stores a fresh
+//! random record version number (RVN). A client that finds a key held notes the RVN and
+//! when it first saw it, on its own monotonic clock, after the answer arrived; it may take
+//! the key over only once it has seen that same RVN for the whole lease the holder
+//! declared, and only with a write conditioned on that RVN. The argument is in the README.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription, TableStatus,
+};
+use aws_sdk_dynamodb::Client;
+use lock_core::{
+    AcquireRequest, Capabilities, FencedWrite, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind,
+    LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome, TokenGuarantee,
+};
+use tokio::time::Instant;
+
+use crate::config::DynamoConfig;
+
+pub(crate) const NAME: &str = "dynamo";
+
+/// Attributes of a lock item (the partition key's name is configurable).
+const OWNER: &str = "owner";
+const RVN: &str = "rvn";
+const LEASE_MS: &str = "lease_ms";
+const TOKEN: &str = "token";
+const META: &str = "meta";
+
+type Item = HashMap<String, AttributeValue>;
+
+/// A lock store on one DynamoDB table. Cheap to clone; clones share the client and what it
+/// has seen of held keys.
+#[derive(Clone, Debug)]
+pub struct DynamoBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    cfg: DynamoConfig,
+    /// Per held key: the version this client saw, since when (after the answer arrived),
+    /// and the lease its holder declared.
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    rvn: String,
+    since: Instant,
+    lease: Duration,
+}
+
+fn rvn() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Some(v),
+        _ => None,
+    }
+}
+
+fn n(item: &Item, name: &str) -> Option<u64> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
+}
+
+fn num(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Maps a failed request: throttling and network faults are retryable, a missing table,
+/// a key schema that does not fit and refused credentials are configuration errors.
+fn map_err<E>(e: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> LockError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let text = DisplayErrorContext(&e).to_string();
+    match &e {
+        SdkError::ConstructionFailure(_) => {
+            return LockError::InvalidConfig(format!("DynamoDB request not built: {text}"))
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            return LockError::backend(NAME, true, text)
+        }
+        _ => {}
+    }
+    match e.code().unwrap_or_default() {
+        "ResourceNotFoundException" => LockError::InvalidConfig(format!(
+            "the lock table does not exist (create it, or DynamoConfig::create_table): {text}"
+        )),
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "MissingAuthenticationToken"
+        | "MissingAuthenticationTokenException"
+        | "ExpiredTokenException"
+        | "IncompleteSignatureException" => {
+            LockError::InvalidConfig(format!("DynamoDB refused access: {text}"))
+        }
+        "ValidationException" => LockError::InvalidConfig(format!(
+            "DynamoDB rejected the request (does the table's key schema match?): {text}"
+        )),
+        "ProvisionedThroughputExceededException"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "InternalServerError"
+        | "ServiceUnavailable"
+        | "TransactionConflictException"
+        | "LimitExceededException" => LockError::backend(NAME, true, text),
+        _ => LockError::backend(NAME, false, text),
+    }
+}
+
+/// A conditional write's answer.
+enum Written {
+    /// Applied; the item as asked back (`ReturnValues`), else empty.
+    Applied(Item),
+    /// Refused by its condition; the item that refused it, when asked for
+    /// (`ReturnValuesOnConditionCheckFailure`).
+    Refused(Option<Item>),
+}
+
+async fn write(call: UpdateItemFluentBuilder) -> Result<Written, LockError> {
+    match call.send().await {
+        Ok(out) => Ok(Written::Applied(out.attributes.unwrap_or_default())),
+        Err(e) => match e.as_service_error() {
+            Some(UpdateItemError::ConditionalCheckFailedException(c)) => {
+                Ok(Written::Refused(c.item().cloned()))
+            }
+            _ => Err(map_err(e)),
+        },
+    }
+}
+
+impl DynamoBackend {
+    /// Connects with `cfg`: builds an SDK client from it (credentials and region from the
+    /// environment unless given) and checks, or creates, the table.
+    pub async fn connect_with(cfg: DynamoConfig) -> Result<Self, LockError> {
+        cfg.validate()?;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            // One request per call: lock-core retries, and knows which retries are safe.
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(cfg.op_timeout)
+                    .build(),
+            );
+        if let Some(r) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(e) = &cfg.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        if let Some((id, secret)) = &cfg.credentials {
+            loader = loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "lock-dynamo",
+            ));
+        }
+        let sdk = loader.load().await;
+        if sdk.region().is_none() {
+            return Err(LockError::InvalidConfig(
+                "no AWS region: set DynamoConfig::region or AWS_REGION".into(),
+            ));
+        }
+        Self::from_client(Client::new(&sdk), cfg).await
+    }
+
+    /// Builds the backend on the application's own client (its credentials, region,
+    /// endpoint and retry settings); `cfg` gives the table and timeouts. Checks, or
+    /// creates, the table. Retries the client makes on its own count against the
+    /// operation timeout; a retried grant whose first try landed is recognised by its lease
+    /// id.
+    pub async fn from_client(client: Client, cfg: DynamoConfig) -> Result<Self, LockError> {
+        cfg.validate()?;
+        let me = Self {
+            inner: Arc::new(Inner {
+                client,
+                cfg,
+                seen: Mutex::new(HashMap::new()),
+            }),
+        };
+        me.check_table().await?;
+        Ok(me)
+    }
+
+    /// The SDK client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DynamoConfig {
+        &self.inner.cfg
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, LockError>>,
+    ) -> Result<T, LockError> {
+        let after = self.inner.cfg.op_timeout;
+        tokio::time::timeout(after, f)
+            .await
+            .unwrap_or(Err(LockError::OperationTimeout {
+                backend: NAME,
+                op,
+                after,
+            }))
+    }
+
+    async fn describe(&self) -> Result<Option<TableDescription>, LockError> {
+        self.bounded("describe table", async {
+            let out = self
+                .inner
+                .client
+                .describe_table()
+                .table_name(&self.inner.cfg.table)
+                .send()
+                .await
+                .map_err(map_err)?;
+            Ok(out.table)
+        })
+        .await
+    }
+
+    /// The table must have exactly one key, a string partition key of the configured name.
+    async fn check_table(&self) -> Result<(), LockError> {
+        let cfg = &self.inner.cfg;
+        let mut created = false;
+        let table = loop {
+            match self.describe().await {
+                Ok(table) => break table,
+                Err(LockError::InvalidConfig(m))
+                    if m.starts_with("the lock table does not exist") =>
+                {
+                    if !cfg.create_table || created {
+                        return Err(LockError::InvalidConfig(format!(
+                            "table {:?} does not exist (create it with a string partition key \
+                             {:?}, or set DynamoConfig::create_table)",
+                            cfg.table, cfg.partition_key
+                        )));
+                    }
+                    self.create_table().await?;
+                    created = true;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let table = table.ok_or_else(|| {
+            LockError::Protocol(format!(
+                "DescribeTable of {:?} returned no table",
+                cfg.table
+            ))
+        })?;
+        let keys: Vec<(String, String)> = table
+            .key_schema()
+            .iter()
+            .map(|k| {
+                (
+                    k.attribute_name().to_owned(),
+                    k.key_type().as_str().to_owned(),
+                )
+            })
+            .collect();
+        let string_key = table.attribute_definitions().iter().any(|a| {
+            a.attribute_name() == cfg.partition_key && *a.attribute_type() == ScalarAttributeType::S
+        });
+        if keys != [(cfg.partition_key.clone(), "HASH".to_owned())] || !string_key {
+            return Err(LockError::InvalidConfig(format!(
+                "table {:?} has the key schema {keys:?}; lock-dynamo needs exactly one key, a \
+                 string partition key named {:?}",
+                cfg.table, cfg.partition_key
+            )));
+        }
+        Ok(())
+    }
+
+    async fn create_table(&self) -> Result<(), LockError> {
+        let cfg = &self.inner.cfg;
+        let build =
+            |e: aws_sdk_dynamodb::error::BuildError| LockError::InvalidConfig(e.to_string());
+        let key = KeySchemaElement::builder()
+            .attribute_name(&cfg.partition_key)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(build)?;
+        let attr = AttributeDefinition::builder()
+            .attribute_name(&cfg.partition_key)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(build)?;
+        let created = self
+            .bounded("create table", async {
+                self.inner
+                    .client
+                    .create_table()
+                    .table_name(&cfg.table)
+                    .key_schema(key)
+                    .attribute_definitions(attr)
+                    .billing_mode(BillingMode::PayPerRequest)
+                    .send()
+                    .await
+                    .map_err(map_err)
+            })
+            .await;
+        match created {
+            Ok(_) => {}
+            // Another client created it meanwhile.
+            Err(LockError::Backend { ref source, .. })
+                if source.to_string().contains("ResourceInUseException") => {}
+            Err(e) => return Err(e),
+        }
+        // A new table takes a moment to become usable.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let table = self.describe().await?;
+            if table.and_then(|t| t.table_status) == Some(TableStatus::Active) {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(LockError::backend(
+                    NAME,
+                    true,
+                    format!(
+                        "table {:?} was not active 60 s after it was created",
+                        cfg.table
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn update(&self, key: &str) -> UpdateItemFluentBuilder {
+        let cfg = &self.inner.cfg;
+        self.inner
+            .client
+            .update_item()
+            .table_name(&cfg.table)
+            .key(&cfg.partition_key, AttributeValue::S(key.to_owned()))
+            .expression_attribute_names("#o", OWNER)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Item>, LockError> {
+        let cfg = &self.inner.cfg;
+        self.bounded("get", async {
+            let out = self
+                .inner
+                .client
+                .get_item()
+                .table_name(&cfg.table)
+                .key(&cfg.partition_key, AttributeValue::S(key.to_owned()))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(map_err)?;
+            Ok(out.item)
+        })
+        .await
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Seen>> {
+        self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes the version of a held item, now (after the answer that carried it arrived):
+    /// the same version keeps the time it was first seen. Returns what is noted.
+    fn observe(&self, key: &str, item: &Item) -> Option<Seen> {
+        let (Some(v), Some(lease)) = (s(item, RVN), n(item, LEASE_MS)) else {
+            return None;
+        };
+        let mut seen = self.seen();
+        let entry = seen.entry(key.to_owned()).or_insert_with(|| Seen {
+            rvn: v.to_owned(),
+            since: Instant::now(),
+            lease: Duration::from_millis(lease),
+        });
+        if entry.rvn != v {
+            *entry = Seen {
+                rvn: v.to_owned(),
+                since: Instant::now(),
+                lease: Duration::from_millis(lease),
+            };
+        }
+        Some(entry.clone())
+    }
+
+    /// A version this client has seen unchanged for the whole lease its holder declared.
+    fn expired_version(&self, key: &str) -> Option<String> {
+        self.seen()
+            .get(key)
+            .filter(|s| s.since.elapsed() >= s.lease)
+            .map(|s| s.rvn.clone())
+    }
+
+    /// Updates the one item of `table` whose key is `key` with the SET actions `set`
+    /// (without the word SET; `names` and `values` for its placeholders), only if the
+    /// token stored in the item's number attribute `field` is not higher than `token`; the
+    /// item then carries `token` in `field`. An item without the field is an error (it
+    /// cannot tell which holder wrote it: create fenced items with `field` at 0); a missing
+    /// item is [`FencedWrite::NoMatch`]. One table must be written under the tokens of one
+    /// lock key only.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fenced_update(
+        &self,
+        table: &str,
+        key: Item,
+        set: &str,
+        names: HashMap<String, String>,
+        values: Item,
+        field: &str,
+        token: FencingToken,
+    ) -> Result<FencedWrite, LockError> {
+        let bad = |m: String| Err(LockError::InvalidOptions(m));
+        if key.is_empty() {
+            return bad("the item's key is empty".into());
+        }
+        if set.trim().is_empty() {
+            return bad("no SET actions given".into());
+        }
+        if field.is_empty() {
+            return bad("the token attribute's name is empty".into());
+        }
+        if names.keys().any(|k| k == "#lock_fence") || values.keys().any(|k| k == ":lock_token") {
+            return bad("#lock_fence and :lock_token are lock-dynamo's own placeholders".into());
+        }
+        let call = self
+            .inner
+            .client
+            .update_item()
+            .table_name(table)
+            .set_key(Some(key))
+            .update_expression(format!("SET {set}, #lock_fence = :lock_token"))
+            .condition_expression("attribute_exists(#lock_fence) AND #lock_fence <= :lock_token")
+            .set_expression_attribute_names(Some(names))
+            .expression_attribute_names("#lock_fence", field)
+            .set_expression_attribute_values(Some(values))
+            .expression_attribute_values(":lock_token", num(token.get()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let old = match self.bounded("fenced update", write(call)).await? {
+            Written::Applied(_) => return Ok(FencedWrite::Applied(1)),
+            Written::Refused(None) => return Ok(FencedWrite::NoMatch),
+            Written::Refused(Some(old)) => old,
+        };
+        match n(&old, field) {
+            Some(h) if h > token.get() => Ok(FencedWrite::Refused {
+                highest: FencingToken::new(h),
+            }),
+            Some(_) => Ok(FencedWrite::NoMatch),
+            None => Err(LockError::InvalidConfig(format!(
+                "the item has no usable {field:?} (a number): a fenced item must carry one (0 \
+                 when created); nothing was written"
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl LockBackend for DynamoBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(LeaseKind::Ttl).tokens(TokenGuarantee::Durable)
+    }
+
+    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        let key = req.key.as_str();
+        let sent = Instant::now();
+        // Free (never held, or released), already ours (a retry whose first try landed),
+        // or held under a version this client saw unchanged for a whole lease.
+        let takeover = self.expired_version(key);
+        let mut cond = "attribute_not_exists(#o) OR #o = :me".to_owned();
+        let mut call = self
+            .update(key)
+            .update_expression(
+                "SET #o = :me, #v = :rvn, #l = :lease, #m = :meta, \
+                 #t = if_not_exists(#t, :zero) + :one",
+            )
+            .expression_attribute_names("#v", RVN)
+            .expression_attribute_names("#l", LEASE_MS)
+            .expression_attribute_names("#m", META)
+            .expression_attribute_names("#t", TOKEN)
+            .expression_attribute_values(":me", AttributeValue::S(req.lease_id.to_string()))
+            .expression_attribute_values(":rvn", AttributeValue::S(rvn()))
+            .expression_attribute_values(":lease", num(millis(req.ttl)))
+            .expression_attribute_values(":meta", AttributeValue::S(req.meta.encode()))
+            .expression_attribute_values(":zero", num(0))
+            .expression_attribute_values(":one", num(1))
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if let Some(v) = takeover {
+            cond.push_str(" OR #v = :seen");
+            call = call.expression_attribute_values(":seen", AttributeValue::S(v));
+        }
+        let call = call.condition_expression(cond);
+        match self.bounded("acquire", write(call)).await? {
+            Written::Applied(item) => {
+                self.seen().remove(key);
+                let token = n(&item, TOKEN).filter(|t| *t > 0).ok_or_else(|| {
+                    LockError::Protocol(format!("the grant of {key:?} returned no token"))
+                })?;
+                Ok(Grant::ttl(FencingToken::new(token), sent + req.ttl))
+            }
+            Written::Refused(held) => {
+                let held = match held {
+                    Some(item) => Some(item),
+                    None => self.get(key).await?,
+                };
+                if let Some(item) = held.filter(|i| s(i, OWNER).is_some()) {
+                    self.observe(key, &item);
+                }
+                Err(LockError::Contended {
+                    key: key.to_owned(),
+                })
+            }
+        }
+    }
+
+    async fn wait_for_change(&self, key: &LockKey, max: Duration) -> Result<(), LockError> {
+        // Look again by the time the version seen could be taken over, at the latest.
+        let due = self
+            .seen()
+            .get(key.as_str())
+            .map(|s| (s.since + s.lease).saturating_duration_since(Instant::now()));
+        let pause = max
+            .min(self.inner.cfg.poll_max)
+            .min(due.unwrap_or(max).max(Duration::from_millis(1)));
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+
+    async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        let sent = Instant::now();
+        let call = self
+            .update(lease.key.as_str())
+            .update_expression("SET #v = :rvn, #l = :lease")
+            .condition_expression("#o = :me")
+            .expression_attribute_names("#v", RVN)
+            .expression_attribute_names("#l", LEASE_MS)
+            .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
+            .expression_attribute_values(":rvn", AttributeValue::S(rvn()))
+            .expression_attribute_values(":lease", num(millis(ttl)));
+        match self.bounded("renew", write(call)).await? {
+            Written::Applied(_) => Ok(sent + ttl),
+            Written::Refused(_) => Err(LockError::NotHeld {
+                key: lease.key.to_string(),
+            }),
+        }
+    }
+
+    async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
+        // The item stays, with its token counter; a new version tells waiters it changed.
+        let call = self
+            .update(lease.key.as_str())
+            .update_expression("SET #v = :rvn REMOVE #o, #m")
+            .condition_expression("#o = :me")
+            .expression_attribute_names("#v", RVN)
+            .expression_attribute_names("#m", META)
+            .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
+            .expression_attribute_values(":rvn", AttributeValue::S(rvn()));
+        Ok(match self.bounded("release", write(call)).await? {
+            Written::Applied(_) => ReleaseOutcome::Released,
+            Written::Refused(_) => ReleaseOutcome::NotHeld,
+        })
+    }
+
+    async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
+        let Some(item) = self.get(key.as_str()).await? else {
+            return Ok(None);
+        };
+        let Some(owner) = s(&item, OWNER) else {
+            return Ok(None);
+        };
+        let token = n(&item, TOKEN)
+            .ok_or_else(|| LockError::Protocol(format!("the item of {key:?} has no token")))?;
+        let meta = s(&item, META).map(HolderMeta::decode).unwrap_or_default();
+        // By this client's watch of the version: DynamoDB keeps no expiry.
+        let remaining = self
+            .observe(key.as_str(), &item)
+            .map(|s| (s.since + s.lease).saturating_duration_since(Instant::now()));
+        Ok(Some(
+            LockInfo::new(LeaseId::parse(owner)?, FencingToken::new(token), meta)
+                .remaining(remaining),
+        ))
+    }
+}

@@ -1,0 +1,347 @@
+//! DynamoDB checks beyond the conformance suite: the record-version takeover, the fence
+//! against a paused holder, the counter that release keeps, bad tables, and what an
+//! emulator restart does. Run against moto here (`--via local`), or against the endpoint in
+//! `LOCK_DYNAMO_URL`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lock_conformance::CaseResult;
+use lock_core::{FencedWrite, LockClient, LockError, LockOptions, LockStatus, WaitPolicy};
+use lock_dynamo::aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+use lock_dynamo::DynamoBackend;
+use tokio::time::Instant;
+
+use crate::check;
+use crate::servers::Moto;
+use crate::targets::dynamo_config;
+
+type Res<T> = Result<T, String>;
+
+fn e2s(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The names of the checks below.
+pub const CHECKS: [&str; 6] = [
+    "takeover_only_after_the_version_is_unchanged_for_a_whole_lease",
+    "a_heartbeating_holder_is_never_taken_over",
+    "paused_holders_late_write_is_refused_by_the_fence",
+    "release_keeps_the_counter",
+    "missing_table_or_wrong_key_schema_is_refused_and_nothing_written",
+    "emulator_restart_loses_the_table_and_its_counter",
+];
+
+/// Runs every DynamoDB check against `url`; `target` names the provider ("dynamo-moto"
+/// for the emulator). The restart check starts an emulator of its own (`local`).
+pub async fn run(url: &str, target: &str, local: bool) -> Vec<CaseResult> {
+    let mut out = vec![
+        check(target, CHECKS[0], takeover_after_a_whole_lease(url)).await,
+        check(target, CHECKS[1], heartbeat_keeps_it(url)).await,
+        check(target, CHECKS[2], late_write_refused(url)).await,
+        check(target, CHECKS[3], keeps_counter(url)).await,
+        check(target, CHECKS[4], bad_tables(url)).await,
+    ];
+    out.push(if local {
+        check(target, CHECKS[5], emulator_restart()).await
+    } else {
+        crate::skip(
+            target,
+            CHECKS[5],
+            "restarts the emulator: needs a moto this run started (--via local)",
+        )
+    });
+    out
+}
+
+fn table() -> String {
+    format!("locks-{:08x}", rand::random::<u32>())
+}
+
+async fn backend(url: &str, table: &str) -> Res<DynamoBackend> {
+    DynamoBackend::connect_with(dynamo_config(url, table))
+        .await
+        .map_err(e2s)
+}
+
+fn key(tag: &str) -> String {
+    format!("{tag}-{:08x}", rand::random::<u32>())
+}
+
+/// A holder that stops heartbeating (renewal off) keeps the key for its whole lease as
+/// seen by a waiter: the waiter is granted no sooner than a lease after it started
+/// looking, with a higher token, and the old guard says Lost by then.
+async fn takeover_after_a_whole_lease(url: &str) -> Res<String> {
+    let t = table();
+    let lease = Duration::from_millis(1500);
+    let a = LockClient::new(backend(url, &t).await?)
+        .with_options(LockOptions::default().lease(lease).auto_renew(false));
+    let b = LockClient::new(backend(url, &t).await?)
+        .with_options(LockOptions::default().wait(WaitPolicy::Timeout(Duration::from_secs(10))));
+    let k = key("takeover");
+    let ga = a.acquire(&k).await.map_err(e2s)?;
+    let started = Instant::now();
+    let gb = b.acquire(&k).await.map_err(e2s)?;
+    let waited = started.elapsed();
+    let old = ga.status();
+    let (ta, tb) = (ga.token(), gb.token());
+    gb.release().await.map_err(e2s)?;
+    if waited < lease {
+        return Err(format!(
+            "taken over after {waited:?}, before a whole lease ({lease:?}) of the same version"
+        ));
+    }
+    if tb <= ta || !matches!(old, LockStatus::Lost(_)) {
+        return Err(format!(
+            "tokens {ta} then {tb}; the old guard said {old:?} at the takeover"
+        ));
+    }
+    Ok(format!(
+        "taken over after {waited:?} (lease {lease:?}), token {ta} -> {tb}, the old guard {old:?}"
+    ))
+}
+
+/// A holder that heartbeats (each heartbeat a new version) keeps the key through three
+/// leases; a waiter times out.
+async fn heartbeat_keeps_it(url: &str) -> Res<String> {
+    let t = table();
+    let lease = Duration::from_millis(800);
+    let a =
+        LockClient::new(backend(url, &t).await?).with_options(LockOptions::default().lease(lease));
+    let b = LockClient::new(backend(url, &t).await?)
+        .with_options(LockOptions::default().wait(WaitPolicy::Timeout(lease * 3)));
+    let k = key("heartbeat");
+    let ga = a.acquire(&k).await.map_err(e2s)?;
+    let waited = b.acquire(&k).await;
+    let status = ga.status();
+    ga.release().await.map_err(e2s)?;
+    match waited {
+        Err(LockError::Timeout { waited, .. }) if status == LockStatus::Held => Ok(format!(
+            "the waiter timed out after {waited:?}; the holder still Held"
+        )),
+        other => Err(format!(
+            "the waiter got {:?}; the holder said {status:?}",
+            other.map(|g| g.token())
+        )),
+    }
+}
+
+/// Creates a table of the application's own, keyed by `id` of type `kind`.
+async fn app_table(b: &DynamoBackend, name: &str, kind: ScalarAttributeType) -> Res<()> {
+    b.client()
+        .create_table()
+        .table_name(name)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("id")
+                .key_type(KeyType::Hash)
+                .build()
+                .map_err(e2s)?,
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("id")
+                .attribute_type(kind)
+                .build()
+                .map_err(e2s)?,
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .map_err(|e| lock_dynamo::aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())?;
+    Ok(())
+}
+
+/// A table of the application's own, with one item carrying a fence token at 0.
+async fn resource_table(b: &DynamoBackend) -> Res<String> {
+    let name = format!("items-{:08x}", rand::random::<u32>());
+    app_table(b, &name, ScalarAttributeType::S).await?;
+    b.client()
+        .put_item()
+        .table_name(&name)
+        .item("id", AttributeValue::S("item-1".into()))
+        .item("stock", AttributeValue::N("10".into()))
+        .item("fence", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .map_err(e2s)?;
+    Ok(name)
+}
+
+async fn sell(b: &DynamoBackend, table: &str, token: lock_core::FencingToken) -> Res<FencedWrite> {
+    b.fenced_update(
+        table,
+        HashMap::from([("id".to_owned(), AttributeValue::S("item-1".into()))]),
+        "stock = stock - :one",
+        HashMap::new(),
+        HashMap::from([(":one".to_owned(), AttributeValue::N("1".into()))]),
+        "fence",
+        token,
+    )
+    .await
+    .map_err(e2s)
+}
+
+/// A holder pauses past its lease (no heartbeat); another takes over and writes; the
+/// paused one's late write is refused by the fence, and the stock counts only two sales.
+async fn late_write_refused(url: &str) -> Res<String> {
+    let t = table();
+    let (ba, bb) = (backend(url, &t).await?, backend(url, &t).await?);
+    let items = resource_table(&ba).await?;
+    let lease = Duration::from_millis(800);
+    let a = LockClient::new(ba.clone())
+        .with_options(LockOptions::default().lease(lease).auto_renew(false));
+    let b = LockClient::new(bb.clone())
+        .with_options(LockOptions::default().wait(WaitPolicy::Timeout(Duration::from_secs(10))));
+    let k = key("fence");
+    let ga = a.acquire(&k).await.map_err(e2s)?;
+    let first = sell(&ba, &items, ga.token()).await?;
+    let gb = b.acquire(&k).await.map_err(e2s)?;
+    let second = sell(&bb, &items, gb.token()).await?;
+    let late = sell(&ba, &items, ga.token()).await?;
+    let (ta, tb) = (ga.token(), gb.token());
+    gb.release().await.map_err(e2s)?;
+    let stock = ba
+        .client()
+        .get_item()
+        .table_name(&items)
+        .key("id", AttributeValue::S("item-1".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(e2s)?
+        .item
+        .and_then(|i| i.get("stock").and_then(|v| v.as_n().ok()).cloned());
+    let refused = matches!(late, FencedWrite::Refused { highest } if highest == tb);
+    if !first.is_applied() || !second.is_applied() || !refused || stock.as_deref() != Some("8") {
+        return Err(format!(
+            "first {first:?}, second {second:?}, late {late:?}, stock {stock:?}"
+        ));
+    }
+    Ok(format!(
+        "holder {ta} sold, holder {tb} sold after the takeover, the late write of {ta}: {late:?}; stock 8"
+    ))
+}
+
+/// Release marks the item free and keeps it, with its counter: tokens keep rising.
+async fn keeps_counter(url: &str) -> Res<String> {
+    let t = table();
+    let b = backend(url, &t).await?;
+    let c = LockClient::new(b.clone());
+    let k = key("counter");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let g = c.acquire(&k).await.map_err(e2s)?;
+        tokens.push(g.token().get());
+        g.release().await.map_err(e2s)?;
+    }
+    let item = b
+        .client()
+        .get_item()
+        .table_name(&t)
+        .key("key", AttributeValue::S(k.clone()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(e2s)?
+        .item
+        .ok_or("the released item is gone")?;
+    let stored = item.get("token").and_then(|v| v.as_n().ok()).cloned();
+    if !tokens.windows(2).all(|w| w[0] < w[1])
+        || item.contains_key("owner")
+        || stored != Some(tokens[2].to_string())
+    {
+        return Err(format!(
+            "tokens {tokens:?}; the item after release: {item:?}"
+        ));
+    }
+    Ok(format!(
+        "tokens {tokens:?}; the released item keeps token {}",
+        tokens[2]
+    ))
+}
+
+/// No table (and no create), or a table whose key is not a string partition key named as
+/// configured: a clear configuration error at connect, and nothing written.
+async fn bad_tables(url: &str) -> Res<String> {
+    let t = table();
+    let missing = DynamoBackend::connect_with(dynamo_config(url, &t).create_table(false)).await;
+    let missing = match missing {
+        Err(e @ LockError::InvalidConfig(_)) if e.to_string().contains(&t) => e.to_string(),
+        other => return Err(format!("a missing table gave {:?}", other.map(|_| ()))),
+    };
+    let admin = backend(url, &table()).await?;
+    let tables = admin.client().list_tables().send().await.map_err(e2s)?;
+    if tables.table_names().contains(&t) {
+        return Err(format!("the missing table {t} was created"));
+    }
+    // A table keyed by a number named "id".
+    let wrong = table();
+    app_table(&admin, &wrong, ScalarAttributeType::N).await?;
+    let schema = match DynamoBackend::connect_with(dynamo_config(url, &wrong)).await {
+        Err(e @ LockError::InvalidConfig(_)) if e.to_string().contains("key schema") => {
+            e.to_string()
+        }
+        other => return Err(format!("a wrong key schema gave {:?}", other.map(|_| ()))),
+    };
+    let items = admin
+        .client()
+        .scan()
+        .table_name(&wrong)
+        .send()
+        .await
+        .map_err(e2s)?
+        .count;
+    if items != 0 {
+        return Err(format!("{items} items written to the wrong table"));
+    }
+    Ok(format!("missing: {missing}; wrong schema: {schema}"))
+}
+
+/// The emulator keeps nothing across a restart: the table is gone (a clear error to the
+/// backend that used it), and a new backend recreates it with counters from 1, so tokens
+/// repeat. A real DynamoDB table is durable: its counters survive anything short of
+/// deleting the table.
+async fn emulator_restart() -> Res<String> {
+    let mut moto = tokio::task::spawn_blocking(Moto::start)
+        .await
+        .map_err(e2s)??;
+    let t = table();
+    let url = moto.url();
+    let b = backend(&url, &t).await?;
+    let c = LockClient::new(b);
+    let k = key("restart");
+    let mut before = 0;
+    for _ in 0..3 {
+        let g = c.acquire(&k).await.map_err(e2s)?;
+        before = g.token().get();
+        g.release().await.map_err(e2s)?;
+    }
+    moto = tokio::task::spawn_blocking(move || moto.restart().map(|()| moto))
+        .await
+        .map_err(e2s)??;
+    let old = match c.acquire(&k).await {
+        Err(e @ LockError::InvalidConfig(_)) => e.to_string(),
+        other => {
+            return Err(format!(
+                "the old backend got {:?}",
+                other.map(|g| g.token())
+            ))
+        }
+    };
+    let fresh = LockClient::new(backend(&moto.url(), &t).await?);
+    let g = fresh.acquire(&k).await.map_err(e2s)?;
+    let after = g.token().get();
+    g.release().await.map_err(e2s)?;
+    if after > before {
+        return Err(format!(
+            "token {after} after the restart, above {before}: the emulator kept its data?"
+        ));
+    }
+    Ok(format!(
+        "before the restart token {before}; the old backend: {old}; a new backend recreated the table and was granted token {after} (a repeat: moto only)"
+    ))
+}
