@@ -401,6 +401,9 @@ async fn main() -> std::process::ExitCode {
     if want("zk") {
         section(&mut report, "zk", zk(plan)).await;
     }
+    if want("dynamo") {
+        section(&mut report, "dynamo (moto)", dynamo(plan)).await;
+    }
     report.note(
         "mongo",
         "SKIPPED: no MongoDB server can be obtained on this machine (not in Debian, PyPI or crates.io, no image registry); set LOCK_MONGO_URL on a machine with one",
@@ -1126,6 +1129,51 @@ async fn pg_durable(plan: Plan) -> Res<Vec<Row>> {
         ));
     }
     drop(server);
+    Ok(rows)
+}
+
+/// DynamoDB's API as moto emulates it (no DynamoDB is reachable here): the figures say how
+/// many round trips a cycle costs against a raw `GetItem`, not how fast DynamoDB is.
+async fn dynamo(plan: Plan) -> Res<Vec<Row>> {
+    use lock_dynamo::aws_sdk_dynamodb::types::AttributeValue;
+    let moto = blocking(lock_tests::servers::Moto::start).await?;
+    let cfg = lock_tests::targets::dynamo_config(&moto.url(), "bench-locks");
+    let backend = lock_dynamo::DynamoBackend::connect_with(cfg).await?;
+    let sdk = backend.client().clone();
+    let get = || {
+        let sdk = sdk.clone();
+        async move {
+            sdk.get_item()
+                .table_name("bench-locks")
+                .key("key", AttributeValue::S("baseline".into()))
+                .consistent_read(true)
+                .send()
+                .await?;
+            Ok(())
+        }
+    };
+    let s = latency(plan.samples, |_| get()).await?;
+    let mut rows = vec![Row::latency(
+        "dynamo (moto)",
+        "GetItem (baseline)",
+        s,
+        s.p50_us,
+        "GetItem",
+        None,
+    )];
+    let client = LockClient::new(backend).with_options(opts());
+    rows.push(
+        lock_cycle(
+            "dynamo (moto)",
+            &client,
+            plan,
+            &get,
+            "GetItem, interleaved",
+            None,
+        )
+        .await?,
+    );
+    drop(moto);
     Ok(rows)
 }
 

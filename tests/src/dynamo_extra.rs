@@ -83,15 +83,22 @@ async fn takeover_after_a_whole_lease(url: &str) -> Res<String> {
         .with_options(LockOptions::default().wait(WaitPolicy::Timeout(Duration::from_secs(10))));
     let k = key("takeover");
     let ga = a.acquire(&k).await.map_err(e2s)?;
+    let safe = ga.safe_until().ok_or("no safe deadline on a lease")?;
     let started = Instant::now();
     let gb = b.acquire(&k).await.map_err(e2s)?;
-    let waited = started.elapsed();
+    let (waited, granted) = (started.elapsed(), Instant::now());
     let old = ga.status();
     let (ta, tb) = (ga.token(), gb.token());
     gb.release().await.map_err(e2s)?;
     if waited < lease {
         return Err(format!(
             "taken over after {waited:?}, before a whole lease ({lease:?}) of the same version"
+        ));
+    }
+    if granted < safe {
+        return Err(format!(
+            "the takeover returned {:?} before the old guard's safe deadline",
+            safe - granted
         ));
     }
     if tb <= ta || !matches!(old, LockStatus::Lost(_)) {

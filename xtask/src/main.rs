@@ -24,7 +24,7 @@ const USAGE: &str = "usage: cargo xtask <command>
               a server that exits at once, or a worker that does, must fail the runners
   images [redis|postgres|zookeeper...]
               build local server images from Debian packages (debootstrap + docker import)
-  bench [--quick] [redis|pg|pg-fsync|zk...]
+  bench [--quick] [redis|pg|pg-fsync|zk|dynamo...]
               the speed report (release build): target/bench/report.{md,json}, chart.svg
   ci          fmt, clippy, tests, docs, package (no build), the local Redis image, Ctrl-C check,
               chaos --quick, the runners' check, then integration (+ a Redis smoke leg via

@@ -36,6 +36,8 @@ const RVN: &str = "rvn";
 const LEASE_MS: &str = "lease_ms";
 const TOKEN: &str = "token";
 const META: &str = "meta";
+/// Every attribute of a lock item but its key.
+pub(crate) const ATTRIBUTES: [&str; 5] = [OWNER, RVN, LEASE_MS, TOKEN, META];
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -53,7 +55,15 @@ struct Inner {
     /// Per held key: the version this client saw, since when (after the answer arrived),
     /// and the lease its holder declared.
     seen: Mutex<HashMap<String, Seen>>,
+    /// Per lease of this client: the versions the item may carry from its own writes (the
+    /// last one applied, and any sent since whose answer never came). A heartbeat names
+    /// them in its condition, so that a late one cannot land after a later write.
+    mine: Mutex<HashMap<String, Vec<String>>>,
 }
+
+/// The most versions a heartbeat's condition names (DynamoDB allows 100 in `IN`): beyond,
+/// the oldest unanswered ones are dropped, which can only make a heartbeat fail.
+const MAX_VERSIONS: usize = 32;
 
 #[derive(Clone, Debug)]
 struct Seen {
@@ -117,9 +127,9 @@ where
         | "IncompleteSignatureException" => {
             LockError::InvalidConfig(format!("DynamoDB refused access: {text}"))
         }
-        "ValidationException" => LockError::InvalidConfig(format!(
-            "DynamoDB rejected the request (does the table's key schema match?): {text}"
-        )),
+        "ValidationException" => {
+            LockError::InvalidConfig(format!("DynamoDB rejected the request: {text}"))
+        }
         "ProvisionedThroughputExceededException"
         | "ThrottlingException"
         | "RequestLimitExceeded"
@@ -127,7 +137,13 @@ where
         | "ServiceUnavailable"
         | "TransactionConflictException"
         | "LimitExceededException" => LockError::backend(NAME, true, text),
-        _ => LockError::backend(NAME, false, text),
+        // A server-side failure without a code we know is worth another try.
+        _ => {
+            let server = e
+                .raw_response()
+                .is_some_and(|r| r.status().is_server_error());
+            LockError::backend(NAME, server, text)
+        }
     }
 }
 
@@ -201,6 +217,7 @@ impl DynamoBackend {
                 client,
                 cfg,
                 seen: Mutex::new(HashMap::new()),
+                mine: Mutex::new(HashMap::new()),
             }),
         };
         me.check_table().await?;
@@ -276,6 +293,14 @@ impl DynamoBackend {
                 cfg.table
             ))
         })?;
+        if !table.replicas().is_empty() {
+            return Err(LockError::InvalidConfig(format!(
+                "table {:?} is a global table: its regions check conditions each on their own \
+                 (the last write wins), so two regions could grant one key with one token; use \
+                 a table in one region",
+                cfg.table
+            )));
+        }
         let keys: Vec<(String, String)> = table
             .key_schema()
             .iter()
@@ -387,6 +412,21 @@ impl DynamoBackend {
         self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn mine(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+        self.inner.mine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write of `version` for `lease` went out and its answer never came: the item may
+    /// carry it.
+    fn maybe_wrote(&self, lease: &LeaseId, version: String) {
+        let mut mine = self.mine();
+        let versions = mine.entry(lease.to_string()).or_default();
+        versions.push(version);
+        if versions.len() > MAX_VERSIONS {
+            versions.remove(0);
+        }
+    }
+
     /// Notes the version of a held item, now (after the answer that carried it arrived):
     /// the same version keeps the time it was first seen. Returns what is noted.
     fn observe(&self, key: &str, item: &Item) -> Option<Seen> {
@@ -394,6 +434,10 @@ impl DynamoBackend {
             return None;
         };
         let mut seen = self.seen();
+        if seen.len() > 1024 {
+            // Keys this client no longer looks at.
+            seen.retain(|_, s| s.since.elapsed() < s.lease * 2);
+        }
         let entry = seen.entry(key.to_owned()).or_insert_with(|| Seen {
             rvn: v.to_owned(),
             since: Instant::now(),
@@ -472,8 +516,8 @@ impl DynamoBackend {
             }),
             Some(_) => Ok(FencedWrite::NoMatch),
             None => Err(LockError::InvalidConfig(format!(
-                "the item has no usable {field:?} (a number): a fenced item must carry one (0 \
-                 when created); nothing was written"
+                "the item has no usable {field:?} (a whole number): a fenced item must carry \
+                 one (0 when created); nothing was written"
             ))),
         }
     }
@@ -495,6 +539,7 @@ impl LockBackend for DynamoBackend {
         // Free (never held, or released), already ours (a retry whose first try landed),
         // or held under a version this client saw unchanged for a whole lease.
         let takeover = self.expired_version(key);
+        let version = rvn();
         let mut cond = "attribute_not_exists(#o) OR #o = :me".to_owned();
         let mut call = self
             .update(key)
@@ -507,7 +552,7 @@ impl LockBackend for DynamoBackend {
             .expression_attribute_names("#m", META)
             .expression_attribute_names("#t", TOKEN)
             .expression_attribute_values(":me", AttributeValue::S(req.lease_id.to_string()))
-            .expression_attribute_values(":rvn", AttributeValue::S(rvn()))
+            .expression_attribute_values(":rvn", AttributeValue::S(version.clone()))
             .expression_attribute_values(":lease", num(millis(req.ttl)))
             .expression_attribute_values(":meta", AttributeValue::S(req.meta.encode()))
             .expression_attribute_values(":zero", num(0))
@@ -519,9 +564,14 @@ impl LockBackend for DynamoBackend {
             call = call.expression_attribute_values(":seen", AttributeValue::S(v));
         }
         let call = call.condition_expression(cond);
-        match self.bounded("acquire", write(call)).await? {
+        let answer = self.bounded("acquire", write(call)).await;
+        if answer.is_err() {
+            self.maybe_wrote(&req.lease_id, version.clone());
+        }
+        match answer? {
             Written::Applied(item) => {
                 self.seen().remove(key);
+                self.mine().insert(req.lease_id.to_string(), vec![version]);
                 let token = n(&item, TOKEN).filter(|t| *t > 0).ok_or_else(|| {
                     LockError::Protocol(format!("the grant of {key:?} returned no token"))
                 })?;
@@ -542,6 +592,51 @@ impl LockBackend for DynamoBackend {
         }
     }
 
+    /// Waits as the default does, and also waits out throttling and network faults (for up
+    /// to twice the operation timeout in a row): polling writes are what DynamoDB throttles.
+    /// A grant that landed unseen is granted again to the same lease id on the next try.
+    async fn acquire(
+        &self,
+        req: &AcquireRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Grant, LockError> {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        let mut failing_since: Option<Instant> = None;
+        let mut unsure = false;
+        loop {
+            match self.try_acquire(req).await {
+                Err(LockError::Contended { .. }) => failing_since = None,
+                Err(e) if e.is_retryable() => {
+                    unsure = true;
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.inner.cfg.op_timeout * 2 {
+                        return Err(e);
+                    }
+                    tracing::debug!(key = %req.key, error = %e, "acquire attempt failed; trying again");
+                }
+                other => return other,
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                if unsure {
+                    // A timeout leaves nothing behind: not even a grant whose answer was lost.
+                    self.release(&req.lease()).await?;
+                }
+                return Err(LockError::Timeout {
+                    key: req.key.to_string(),
+                    waited: now - started,
+                });
+            }
+            let mut pause = req.backoff.delay(attempt);
+            if let Some(d) = deadline {
+                pause = pause.min(d - now);
+            }
+            attempt = attempt.saturating_add(1);
+            self.wait_for_change(&req.key, pause).await?;
+        }
+    }
+
     async fn wait_for_change(&self, key: &LockKey, max: Duration) -> Result<(), LockError> {
         // Look again by the time the version seen could be taken over, at the latest.
         let due = self
@@ -557,25 +652,51 @@ impl LockBackend for DynamoBackend {
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
         let sent = Instant::now();
-        let call = self
+        let version = rvn();
+        let known = self.mine().get(lease.lease_id.as_str()).cloned();
+        let mut call = self
             .update(lease.key.as_str())
             .update_expression("SET #v = :rvn, #l = :lease")
-            .condition_expression("#o = :me")
             .expression_attribute_names("#v", RVN)
             .expression_attribute_names("#l", LEASE_MS)
             .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
-            .expression_attribute_values(":rvn", AttributeValue::S(rvn()))
+            .expression_attribute_values(":rvn", AttributeValue::S(version.clone()))
             .expression_attribute_values(":lease", num(millis(ttl)));
-        match self.bounded("renew", write(call)).await? {
-            Written::Applied(_) => Ok(sent + ttl),
-            Written::Refused(_) => Err(LockError::NotHeld {
-                key: lease.key.to_string(),
-            }),
+        // Only over a version of this lease's own writes: a heartbeat (or a shorter
+        // `extend`) answered too late for its sender must not land after a later one.
+        call = match known.filter(|v| !v.is_empty()) {
+            Some(versions) => {
+                let names: Vec<String> = (0..versions.len()).map(|i| format!(":v{i}")).collect();
+                for (n, v) in names.iter().zip(versions) {
+                    call = call.expression_attribute_values(n, AttributeValue::S(v));
+                }
+                call.condition_expression(format!("#o = :me AND #v IN ({})", names.join(", ")))
+            }
+            None => call.condition_expression("#o = :me"),
+        };
+        match self.bounded("renew", write(call)).await {
+            Ok(Written::Applied(_)) => {
+                self.mine()
+                    .insert(lease.lease_id.to_string(), vec![version]);
+                Ok(sent + ttl)
+            }
+            Ok(Written::Refused(_)) => {
+                self.mine().remove(lease.lease_id.as_str());
+                Err(LockError::NotHeld {
+                    key: lease.key.to_string(),
+                })
+            }
+            Err(e) => {
+                self.maybe_wrote(&lease.lease_id, version);
+                Err(e)
+            }
         }
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
         // The item stays, with its token counter; a new version tells waiters it changed.
+        let version = rvn();
+        self.maybe_wrote(&lease.lease_id, version.clone());
         let call = self
             .update(lease.key.as_str())
             .update_expression("SET #v = :rvn REMOVE #o, #m")
@@ -583,11 +704,34 @@ impl LockBackend for DynamoBackend {
             .expression_attribute_names("#v", RVN)
             .expression_attribute_names("#m", META)
             .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
-            .expression_attribute_values(":rvn", AttributeValue::S(rvn()));
-        Ok(match self.bounded("release", write(call)).await? {
+            .expression_attribute_values(":rvn", AttributeValue::S(version))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let outcome = match self.bounded("release", write(call)).await? {
             Written::Applied(_) => ReleaseOutcome::Released,
-            Written::Refused(_) => ReleaseOutcome::NotHeld,
-        })
+            Written::Refused(item) => {
+                let item = match item {
+                    Some(item) => Some(item),
+                    None => self.get(lease.key.as_str()).await?,
+                };
+                // Free, and last written by an earlier try of this release whose answer was
+                // lost: released by us after all.
+                let ours = item.is_some_and(|i| {
+                    s(&i, OWNER).is_none()
+                        && s(&i, RVN).is_some_and(|v| {
+                            self.mine()
+                                .get(lease.lease_id.as_str())
+                                .is_some_and(|mine| mine.iter().any(|m| m == v))
+                        })
+                });
+                if ours {
+                    ReleaseOutcome::Released
+                } else {
+                    ReleaseOutcome::NotHeld
+                }
+            }
+        };
+        self.mine().remove(lease.lease_id.as_str());
+        Ok(outcome)
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {

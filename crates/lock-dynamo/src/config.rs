@@ -145,6 +145,12 @@ impl DynamoConfig {
         if k.is_empty() || k.len() > 255 {
             return bad(format!("partition key name {k:?} must be 1 to 255 bytes"));
         }
+        if crate::backend::ATTRIBUTES.contains(&k.as_str()) {
+            return bad(format!(
+                "partition key name {k:?} is one of the lock item's own attributes {:?}",
+                crate::backend::ATTRIBUTES
+            ));
+        }
         if let Some(e) = &self.endpoint {
             let rest = e
                 .strip_prefix("http://")
@@ -193,6 +199,7 @@ mod tests {
             .is_ok());
         assert!(c.clone().region("eu west").validate().is_err());
         assert!(c.clone().partition_key("").validate().is_err());
+        assert!(c.clone().partition_key("owner").validate().is_err());
         assert!(c.clone().op_timeout(Duration::ZERO).validate().is_err());
         assert!(c.clone().credentials("AKIA", "").validate().is_err());
         let shown = format!("{:?}", c.credentials("AKIAEXAMPLE", "wJalr-s3cret"));
