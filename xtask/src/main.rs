@@ -14,7 +14,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   integration [--backend memory|redis|redlock|zk|pg|mongo|all] [--via auto|local|env|containers]
               [--also-containers backend[=image],...] [--lanes n] [--only part,...] [--require-all]
   demo        the inventory demo on every backend that can be provisioned
-  chaos [--quick] [--seed n] [--lanes n] [--only part,...] [redis|redis-unfair|redlock|zk|zk-ensemble3|pg-lease|pg-advisory|pg-xact|mongo...]
+  chaos [--quick] [--seed n] [--lanes n] [--only part,...] [redis|redis-unfair|redlock|zk|zk-ensemble3|pg-lease|pg-advisory|pg-xact|dynamo|mongo...]
               fault injection with worker processes, judged by the history checker
   package     package each publishable crate and build it on its own, as crates.io would
   msrv        each published crate's rust-version covers what its dependencies declare
@@ -352,8 +352,10 @@ fn ci() -> bool {
         && timed("feature check", features_alone)
         && step(
             "docs",
+            // The published crates: the others are tools of this repository.
             cargo()
-                .args(["doc", "--workspace", "--no-deps"])
+                .args(["doc", "--no-deps"])
+                .args(published_args())
                 .env("RUSTDOCFLAGS", "-D warnings"),
         )
         && timed("rust-version check", msrv::check)

@@ -61,6 +61,14 @@ pub(crate) async fn backend(
                 _ => Arc::new(locks.advisory()),
             }
         }
+        "dynamo" => Arc::new(
+            lock_dynamo::DynamoBackend::connect_with(
+                lock_tests::targets::dynamo_config(url, "chaos-locks")
+                    .op_timeout(Duration::from_millis(500)),
+            )
+            .await
+            .map_err(e)?,
+        ),
         other => return Err(format!("unknown backend {other}")),
     })
 }
