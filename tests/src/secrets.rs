@@ -13,7 +13,7 @@ use tracing::{span, Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 /// The secrets the checks hand to the stores (passwords, a private key's armour).
-pub const SECRETS: &[&str] = &["s3cret", "n0t-the-pw-7", "PRIVATE KEY"];
+pub const SECRETS: &[&str] = &["s3cret", "n0t-the-pw-7", "wr0ng-pw", "PRIVATE KEY"];
 
 /// What the run showed.
 #[derive(Debug, Default)]

@@ -529,10 +529,31 @@ async fn digest_chroot(connect: &str) -> Res<String> {
         .map_err(e2s)?;
     let read = stranger.get_data(&format!("{parent}/{node}")).await;
     let delete = stranger.delete(&format!("{parent}/{node}"), None).await;
-    let info = LockClient::new(ZkBackend::connect_with(cfg).await.map_err(e2s)?)
+    let info = LockClient::new(ZkBackend::connect_with(cfg.clone()).await.map_err(e2s)?)
         .inspect(&k)
         .await
         .map_err(e2s)?;
+    // A lock client with the right user and a wrong password: refused, not retried, and the
+    // password not shown.
+    let wrong = {
+        let mut w = cfg.clone();
+        w.digest = Some("locker:wr0ng-pw".into());
+        w
+    };
+    let wrong = match ZkBackend::connect_with(wrong).await {
+        Ok(b) => LockClient::new(b)
+            .with_options(LockOptions::default().wait(WaitPolicy::NoWait))
+            .acquire(&key("auth"))
+            .await
+            .map(|g| g.token()),
+        Err(e) => Err(e),
+    };
+    let wrong = match wrong {
+        Err(e @ LockError::InvalidConfig(_)) if !e.to_string().contains("wr0ng-pw") => {
+            e.to_string()
+        }
+        other => return Err(format!("a wrong password gave {other:?}")),
+    };
     g.release().await.map_err(e2s)?;
     let after = same.list_children(&parent).await.unwrap_or_default();
     if !matches!(read, Err(zk::Error::NoAuth)) || !matches!(delete, Err(zk::Error::NoAuth)) {
@@ -545,7 +566,7 @@ async fn digest_chroot(connect: &str) -> Res<String> {
         return Err(format!("inspect {info:?}; nodes after release {after:?}"));
     }
     Ok(format!(
-        "node {parent}/{node}: other credentials refused (NoAuth) for read and delete; same credentials inspect; released by its owner"
+        "node {parent}/{node}: other credentials refused (NoAuth) for read and delete; same credentials inspect; released by its owner; a wrong password: {wrong}"
     ))
 }
 
