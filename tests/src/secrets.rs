@@ -219,7 +219,7 @@ mod tests {
             target: "t".into(),
             case: "c".into(),
             outcome: Outcome::Passed {
-                detail: "connected to postgres://app:PRIVATE KEY@h".into(),
+                detail: "connected to postgres://app:wr0ng-pw@h".into(),
             },
             millis: 0,
         };
