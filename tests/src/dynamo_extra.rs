@@ -15,9 +15,11 @@ use lock_dynamo::aws_sdk_dynamodb::types::{
 use lock_dynamo::DynamoBackend;
 use tokio::time::Instant;
 
+use lock_conformance::proxy::Proxy;
+
 use crate::check;
 use crate::servers::Moto;
-use crate::targets::dynamo_config;
+use crate::targets::{addr_of, dynamo_config, with_addr};
 
 type Res<T> = Result<T, String>;
 
@@ -26,8 +28,9 @@ fn e2s(e: impl std::fmt::Display) -> String {
 }
 
 /// The names of the checks below.
-pub const CHECKS: [&str; 6] = [
+pub const CHECKS: [&str; 7] = [
     "takeover_only_after_the_version_is_unchanged_for_a_whole_lease",
+    "a_heartbeat_answered_too_late_keeps_the_lock",
     "a_heartbeating_holder_is_never_taken_over",
     "paused_holders_late_write_is_refused_by_the_fence",
     "release_keeps_the_counter",
@@ -40,17 +43,18 @@ pub const CHECKS: [&str; 6] = [
 pub async fn run(url: &str, target: &str, local: bool) -> Vec<CaseResult> {
     let mut out = vec![
         check(target, CHECKS[0], takeover_after_a_whole_lease(url)).await,
-        check(target, CHECKS[1], heartbeat_keeps_it(url)).await,
-        check(target, CHECKS[2], late_write_refused(url)).await,
-        check(target, CHECKS[3], keeps_counter(url)).await,
-        check(target, CHECKS[4], bad_tables(url)).await,
+        check(target, CHECKS[1], lost_heartbeat_answer(url)).await,
+        check(target, CHECKS[2], heartbeat_keeps_it(url)).await,
+        check(target, CHECKS[3], late_write_refused(url)).await,
+        check(target, CHECKS[4], keeps_counter(url)).await,
+        check(target, CHECKS[5], bad_tables(url)).await,
     ];
     out.push(if local {
-        check(target, CHECKS[5], emulator_restart()).await
+        check(target, CHECKS[6], emulator_restart()).await
     } else {
         crate::skip(
             target,
-            CHECKS[5],
+            CHECKS[6],
             "restarts the emulator: needs a moto this run started (--via local)",
         )
     });
@@ -108,6 +112,58 @@ async fn takeover_after_a_whole_lease(url: &str) -> Res<String> {
     }
     Ok(format!(
         "taken over after {waited:?} (lease {lease:?}), token {ta} -> {tb}, the old guard {old:?}"
+    ))
+}
+
+/// A heartbeat that lands but whose answer comes too late (the guard gives up on it): the
+/// next heartbeat must still be accepted, since the item carries a version of this lease's
+/// own, and the guard is Held again.
+async fn lost_heartbeat_answer(url: &str) -> Res<String> {
+    let proxy = Proxy::start(addr_of(url)?).await.map_err(e2s)?;
+    let via = with_addr(url, proxy.addr())?;
+    let t = table();
+    let b = backend(&via, &t).await?;
+    let lease = Duration::from_millis(1500);
+    let c = LockClient::new(b).with_options(LockOptions::default().lease(lease));
+    let k = key("lost-answer");
+    let g = c.acquire(&k).await.map_err(e2s)?;
+    let seen = lock_conformance::record_statuses(&g);
+    let direct = backend(url, &t).await?;
+    let version = || async {
+        let item = direct
+            .client()
+            .get_item()
+            .table_name(&t)
+            .key("key", AttributeValue::S(k.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(e2s)?
+            .item
+            .unwrap_or_default();
+        Ok::<_, String>(item.get("rvn").and_then(|v| v.as_s().ok()).cloned())
+    };
+    let before = version().await?;
+    // The first heartbeat goes out at a third of the lease; its answer is held back past
+    // the guard's patience (a third of the lease), so the guard gives up on it.
+    tokio::time::sleep(lease / 3 - Duration::from_millis(100)).await;
+    proxy.set_reply_delay(lease / 3 + Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let during = version().await?;
+    proxy.set_reply_delay(Duration::ZERO);
+    tokio::time::sleep(lease).await;
+    let status = g.status();
+    g.release().await.map_err(e2s)?;
+    let seen = seen.await.map_err(e2s)?;
+    let uncertain = seen.iter().any(|(_, s)| *s == LockStatus::Uncertain);
+    // The heartbeat whose answer was lost did land: the item's version changed.
+    if status != LockStatus::Held || !uncertain || during == before {
+        return Err(format!(
+            "after a heartbeat whose answer came too late (version {before:?} -> {during:?}): {status:?}; statuses {seen:?}"
+        ));
+    }
+    Ok(format!(
+        "the heartbeat landed (version changed), its answer came too late; Uncertain, then Held again by the next heartbeat"
     ))
 }
 

@@ -61,8 +61,7 @@ struct Inner {
     mine: Mutex<HashMap<String, Vec<String>>>,
 }
 
-/// The most versions a heartbeat's condition names (DynamoDB allows 100 in `IN`): beyond,
-/// the oldest unanswered ones are dropped, which can only make a heartbeat fail.
+/// The most versions a condition names (DynamoDB allows 100 in `IN`).
 const MAX_VERSIONS: usize = 32;
 
 #[derive(Clone, Debug)]
@@ -88,6 +87,21 @@ fn n(item: &Item, name: &str) -> Option<u64> {
         Some(AttributeValue::N(v)) => v.parse().ok(),
         _ => None,
     }
+}
+
+/// Binds `values` as `:{prefix}0, :{prefix}1, ...` on `call`; returns the list for an `IN`.
+fn in_list(
+    prefix: &str,
+    values: Vec<String>,
+    mut call: UpdateItemFluentBuilder,
+) -> (String, UpdateItemFluentBuilder) {
+    let mut names = Vec::with_capacity(values.len());
+    for (i, v) in values.into_iter().enumerate() {
+        let name = format!(":{prefix}{i}");
+        call = call.expression_attribute_values(&name, AttributeValue::S(v));
+        names.push(name);
+    }
+    (names.join(", "), call)
 }
 
 fn num(v: impl ToString) -> AttributeValue {
@@ -154,16 +168,29 @@ enum Written {
     /// Refused by its condition; the item that refused it, when asked for
     /// (`ReturnValuesOnConditionCheckFailure`).
     Refused(Option<Item>),
+    /// No answer: the request failed, and may (`true`) or may not have been applied.
+    Failed(LockError, bool),
 }
 
-async fn write(call: UpdateItemFluentBuilder) -> Result<Written, LockError> {
+async fn write(call: UpdateItemFluentBuilder) -> Written {
     match call.send().await {
-        Ok(out) => Ok(Written::Applied(out.attributes.unwrap_or_default())),
+        Ok(out) => Written::Applied(out.attributes.unwrap_or_default()),
         Err(e) => match e.as_service_error() {
             Some(UpdateItemError::ConditionalCheckFailedException(c)) => {
-                Ok(Written::Refused(c.item().cloned()))
+                Written::Refused(c.item().cloned())
             }
-            _ => Err(map_err(e)),
+            _ => {
+                // Not sent, or refused with a client error (throttled, invalid): not
+                // applied. A timeout, a lost connection or a server error: unknown.
+                let definite = match &e {
+                    SdkError::ConstructionFailure(_) => true,
+                    SdkError::ServiceError(_) => e
+                        .raw_response()
+                        .is_some_and(|r| r.status().is_client_error()),
+                    _ => false,
+                };
+                Written::Failed(map_err(e), !definite)
+            }
         },
     }
 }
@@ -416,15 +443,39 @@ impl DynamoBackend {
         self.inner.mine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A write of `version` for `lease` went out and its answer never came: the item may
-    /// carry it.
-    fn maybe_wrote(&self, lease: &LeaseId, version: String) {
+    /// The versions the item may carry from this lease's own writes.
+    fn versions(&self, lease: &LeaseId) -> Vec<String> {
+        self.mine().get(lease.as_str()).cloned().unwrap_or_default()
+    }
+
+    /// A write of `version` for `lease` is about to go out: until its answer says
+    /// otherwise, the item may carry it. Beyond the cap the oldest unanswered one goes
+    /// (never the first, the one last known applied), which can only make a later
+    /// condition fail.
+    fn sending(&self, lease: &LeaseId, version: &str) {
         let mut mine = self.mine();
         let versions = mine.entry(lease.to_string()).or_default();
-        versions.push(version);
+        versions.push(version.to_owned());
         if versions.len() > MAX_VERSIONS {
-            versions.remove(0);
+            versions.remove(1);
         }
+    }
+
+    /// The answer to a write of `version`: applied (the item now carries it and no
+    /// earlier write of this lease can land any more), or certainly not applied.
+    fn answered(&self, lease: &LeaseId, version: &str, applied: bool) {
+        let mut mine = self.mine();
+        if applied {
+            mine.insert(lease.to_string(), vec![version.to_owned()]);
+        } else if let Some(v) = mine.get_mut(lease.as_str()) {
+            v.retain(|x| x != version);
+        }
+    }
+
+    /// Whether `item` carries `version` under `lease`: a write refused on its condition was
+    /// an identical resend (the SDK's own retry) of one already applied.
+    fn carries(item: Option<&Item>, lease: &LeaseId, version: &str) -> bool {
+        item.is_some_and(|i| s(i, OWNER) == Some(lease.as_str()) && s(i, RVN) == Some(version))
     }
 
     /// Notes the version of a held item, now (after the answer that carried it arrived):
@@ -505,10 +556,14 @@ impl DynamoBackend {
             .set_expression_attribute_values(Some(values))
             .expression_attribute_values(":lock_token", num(token.get()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        let old = match self.bounded("fenced update", write(call)).await? {
+        let old = match self
+            .bounded("fenced update", async { Ok(write(call).await) })
+            .await?
+        {
             Written::Applied(_) => return Ok(FencedWrite::Applied(1)),
             Written::Refused(None) => return Ok(FencedWrite::NoMatch),
             Written::Refused(Some(old)) => old,
+            Written::Failed(e, _) => return Err(e),
         };
         match n(&old, field) {
             Some(h) if h > token.get() => Ok(FencedWrite::Refused {
@@ -536,11 +591,14 @@ impl LockBackend for DynamoBackend {
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         let key = req.key.as_str();
         let sent = Instant::now();
-        // Free (never held, or released), already ours (a retry whose first try landed),
-        // or held under a version this client saw unchanged for a whole lease.
+        // Free (never held, or released), held under a version this client saw unchanged
+        // for a whole lease, or holding a version of an earlier try of this lease whose
+        // answer never came (it landed after all). A try can never land after a later
+        // write of its lease: that write changed the version.
         let takeover = self.expired_version(key);
+        let earlier = self.versions(&req.lease_id);
         let version = rvn();
-        let mut cond = "attribute_not_exists(#o) OR #o = :me".to_owned();
+        let mut cond = "attribute_not_exists(#o)".to_owned();
         let mut call = self
             .update(key)
             .update_expression(
@@ -563,21 +621,23 @@ impl LockBackend for DynamoBackend {
             cond.push_str(" OR #v = :seen");
             call = call.expression_attribute_values(":seen", AttributeValue::S(v));
         }
-        let call = call.condition_expression(cond);
-        let answer = self.bounded("acquire", write(call)).await;
-        if answer.is_err() {
-            self.maybe_wrote(&req.lease_id, version.clone());
+        if !earlier.is_empty() {
+            let (list, with) = in_list("m", earlier, call);
+            cond.push_str(&format!(" OR (#o = :me AND #v IN ({list}))"));
+            call = with;
         }
-        match answer? {
-            Written::Applied(item) => {
-                self.seen().remove(key);
-                self.mine().insert(req.lease_id.to_string(), vec![version]);
-                let token = n(&item, TOKEN).filter(|t| *t > 0).ok_or_else(|| {
-                    LockError::Protocol(format!("the grant of {key:?} returned no token"))
-                })?;
-                Ok(Grant::ttl(FencingToken::new(token), sent + req.ttl))
+        self.sending(&req.lease_id, &version);
+        let call = call.condition_expression(cond);
+        let item = match self
+            .bounded("acquire", async { Ok(write(call).await) })
+            .await?
+        {
+            Written::Applied(item) => item,
+            Written::Refused(Some(item)) if Self::carries(Some(&item), &req.lease_id, &version) => {
+                item
             }
             Written::Refused(held) => {
+                self.answered(&req.lease_id, &version, false);
                 let held = match held {
                     Some(item) => Some(item),
                     None => self.get(key).await?,
@@ -585,11 +645,23 @@ impl LockBackend for DynamoBackend {
                 if let Some(item) = held.filter(|i| s(i, OWNER).is_some()) {
                     self.observe(key, &item);
                 }
-                Err(LockError::Contended {
+                return Err(LockError::Contended {
                     key: key.to_owned(),
-                })
+                });
             }
-        }
+            Written::Failed(e, maybe) => {
+                if !maybe {
+                    self.answered(&req.lease_id, &version, false);
+                }
+                return Err(e);
+            }
+        };
+        self.answered(&req.lease_id, &version, true);
+        self.seen().remove(key);
+        let token = n(&item, TOKEN).filter(|t| *t > 0).ok_or_else(|| {
+            LockError::Protocol(format!("the grant of {key:?} returned no token"))
+        })?;
+        Ok(Grant::ttl(FencingToken::new(token), sent + req.ttl))
     }
 
     /// Waits as the default does, and also waits out throttling and network faults (for up
@@ -605,28 +677,35 @@ impl LockBackend for DynamoBackend {
         let mut failing_since: Option<Instant> = None;
         let mut unsure = false;
         loop {
-            match self.try_acquire(req).await {
-                Err(LockError::Contended { .. }) => failing_since = None,
+            let failure = match self.try_acquire(req).await {
+                Err(LockError::Contended { .. }) => {
+                    failing_since = None;
+                    None
+                }
                 Err(e) if e.is_retryable() => {
                     unsure = true;
                     let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= self.inner.cfg.op_timeout * 2 {
-                        return Err(e);
-                    }
-                    tracing::debug!(key = %req.key, error = %e, "acquire attempt failed; trying again");
+                    tracing::debug!(key = %req.key, error = %e, "acquire attempt failed");
+                    (since.elapsed() >= self.inner.cfg.op_timeout * 2).then_some(e)
                 }
-                other => return other,
-            }
+                Err(e) => Some(e),
+                Ok(g) => return Ok(g),
+            };
             let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                if unsure {
-                    // A timeout leaves nothing behind: not even a grant whose answer was lost.
-                    self.release(&req.lease()).await?;
-                }
-                return Err(LockError::Timeout {
+            let failure = failure.or_else(|| {
+                deadline.filter(|d| now >= *d).map(|_| LockError::Timeout {
                     key: req.key.to_string(),
                     waited: now - started,
-                });
+                })
+            });
+            if let Some(e) = failure {
+                if unsure {
+                    // Nothing left behind: not a grant whose answer was lost. (A try the
+                    // network holds longer than that can still land: its lease is no
+                    // one's, and a waiter takes the key over a lease later.)
+                    let _ = self.release(&req.lease()).await;
+                }
+                return Err(e);
             }
             let mut pause = req.backoff.delay(attempt);
             if let Some(d) = deadline {
@@ -652,42 +731,46 @@ impl LockBackend for DynamoBackend {
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
         let sent = Instant::now();
+        let id = &lease.lease_id;
+        let known = self.versions(id);
         let version = rvn();
-        let known = self.mine().get(lease.lease_id.as_str()).cloned();
-        let mut call = self
+        let call = self
             .update(lease.key.as_str())
             .update_expression("SET #v = :rvn, #l = :lease")
             .expression_attribute_names("#v", RVN)
             .expression_attribute_names("#l", LEASE_MS)
-            .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
+            .expression_attribute_values(":me", AttributeValue::S(id.to_string()))
             .expression_attribute_values(":rvn", AttributeValue::S(version.clone()))
-            .expression_attribute_values(":lease", num(millis(ttl)));
+            .expression_attribute_values(":lease", num(millis(ttl)))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         // Only over a version of this lease's own writes: a heartbeat (or a shorter
-        // `extend`) answered too late for its sender must not land after a later one.
-        call = match known.filter(|v| !v.is_empty()) {
-            Some(versions) => {
-                let names: Vec<String> = (0..versions.len()).map(|i| format!(":v{i}")).collect();
-                for (n, v) in names.iter().zip(versions) {
-                    call = call.expression_attribute_values(n, AttributeValue::S(v));
-                }
-                call.condition_expression(format!("#o = :me AND #v IN ({})", names.join(", ")))
-            }
-            None => call.condition_expression("#o = :me"),
+        // `extend`) that arrives late must not land after a later one.
+        let call = if known.is_empty() {
+            call.condition_expression("#o = :me")
+        } else {
+            let (list, call) = in_list("v", known, call);
+            call.condition_expression(format!("#o = :me AND #v IN ({list})"))
         };
-        match self.bounded("renew", write(call)).await {
-            Ok(Written::Applied(_)) => {
-                self.mine()
-                    .insert(lease.lease_id.to_string(), vec![version]);
-                Ok(sent + ttl)
-            }
-            Ok(Written::Refused(_)) => {
-                self.mine().remove(lease.lease_id.as_str());
+        // Noted before it goes out: a caller that gives up on the answer drops this call.
+        self.sending(id, &version);
+        match self
+            .bounded("renew", async { Ok(write(call).await) })
+            .await?
+        {
+            Written::Refused(item) if !Self::carries(item.as_ref(), id, &version) => {
+                self.mine().remove(id.as_str());
                 Err(LockError::NotHeld {
                     key: lease.key.to_string(),
                 })
             }
-            Err(e) => {
-                self.maybe_wrote(&lease.lease_id, version);
+            Written::Applied(_) | Written::Refused(_) => {
+                self.answered(id, &version, true);
+                Ok(sent + ttl)
+            }
+            Written::Failed(e, maybe) => {
+                if !maybe {
+                    self.answered(id, &version, false);
+                }
                 Err(e)
             }
         }
@@ -695,33 +778,34 @@ impl LockBackend for DynamoBackend {
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
         // The item stays, with its token counter; a new version tells waiters it changed.
+        let id = &lease.lease_id;
         let version = rvn();
-        self.maybe_wrote(&lease.lease_id, version.clone());
         let call = self
             .update(lease.key.as_str())
             .update_expression("SET #v = :rvn REMOVE #o, #m")
             .condition_expression("#o = :me")
             .expression_attribute_names("#v", RVN)
             .expression_attribute_names("#m", META)
-            .expression_attribute_values(":me", AttributeValue::S(lease.lease_id.to_string()))
-            .expression_attribute_values(":rvn", AttributeValue::S(version))
+            .expression_attribute_values(":me", AttributeValue::S(id.to_string()))
+            .expression_attribute_values(":rvn", AttributeValue::S(version.clone()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        let outcome = match self.bounded("release", write(call)).await? {
+        self.sending(id, &version);
+        let outcome = match self
+            .bounded("release", async { Ok(write(call).await) })
+            .await?
+        {
             Written::Applied(_) => ReleaseOutcome::Released,
             Written::Refused(item) => {
                 let item = match item {
                     Some(item) => Some(item),
                     None => self.get(lease.key.as_str()).await?,
                 };
-                // Free, and last written by an earlier try of this release whose answer was
-                // lost: released by us after all.
+                // Free, and last written by a try of this release (an earlier one whose
+                // answer was lost, or the SDK's resend): released by us after all.
+                let mine = self.versions(id);
                 let ours = item.is_some_and(|i| {
                     s(&i, OWNER).is_none()
-                        && s(&i, RVN).is_some_and(|v| {
-                            self.mine()
-                                .get(lease.lease_id.as_str())
-                                .is_some_and(|mine| mine.iter().any(|m| m == v))
-                        })
+                        && s(&i, RVN).is_some_and(|v| mine.iter().any(|m| m == v))
                 });
                 if ours {
                     ReleaseOutcome::Released
@@ -729,8 +813,14 @@ impl LockBackend for DynamoBackend {
                     ReleaseOutcome::NotHeld
                 }
             }
+            Written::Failed(e, maybe) => {
+                if !maybe {
+                    self.answered(id, &version, false);
+                }
+                return Err(e);
+            }
         };
-        self.mine().remove(lease.lease_id.as_str());
+        self.mine().remove(id.as_str());
         Ok(outcome)
     }
 
