@@ -162,9 +162,7 @@ async fn lost_heartbeat_answer(url: &str) -> Res<String> {
             "after a heartbeat whose answer came too late (version {before:?} -> {during:?}): {status:?}; statuses {seen:?}"
         ));
     }
-    Ok(format!(
-        "the heartbeat landed (version changed), its answer came too late; Uncertain, then Held again by the next heartbeat"
-    ))
+    Ok("the heartbeat landed (version changed), its answer came too late; Uncertain, then Held again by the next heartbeat".into())
 }
 
 /// A holder that heartbeats (each heartbeat a new version) keeps the key through three
