@@ -132,6 +132,27 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
             "an_attempt_under_the_holding_lease_is_granted_again_past_the_queue",
             || Box::pin(holder_attempts_again()),
         ),
+        ("distlock", "concurrent_runs_never_overlap", || {
+            Box::pin(crate::distlock_checks::runs_never_overlap())
+        }),
+        ("distlock", "busy_and_timeout_exit_codes", || {
+            Box::pin(crate::distlock_checks::busy_and_timeout_codes())
+        }),
+        (
+            "distlock",
+            "a_holder_cut_off_has_its_command_stopped_before_the_lease_ends",
+            || Box::pin(crate::distlock_checks::cut_holder_stops_its_command_in_time()),
+        ),
+        (
+            "distlock",
+            "sigint_reaches_the_command_and_the_lock_is_released",
+            || Box::pin(crate::distlock_checks::sigint_reaches_the_command()),
+        ),
+        (
+            "distlock",
+            "bad_input_gets_its_exit_code_and_writes_nothing",
+            || Box::pin(crate::distlock_checks::bad_input_codes_and_nothing_written()),
+        ),
     ]
 }
 

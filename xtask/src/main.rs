@@ -44,13 +44,23 @@ fn main() -> ExitCode {
         }
     };
     let ok = match args.first().map(String::as_str) {
-        Some("integration") => rt.block_on(integration::run(&args[1..])),
+        Some("integration") => {
+            // The Redis leg runs the `distlock` command too.
+            step(
+                "build distlock",
+                cargo().args(["build", "--quiet", "-p", "distlock"]),
+            ) && rt.block_on(integration::run(&args[1..]))
+        }
         Some("demo") => rt.block_on(interruptible(demo::run())),
         Some("ci") => {
             ci() && timed("images", containers_image)
                 && timed("ctrl-c check", ctrl_c_leaves_nothing)
                 && timed("chaos --quick", || chaos_quick(&rt))
                 && timed("runner check", runners_fail_when_they_must)
+                && step(
+                    "build distlock",
+                    cargo().args(["build", "--quiet", "-p", "distlock"]),
+                )
                 && timed("integration", || {
                     // One run, one summary: every backend through the default providers, and
                     // Redis once more through the containers provider (local image).
@@ -409,7 +419,7 @@ fn features_alone() -> bool {
 }
 
 /// The crates published on their own, in dependency order.
-pub(crate) const PUBLISHED: [&str; 7] = [
+pub(crate) const PUBLISHED: [&str; 8] = [
     "lock-core",
     "lock-conformance",
     "lock-redis",
@@ -417,6 +427,7 @@ pub(crate) const PUBLISHED: [&str; 7] = [
     "lock-zk",
     "lock-mongo",
     "lock-dynamo",
+    "distlock",
 ];
 
 /// `-p name` for each published crate.
