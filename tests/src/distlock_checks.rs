@@ -150,16 +150,20 @@ fn alive(pid: i32) -> bool {
             .contains(") Z ")
 }
 
-/// A holder whose connection to the store is cut: its command is stopped, and `distlock`
-/// exits 76, before the lease can end on the store (read from the server directly at the
-/// cut).
+/// A holder whose connection to the store is cut: its command, which ignores SIGTERM, is
+/// killed, and `distlock` exits 76, before the lease can end on the store (read from the
+/// server directly at the cut).
 pub(crate) async fn cut_holder_stops_its_command_in_time() -> Res<String> {
     let redis = server().await?;
     let proxy = Proxy::start(redis.addr()).await.map_err(e2s)?;
     let via = format!("redis://{}", proxy.addr());
     let dir = temp_dir("distlock")?;
     let pidfile = dir.join("pid");
-    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    // A command that ignores SIGTERM: only the SIGKILL by the lock's deadline stops it.
+    let script = format!(
+        "trap '' TERM; echo $$ > {}; while true; do sleep 0.1; done",
+        pidfile.display()
+    );
     let mut run = distlock(&[
         "run",
         "--store",
@@ -297,7 +301,27 @@ pub(crate) async fn sigint_reaches_the_command() -> Res<String> {
 pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
     let redis = server().await?;
     let url = redis.url();
-    let cases: [(&[&str], i32); 6] = [
+    let cases: [(&[&str], i32); 8] = [
+        (
+            &[
+                "run",
+                "--store=redis://app:n0t-the-pw-7@127.0.0.1:1",
+                "job",
+                "--",
+                "true",
+            ],
+            69,
+        ),
+        (
+            &[
+                "run",
+                "--stor=redis://app:n0t-the-pw-7@h",
+                "job",
+                "--",
+                "true",
+            ],
+            64,
+        ),
         (&["run", "--store", "bogus://x", "job", "--", "true"], 64),
         (&["run", "--store", &url, "", "--", "true"], 64),
         (
@@ -318,7 +342,11 @@ pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
     for (args, want) in cases {
         let o = distlock(args)?.output().await.map_err(e2s)?;
         let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
-        if code(&o) != want || err.lines().count() != 1 || !err.starts_with("distlock: ") {
+        if code(&o) != want
+            || err.lines().count() != 1
+            || !err.starts_with("distlock: ")
+            || err.contains("n0t-the-pw-7")
+        {
             return Err(format!(
                 "{args:?}: exit {} (want {want}), stderr {err:?}",
                 code(&o)

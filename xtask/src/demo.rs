@@ -38,6 +38,7 @@ fn opts() -> LockOptions {
 
 pub(crate) async fn run() -> bool {
     let mut rows = Vec::new();
+    let mut rows_ok = true;
     println!("Inventory demo: {UNITS} units, {WORKERS} concurrent buyers, one unit each, under the lock.\n");
     rows.push(scenario(targets::memory()).await);
     // Every backend whose server can be started here; each is stopped (by pid) after.
@@ -46,6 +47,9 @@ pub(crate) async fn run() -> bool {
             match targets::redis("redis", server.url(), true) {
                 Ok(t) => rows.push(scenario(t).await),
                 Err(e) => println!("redis: {e}"),
+            }
+            if !two_shells_race(&server.url()).await {
+                rows_ok = false;
             }
             drop(server);
         }
@@ -93,6 +97,17 @@ pub(crate) async fn run() -> bool {
         Ok(Err(e)) => println!("zk: not provisioned ({e}); skipping it"),
         Err(e) => println!("zk: {e}"),
     }
+    match tokio::task::spawn_blocking(lock_tests::servers::Moto::start).await {
+        Ok(Ok(moto)) => {
+            match targets::dynamo(moto.url(), "dynamo (moto)") {
+                Ok(t) => rows.push(scenario(t).await),
+                Err(e) => println!("dynamo: {e}"),
+            }
+            drop(moto);
+        }
+        Ok(Err(e)) => println!("dynamo: the emulator (moto) did not start ({e}); skipping it"),
+        Err(e) => println!("dynamo: {e}"),
+    }
     println!("mongo: not provisioned (no MongoDB server can be obtained on this machine; set LOCK_MONGO_URL elsewhere)");
     println!("\n| backend | units sold | each unit once | lowest stock | paused holder's late write | killed holder's lock free after |");
     println!("|---|---|---|---|---|---|");
@@ -102,7 +117,7 @@ pub(crate) async fn run() -> bool {
             r.backend, r.sold, r.unique, r.min_stock, r.late_write, r.recovery
         );
     }
-    let ok = rows.iter().all(|r| r.ok);
+    let ok = rows_ok && rows.iter().all(|r| r.ok);
     println!(
         "\ndemo: {}",
         if ok {
@@ -112,6 +127,50 @@ pub(crate) async fn run() -> bool {
         }
     );
     ok
+}
+
+/// Two shells start the same nightly job at once through `distlock --no-wait`: one runs it
+/// (with its fencing token), the other is told the job is busy (exit 75).
+async fn two_shells_race(url: &str) -> bool {
+    println!("=== distlock: two shells race for one job");
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("distlock")));
+    let Some(exe) = exe.filter(|e| e.exists()) else {
+        println!("  distlock is not built (cargo build -p distlock)");
+        return false;
+    };
+    let shell = |n: u32| {
+        tokio::process::Command::new(&exe)
+            .args([
+                "run",
+                "--store",
+                url,
+                "--no-wait",
+                "nightly-report",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "echo \"  shell {n}: running the report with token $DISTLOCK_TOKEN\"; sleep 1"
+            ))
+            .kill_on_drop(true)
+            .status()
+    };
+    let (a, b) = tokio::join!(shell(1), shell(2));
+    let codes = [a.ok().and_then(|s| s.code()), b.ok().and_then(|s| s.code())];
+    for (n, c) in codes.iter().enumerate() {
+        let what = match c {
+            Some(0) => "ran the job".to_owned(),
+            Some(75) => "busy: another host has the job (exit 75)".to_owned(),
+            other => format!("exited {other:?}"),
+        };
+        println!("  shell {}: {what}", n + 1);
+    }
+    let mut sorted = codes;
+    sorted.sort();
+    sorted == [Some(0), Some(75)]
 }
 
 async fn client(t: &Target) -> Result<LockClient, LockError> {

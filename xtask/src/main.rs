@@ -44,23 +44,14 @@ fn main() -> ExitCode {
         }
     };
     let ok = match args.first().map(String::as_str) {
-        Some("integration") => {
-            // The Redis leg runs the `distlock` command too.
-            step(
-                "build distlock",
-                cargo().args(["build", "--quiet", "-p", "distlock"]),
-            ) && rt.block_on(integration::run(&args[1..]))
-        }
-        Some("demo") => rt.block_on(interruptible(demo::run())),
+        Some("integration") => build_distlock() && rt.block_on(integration::run(&args[1..])),
+        Some("demo") => build_distlock() && rt.block_on(interruptible(demo::run())),
         Some("ci") => {
-            ci() && timed("images", containers_image)
+            ci() && build_distlock()
+                && timed("images", containers_image)
                 && timed("ctrl-c check", ctrl_c_leaves_nothing)
                 && timed("chaos --quick", || chaos_quick(&rt))
                 && timed("runner check", runners_fail_when_they_must)
-                && step(
-                    "build distlock",
-                    cargo().args(["build", "--quiet", "-p", "distlock"]),
-                )
                 && timed("integration", || {
                     // One run, one summary: every backend through the default providers, and
                     // Redis once more through the containers provider (local image).
@@ -148,6 +139,21 @@ fn step(name: &str, cmd: &mut Command) -> bool {
             false
         }
     }
+}
+
+/// The `distlock` binary the Redis leg and the demo run, built if it is not there yet
+/// (the build is not interruptible: a run that builds it first cannot be stopped by Ctrl-C
+/// until it has started).
+fn build_distlock() -> bool {
+    let built = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("distlock").exists()))
+        .unwrap_or(false);
+    built
+        || step(
+            "build distlock",
+            cargo().args(["build", "--quiet", "-p", "distlock"]),
+        )
 }
 
 /// `cargo xtask chaos --quick`: every scenario against every local backend.

@@ -44,16 +44,17 @@ USAGE:
 
 STORE (--store URL, or DISTLOCK_STORE):
   redis://[user:pass@]host:6379    rediss://... (TLS)
-  redlock://h1:6379,h2:6379,h3:6379    redlock+tls://...
+  redlock://[user:pass@]h1:6379,h2:6379,h3:6379    redlock+tls://...
   postgres://user:pass@host/db[?sslmode=verify-full]    (--pg-mode advisory|lease|xact)
-  zk://h1:2181,h2:2181[/chroot]    zk+tls://h1:2281,...
+  zk://[user:pass@]h1:2181,h2:2181[/chroot]    zk+tls://...  (user:pass: digest auth)
   mongodb://... mongodb+srv://...
   dynamodb://TABLE[?region=R&endpoint=URL&create=true]
 
 OPTIONS:
   --store URL          the store (default: $DISTLOCK_STORE)
   --lease DUR          lease, renewed while the command runs (default 30s)
-  --wait DUR           wait at most this long for the lock (default: forever)
+  --wait DUR           wait at most this long for the lock (default: forever; also
+                       --wait forever)
   --no-wait            fail at once if the key is held
   --label TEXT         holder label, shown by inspect
   --kill-after DUR     grace between SIGTERM and SIGKILL when the lock is lost (default
@@ -65,7 +66,9 @@ OPTIONS:
 The command runs with DISTLOCK_KEY, DISTLOCK_TOKEN (the fencing token: pass it to every
 write) and DISTLOCK_LEASE_ID in its environment, in a process group of its own; INT, TERM
 and HUP are passed on to it. If the lock turns uncertain or is lost, the command gets
-SIGTERM at once and SIGKILL before the lease can run out on the store.
+SIGTERM at once and SIGKILL before the lease can run out on the store (at once if the
+lock is gone). Prefer DISTLOCK_STORE to --store for a URL with a password (ps shows
+arguments); it is not passed on to the command.
 
 EXIT CODES:
   the command's own (128+N if killed by signal N)
@@ -122,7 +125,10 @@ fn duration(flag: &str, v: &str) -> Result<Duration, Fail> {
         "h" => n * 3600.0,
         _ => return Err(usage(format!("{flag} {v:?}: unit must be ms, s, m or h"))),
     };
-    Duration::try_from_secs_f64(secs).map_err(|_| usage(format!("{flag} {v:?}: not a duration")))
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(366 * 24 * 3600))
+        .ok_or_else(|| usage(format!("{flag} {v:?}: not a duration of at most a year")))
 }
 
 /// The parsed command line.
@@ -139,6 +145,7 @@ struct Args {
     pg_mode: Option<String>,
     json: bool,
     force: bool,
+    help: bool,
     lease_id: Option<String>,
     key: Option<String>,
     command: Vec<String>,
@@ -148,12 +155,18 @@ fn parse(args: &[String]) -> Result<Args, Fail> {
     let mut a = Args::default();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
+        // `--flag=value` as well as `--flag value`.
+        let (arg, inline) = match arg.split_once('=').filter(|_| arg.starts_with("--")) {
+            Some((flag, v)) => (flag, Some(v.to_owned())),
+            None => (arg.as_str(), None),
+        };
         let mut value = |flag: &str| {
-            it.next()
-                .cloned()
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
                 .ok_or_else(|| usage(format!("{flag} needs a value")))
         };
-        match arg.as_str() {
+        match arg {
             "--store" => a.store = Some(value("--store")?),
             "--lease" => a.lease = Some(duration("--lease", &value("--lease")?)?),
             "--wait" => {
@@ -176,11 +189,13 @@ fn parse(args: &[String]) -> Result<Args, Fail> {
             "--lease-id" => a.lease_id = Some(value("--lease-id")?),
             "--json" => a.json = true,
             "--force" => a.force = true,
+            "-h" | "--help" => a.help = true,
             "--" => {
                 a.command = it.cloned().collect();
                 break;
             }
-            flag if flag.starts_with("--") => return Err(usage(format!("unknown option {flag}"))),
+            // The value of an unknown `--flag=value` is not shown: it may be a secret.
+            flag if flag.starts_with('-') => return Err(usage(format!("unknown option {flag}"))),
             key => {
                 if a.key.replace(key.to_owned()).is_some() {
                     return Err(usage(format!(
@@ -208,6 +223,19 @@ async fn run(args: Vec<String>) -> Result<u8, Fail> {
         )));
     }
     let a = parse(rest)?;
+    if a.help {
+        print!("{USAGE}");
+        return Ok(0);
+    }
+    if let Some(m) = a
+        .pg_mode
+        .as_deref()
+        .filter(|m| !["advisory", "lease", "xact"].contains(m))
+    {
+        return Err(usage(format!(
+            "--pg-mode {m:?}: one of advisory, lease, xact"
+        )));
+    }
     let key = a.key.clone().ok_or_else(|| usage("no KEY given"))?;
     let key = LockKey::new(key).map_err(|e| usage(e.to_string()))?;
     let url = a
@@ -270,19 +298,29 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
     if let Some(l) = &a.label {
         meta = meta.with_label(l.clone());
     }
+    let lease = a.lease.unwrap_or(Duration::from_secs(30));
     let options = LockOptions::default()
-        .lease(a.lease.unwrap_or(Duration::from_secs(30)))
+        .lease(lease)
         .wait(a.wait.unwrap_or(WaitPolicy::Forever))
         .meta(meta);
     options.validate().map_err(|e| usage(e.to_string()))?;
     let backend = open(url, opts).await?;
     let locks = LockClient::from_arc(backend).with_options(options);
+    // Before the command starts: a signal in between must not end us and orphan it.
+    let handler = |kind: SignalKind| signal(kind).map_err(|e| usage(e.to_string()));
+    let (mut ints, mut terms, mut hups) = (
+        handler(SignalKind::interrupt())?,
+        handler(SignalKind::terminate())?,
+        handler(SignalKind::hangup())?,
+    );
     let guard = locks.acquire(key.as_str()).await.map_err(failed)?;
     let mut child = match tokio::process::Command::new(program)
         .args(args)
         .env("DISTLOCK_KEY", key.as_str())
         .env("DISTLOCK_TOKEN", guard.token().to_string())
         .env("DISTLOCK_LEASE_ID", guard.lease_id().to_string())
+        // The store's URL may hold a password: not the command's business.
+        .env_remove("DISTLOCK_STORE")
         // A group of its own: signals reach it (and what it starts) only through us.
         .process_group(0)
         .spawn()
@@ -306,9 +344,6 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
             let _ = rustix::process::kill_process_group(g, sig);
         }
     };
-    let mut ints = signal(SignalKind::interrupt()).map_err(|e| usage(e.to_string()))?;
-    let mut terms = signal(SignalKind::terminate()).map_err(|e| usage(e.to_string()))?;
-    let mut hups = signal(SignalKind::hangup()).map_err(|e| usage(e.to_string()))?;
     let kill_after = a.kill_after.unwrap_or(Duration::from_secs(5));
     let mut status = guard.watch();
     // Once the lock is in doubt: when SIGKILL is due.
@@ -321,6 +356,7 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
             }
         };
         tokio::select! {
+            biased;
             done = child.wait() => break done,
             _ = ints.recv() => send(rustix::process::Signal::INT),
             _ = terms.recv() => send(rustix::process::Signal::TERM),
@@ -332,17 +368,30 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
                 kill_at = Some(Instant::now() + Duration::from_secs(3600));
             }
         }
-        if kill_at.is_none() && guard.status() != LockStatus::Held {
-            eprintln!(
-                "distlock: the lock on {key} is {:?}: stopping the command",
-                guard.status()
-            );
+        let status = guard.status();
+        if kill_at.is_none() && status != LockStatus::Held {
+            eprintln!("distlock: the lock on {key} is {status:?}: stopping the command");
             send(rustix::process::Signal::TERM);
-            let safe = guard.safe_until().unwrap_or_else(Instant::now);
-            kill_at = Some((Instant::now() + kill_after).min(safe));
+            let now = Instant::now();
+            // Gone already: no grace. In doubt: until the lock's safe deadline at most.
+            // The kill needs a moment to take effect: it goes out a little before the
+            // safe deadline (a tenth of the lease, at most 200 ms).
+            let margin = (lease / 10).min(Duration::from_millis(200));
+            let safe = match status {
+                LockStatus::Uncertain => guard
+                    .safe_until()
+                    .and_then(|s| s.checked_sub(margin))
+                    .unwrap_or(now),
+                _ => now,
+            };
+            kill_at = Some(now.checked_add(kill_after).unwrap_or(safe).min(safe));
         }
     };
-    let lost = kill_at.is_some();
+    // Whatever the command left in its group does not outlive a lock in doubt.
+    let lost = kill_at.is_some() || guard.status() != LockStatus::Held;
+    if lost {
+        send(rustix::process::Signal::KILL);
+    }
     // A lost lock's release is a courtesy: its lease ends on its own.
     let bound = if lost {
         Duration::from_secs(2)
@@ -353,7 +402,8 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
         .await
         .unwrap_or_else(|_| Ok(ReleaseOutcome::NotHeld));
     let exit = exit.map_err(|e| (EXIT_UNREACHABLE, format!("waiting for the command: {e}")))?;
-    if lost {
+    // A lease found gone at the release was gone while the command ran.
+    if lost || matches!(released, Ok(ReleaseOutcome::NotHeld)) {
         return Err((
             EXIT_LOST,
             format!("the lock on {key} was lost while the command ran"),

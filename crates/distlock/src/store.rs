@@ -56,9 +56,14 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
             } else {
                 "rediss"
             };
-            let nodes = rest
+            // The user information, if any, is every node's.
+            let (user, nodes) = match rest.rsplit_once('@') {
+                Some((user, nodes)) => (format!("{user}@"), nodes),
+                None => (String::new(), rest),
+            };
+            let nodes = nodes
                 .split(',')
-                .map(|n| redis_config(format!("{inner}://{n}"), o))
+                .map(|n| redis_config(format!("{inner}://{user}{n}"), o))
                 .collect();
             let b = lock_redis::RedlockBackend::connect_with(
                 lock_redis::RedlockConfig::with_nodes(nodes),
@@ -89,16 +94,25 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
         }
         #[cfg(feature = "zookeeper")]
         "zk" | "zk+tls" => {
-            // zk+tls://h1:2281,h2:2281/chroot: every address over TLS.
+            // zk+tls://[user:pass@]h1:2281,h2:2281/chroot: every address over TLS; the
+            // user information is digest authentication.
+            let (digest, hosts) = match rest.rsplit_once('@') {
+                Some((user, hosts)) => (Some(user), hosts),
+                None => (None, rest),
+            };
             let connect = if scheme == "zk" {
-                rest.to_owned()
+                hosts.to_owned()
             } else {
-                rest.split(',')
+                hosts
+                    .split(',')
                     .map(|h| format!("tcp+tls://{h}"))
                     .collect::<Vec<_>>()
                     .join(",")
             };
             let mut cfg = lock_zk::ZkConfig::new(connect);
+            if let Some(d) = digest {
+                cfg = cfg.digest_auth(d);
+            }
             if let Some(ca) = &o.tls.ca {
                 cfg = cfg.tls_ca_pem(ca.clone());
             }
