@@ -368,3 +368,37 @@ pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
     }
     Ok(seen.join("; "))
 }
+
+/// `distlock` on `store`: a command runs under the lock with its token, and the key is free
+/// afterwards (`env`: what the store's client needs, such as test credentials).
+pub async fn smoke(store: String, env: &[(&str, &str)]) -> Res<String> {
+    let key = format!("distlock-smoke-{:08x}", rand::random::<u32>());
+    let mut run = distlock(&[
+        "run", "--store", &store, "--wait", "10s", &key, "--", "sh", "-c",
+    ])?;
+    run.arg("echo token=$DISTLOCK_TOKEN")
+        .envs(env.iter().copied());
+    let o = run.output().await.map_err(e2s)?;
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let token = out
+        .strip_prefix("token=")
+        .and_then(|t| t.parse::<u64>().ok());
+    if code(&o) != 0 || token.is_none() {
+        return Err(format!(
+            "exit {}, output {out:?}, stderr {:?}",
+            code(&o),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    let mut inspect = distlock(&["inspect", "--json", "--store", &store, &key])?;
+    inspect.envs(env.iter().copied());
+    let after = inspect.output().await.map_err(e2s)?;
+    let after = String::from_utf8_lossy(&after.stdout).trim().to_owned();
+    if !after.contains("\"held\":false") {
+        return Err(format!("after the run, inspect says {after}"));
+    }
+    Ok(format!(
+        "the command ran with token {}; then {after}",
+        token.unwrap_or(0)
+    ))
+}

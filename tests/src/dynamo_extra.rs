@@ -58,6 +58,24 @@ pub async fn run(url: &str, target: &str, local: bool) -> Vec<CaseResult> {
             "restarts the emulator: needs a moto this run started (--via local)",
         )
     });
+    // The command takes credentials from the environment: the emulator's test ones.
+    let store = format!("dynamodb://distlock-smoke?endpoint={url}&region=us-east-1&create=true");
+    let env: &[(&str, &str)] = if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        &[]
+    } else {
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ]
+    };
+    out.push(
+        check(
+            target,
+            "distlock_runs_a_command_under_the_lock",
+            crate::distlock_checks::smoke(store, env),
+        )
+        .await,
+    );
     out
 }
 

@@ -1,7 +1,7 @@
 //! Server provisioning and the cross-backend integration run, shared by `cargo xtask`.
 
 pub mod containers;
-mod distlock_checks;
+pub mod distlock_checks;
 pub mod dynamo_extra;
 pub mod mongo_extra;
 pub mod pg_extra;

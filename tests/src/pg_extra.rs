@@ -80,7 +80,15 @@ async fn advisory_state(url: &str, key: &str) -> Res<(i64, i64)> {
 /// started one (restart checks need it).
 pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
     use crate::pg_safety as s;
-    let mut out = Vec::new();
+    // First: the checks below crash and stop the server.
+    let mut out = vec![
+        check(
+            "pg",
+            "distlock_runs_a_command_under_the_lock",
+            crate::distlock_checks::smoke(url.to_owned(), &[]),
+        )
+        .await,
+    ];
     for mode in [PgMode::Advisory, PgMode::Xact] {
         out.push(
             check(

@@ -135,6 +135,15 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
                 "kills the leader process: needs servers this run started (--via local)",
             ),
         });
+    } else {
+        out.push(
+            check(
+                name,
+                "distlock_runs_a_command_under_the_lock",
+                crate::distlock_checks::smoke(format!("zk://{connect}"), &[]),
+            )
+            .await,
+        );
     }
     out
 }

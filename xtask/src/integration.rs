@@ -463,6 +463,7 @@ async fn redlock(r: &Run) -> Line {
         Ok(t) => run_suite(t, r.filter().as_deref()).await.results,
         Err(e) => return failed("redlock", &p.provider, e),
     };
+
     Line {
         backend: "redlock".into(),
         provider: r.label(p.provider),
