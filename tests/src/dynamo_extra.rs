@@ -89,6 +89,24 @@ async fn backend(url: &str, table: &str) -> Res<DynamoBackend> {
         .map_err(e2s)
 }
 
+/// The item of `table` whose string key `attr` is `key`, read strongly consistent.
+async fn read_item(
+    b: &DynamoBackend,
+    table: &str,
+    attr: &str,
+    key: &str,
+) -> Res<Option<HashMap<String, AttributeValue>>> {
+    Ok(b.client()
+        .get_item()
+        .table_name(table)
+        .key(attr, AttributeValue::S(key.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(e2s)?
+        .item)
+}
+
 fn key(tag: &str) -> String {
     format!("{tag}-{:08x}", rand::random::<u32>())
 }
@@ -148,17 +166,7 @@ async fn lost_heartbeat_answer(url: &str) -> Res<String> {
     let seen = lock_conformance::record_statuses(&g);
     let direct = backend(url, &t).await?;
     let version = || async {
-        let item = direct
-            .client()
-            .get_item()
-            .table_name(&t)
-            .key("key", AttributeValue::S(k.clone()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(e2s)?
-            .item
-            .unwrap_or_default();
+        let item = read_item(&direct, &t, "key", &k).await?.unwrap_or_default();
         Ok::<_, String>(item.get("rvn").and_then(|v| v.as_s().ok()).cloned())
     };
     let before = version().await?;
@@ -283,16 +291,8 @@ async fn late_write_refused(url: &str) -> Res<String> {
     let late = sell(&ba, &items, ga.token()).await?;
     let (ta, tb) = (ga.token(), gb.token());
     gb.release().await.map_err(e2s)?;
-    let stock = ba
-        .client()
-        .get_item()
-        .table_name(&items)
-        .key("id", AttributeValue::S("item-1".into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(e2s)?
-        .item
+    let stock = read_item(&ba, &items, "id", "item-1")
+        .await?
         .and_then(|i| i.get("stock").and_then(|v| v.as_n().ok()).cloned());
     let refused = matches!(late, FencedWrite::Refused { highest } if highest == tb);
     if !first.is_applied() || !second.is_applied() || !refused || stock.as_deref() != Some("8") {
@@ -317,16 +317,8 @@ async fn keeps_counter(url: &str) -> Res<String> {
         tokens.push(g.token().get());
         g.release().await.map_err(e2s)?;
     }
-    let item = b
-        .client()
-        .get_item()
-        .table_name(&t)
-        .key("key", AttributeValue::S(k.clone()))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(e2s)?
-        .item
+    let item = read_item(&b, &t, "key", &k)
+        .await?
         .ok_or("the released item is gone")?;
     let stored = item.get("token").and_then(|v| v.as_n().ok()).cloned();
     if !tokens.windows(2).all(|w| w[0] < w[1])
