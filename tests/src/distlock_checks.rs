@@ -61,7 +61,103 @@ fn code(o: &Output) -> i32 {
 /// interleave and the tokens rise.
 pub(crate) async fn runs_never_overlap() -> Res<String> {
     let redis = server().await?;
-    let url = redis.url();
+    overlap(&redis.url(), &[]).await
+}
+
+/// The same through a Redlock of three servers, with a `max_lease` of 2 s (a node new to the
+/// lock sits out that long); a `--lease` above it is refused with the usage code before
+/// anything is written.
+pub(crate) async fn redlock_runs_never_overlap() -> Res<String> {
+    let nodes = [server().await?, server().await?, server().await?];
+    let hosts: Vec<String> = nodes
+        .iter()
+        .map(|n| n.url().trim_start_matches("redis://").to_owned())
+        .collect();
+    let url = format!("redlock://{}?max_lease=2s", hosts.join(","));
+    let o = distlock(&["run", "--store", &url, "--lease", "5s", "job", "--", "true"])?
+        .output()
+        .await
+        .map_err(e2s)?;
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+    if code(&o) != 64 || !err.contains("max_lease") {
+        return Err(format!(
+            "--lease 5s over max_lease 2s: exit {}, {err:?}",
+            code(&o)
+        ));
+    }
+    for n in &nodes {
+        let keys = dbsize(&n.url()).await?;
+        if keys != 0 {
+            return Err(format!("{keys} keys written by a refused --lease"));
+        }
+    }
+    let runs = overlap(&url, &["--lease", "1s"]).await?;
+    Ok(format!("--lease 5s: {err}; {runs}"))
+}
+
+/// `rediss://` to a server a private CA vouches for, which asks for client certificates:
+/// with `--tls-ca`, `--tls-cert` and `--tls-key` the command runs with its token; with
+/// another CA, or without a client certificate, the usage code and one line.
+pub(crate) async fn rediss_with_a_private_ca() -> Res<String> {
+    let pki = crate::tls::Pki::new()?;
+    let (_server, port) = crate::redis_net::tls_server(&pki).await?;
+    let url = format!("rediss://localhost:{port}");
+    let file = |f: &PathBuf| f.display().to_string();
+    let (ca, other_ca) = (file(&pki.ca.cert_file), file(&pki.other_ca.cert_file));
+    let (cert, key) = (file(&pki.client.cert_file), file(&pki.client.key_file));
+    let run = |tls: Vec<&str>| {
+        let mut args = vec!["run", "--store", &url, "--no-wait"];
+        args.extend(tls);
+        args.extend(["job", "--", "sh", "-c", "echo token=$DISTLOCK_TOKEN"]);
+        distlock(&args)
+    };
+    let o = run(vec![
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ])?
+    .output()
+    .await
+    .map_err(e2s)?;
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    if code(&o) != 0 || !out.starts_with("token=") {
+        return Err(format!(
+            "with the CA and a client certificate: exit {}, {out:?}, {:?}",
+            code(&o),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    let mut refused = Vec::new();
+    for (what, tls) in [
+        (
+            "another CA",
+            vec![
+                "--tls-ca",
+                &other_ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+            ],
+        ),
+        ("no client certificate", vec!["--tls-ca", &ca]),
+    ] {
+        let o = run(tls)?.output().await.map_err(e2s)?;
+        let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+        if code(&o) != 64 || err.lines().count() != 1 || !err.contains("TLS") {
+            return Err(format!("{what}: exit {}, {err:?}", code(&o)));
+        }
+        refused.push(format!("{what}: {err}"));
+    }
+    Ok(format!("{out} over TLS; {}", refused.join("; ")))
+}
+
+/// Four runs at once on `url` (with `extra` options), each appending start and end marks
+/// with its token: the marks never interleave and the tokens rise.
+async fn overlap(url: &str, extra: &[&str]) -> Res<String> {
     let marks = temp_dir("distlock")?.join("marks");
     let script = format!(
         "echo \"start $DISTLOCK_TOKEN\" >> {f}; sleep 0.2; echo \"end $DISTLOCK_TOKEN\" >> {f}",
@@ -69,9 +165,10 @@ pub(crate) async fn runs_never_overlap() -> Res<String> {
     );
     let mut runs = Vec::new();
     for _ in 0..4 {
-        let mut c = distlock(&[
-            "run", "--store", &url, "--wait", "30s", "job", "--", "sh", "-c", &script,
-        ])?;
+        let mut args = vec!["run", "--store", url, "--wait", "30s"];
+        args.extend(extra);
+        args.extend(["job", "--", "sh", "-c", &script]);
+        let mut c = distlock(&args)?;
         runs.push(c.spawn().map_err(e2s)?);
     }
     for r in runs {
@@ -105,7 +202,8 @@ pub(crate) async fn runs_never_overlap() -> Res<String> {
     ))
 }
 
-/// A held key: `--no-wait` exits 75 at once, `--wait 1s` exits 124 after the second.
+/// A held key: `--no-wait` exits 75 at once, `--wait 1s` exits 124 after the second, and
+/// `--conflict-exit-code` replaces either.
 pub(crate) async fn busy_and_timeout_codes() -> Res<String> {
     let redis = server().await?;
     let url = redis.url();
@@ -125,7 +223,20 @@ pub(crate) async fn busy_and_timeout_codes() -> Res<String> {
         .await
         .map_err(e2s)?;
     let timed_took = t.elapsed();
+    let mut chosen = Vec::new();
+    for args in [
+        ["-E", "3", "--no-wait"],
+        ["--conflict-exit-code=4", "--wait", "300ms"],
+    ] {
+        let mut all = vec!["run", "--store", &url];
+        all.extend(args);
+        all.extend(["job", "--", "true"]);
+        chosen.push(code(&distlock(&all)?.output().await.map_err(e2s)?));
+    }
     let _ = holder.kill().await;
+    if chosen != [3, 4] {
+        return Err(format!("-E 3 and --conflict-exit-code=4: exits {chosen:?}"));
+    }
     if code(&busy) != 75 || busy_took > Duration::from_secs(2) {
         return Err(format!(
             "--no-wait: exit {} after {busy_took:?}",
@@ -139,7 +250,7 @@ pub(crate) async fn busy_and_timeout_codes() -> Res<String> {
         ));
     }
     Ok(format!(
-        "--no-wait: 75 after {busy_took:?}; --wait 1s: 124 after {timed_took:?}"
+        "--no-wait: 75 after {busy_took:?}; --wait 1s: 124 after {timed_took:?}; -E: {chosen:?}"
     ))
 }
 
@@ -354,19 +465,24 @@ pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
         }
         seen.push(format!("{want}: {err}"));
     }
+    let keys = dbsize(&url).await?;
+    if keys != 0 {
+        return Err(format!("{keys} keys written by bad input"));
+    }
+    Ok(seen.join("; "))
+}
+
+/// How many keys the server at `url` holds.
+async fn dbsize(url: &str) -> Res<i64> {
     let client = lock_redis::redis::Client::open(url).map_err(e2s)?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .map_err(e2s)?;
-    let keys: i64 = lock_redis::redis::cmd("DBSIZE")
+    lock_redis::redis::cmd("DBSIZE")
         .query_async(&mut conn)
         .await
-        .map_err(e2s)?;
-    if keys != 0 {
-        return Err(format!("{keys} keys written by bad input"));
-    }
-    Ok(seen.join("; "))
+        .map_err(e2s)
 }
 
 /// `distlock` on `store`: a command runs under the lock with its token, and the key is free

@@ -135,6 +135,14 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
         ("distlock", "concurrent_runs_never_overlap", || {
             Box::pin(crate::distlock_checks::runs_never_overlap())
         }),
+        ("distlock", "redlock_runs_never_overlap", || {
+            Box::pin(crate::distlock_checks::redlock_runs_never_overlap())
+        }),
+        (
+            "distlock",
+            "rediss_with_a_private_ca_and_client_certificates",
+            || Box::pin(crate::distlock_checks::rediss_with_a_private_ca()),
+        ),
         ("distlock", "busy_and_timeout_exit_codes", || {
             Box::pin(crate::distlock_checks::busy_and_timeout_codes())
         }),

@@ -50,13 +50,9 @@ async fn refused(cfg: RedisConfig, about: &[&str], secret: Option<&str>) -> Res<
     Ok(shown)
 }
 
-/// `rediss://` to a server whose certificate a private CA signed, which asks for client
-/// certificates (Redis's default): with the CA and a client certificate a lock cycle, a
-/// fenced write and a Redlock of one TLS node work; a wrong CA, a host name the
-/// certificate does not name, and no client certificate each fail at connect with a
-/// clear, non-retryable error.
-pub(crate) async fn tls_with_a_private_ca() -> Res<String> {
-    let pki = Pki::new()?;
+/// A Redis server with a TLS port whose certificate `pki`'s CA signed, asking for client
+/// certificates; the server and its TLS port.
+pub(crate) async fn tls_server(pki: &Pki) -> Res<(Redis, u16)> {
     let tls_port = free_port()?;
     let args = [
         "--tls-port".to_owned(),
@@ -70,11 +66,22 @@ pub(crate) async fn tls_with_a_private_ca() -> Res<String> {
         "--tls-auth-clients".to_owned(),
         "yes".to_owned(),
     ];
-    let _server = tokio::task::spawn_blocking(move || {
+    let server = tokio::task::spawn_blocking(move || {
         Redis::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
     })
     .await
     .map_err(e2s)??;
+    Ok((server, tls_port))
+}
+
+/// `rediss://` to a server whose certificate a private CA signed, which asks for client
+/// certificates (Redis's default): with the CA and a client certificate a lock cycle, a
+/// fenced write and a Redlock of one TLS node work; a wrong CA, a host name the
+/// certificate does not name, and no client certificate each fail at connect with a
+/// clear, non-retryable error.
+pub(crate) async fn tls_with_a_private_ca() -> Res<String> {
+    let pki = Pki::new()?;
+    let (_server, tls_port) = tls_server(&pki).await?;
     let url = format!("rediss://localhost:{tls_port}");
     let good = RedisConfig::new(url.clone())
         .tls_ca_pem(pki.ca.cert_pem.clone())

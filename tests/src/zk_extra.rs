@@ -311,6 +311,7 @@ async fn herd(connect: &str) -> Res<String> {
         .with_options(opts().wait(WaitPolicy::Timeout(Duration::from_secs(60))));
     let k = key("herd");
     let holder = c.acquire(&k).await.map_err(e2s)?;
+    let watches_before = b.watches_set();
     let mut tasks = Vec::new();
     for _ in 0..WAITERS {
         let (c, k) = (c.clone(), k.clone());
@@ -321,6 +322,8 @@ async fn herd(connect: &str) -> Res<String> {
             Ok::<_, LockError>(())
         }));
     }
+    // A waiter whose node is queued but whose watch is not set yet would find its turn by
+    // looking, not by a watch: release only once every waiter watches its predecessor.
     let t = Instant::now();
     loop {
         let n = c
@@ -329,11 +332,14 @@ async fn herd(connect: &str) -> Res<String> {
             .map_err(e2s)?
             .and_then(|i| i.waiters)
             .unwrap_or(0);
-        if n == WAITERS {
+        let watching = b.watches_set() - watches_before;
+        if n == WAITERS && watching == WAITERS as u64 {
             break;
         }
         if t.elapsed() > Duration::from_secs(20) {
-            return Err(format!("only {n} of {WAITERS} waiters queued"));
+            return Err(format!(
+                "only {n} of {WAITERS} waiters queued, {watching} watching"
+            ));
         }
         sleep(Duration::from_millis(50)).await;
     }

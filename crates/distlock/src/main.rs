@@ -27,6 +27,8 @@ const EXIT_UNREACHABLE: u8 = 69;
 const EXIT_BUSY: u8 = 75;
 /// The lock was lost (or could no longer be confirmed) while the command ran.
 const EXIT_LOST: u8 = 76;
+/// The lease when `--lease` is not given.
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Not acquired within `--wait`.
 const EXIT_TIMEOUT: u8 = 124;
 /// The command could not be run (not executable).
@@ -44,7 +46,7 @@ USAGE:
 
 STORE (--store URL, or DISTLOCK_STORE):
   redis://[user:pass@]host:6379    rediss://... (TLS)
-  redlock://[user:pass@]h1:6379,h2:6379,h3:6379    redlock+tls://...
+  redlock://[user:pass@]h1:6379,h2:6379,h3:6379[?max_lease=60s]    redlock+tls://...
   postgres://user:pass@host/db[?sslmode=verify-full]    (--pg-mode advisory|lease|xact)
   zk://[user:pass@]h1:2181,h2:2181[/chroot]    zk+tls://...  (user:pass: digest auth)
   mongodb://... mongodb+srv://...
@@ -56,6 +58,8 @@ OPTIONS:
   --wait DUR           wait at most this long for the lock (default: forever; also
                        --wait forever)
   --no-wait            fail at once if the key is held
+  -E, --conflict-exit-code N
+                       exit N instead of 75 or 124 when the lock was not acquired
   --label TEXT         holder label, shown by inspect
   --kill-after DUR     grace between SIGTERM and SIGKILL when the lock is lost (default
                        5s; never past the lock's safe deadline)
@@ -143,6 +147,7 @@ struct Args {
     tls_cert: Option<String>,
     tls_key: Option<String>,
     pg_mode: Option<String>,
+    conflict_code: Option<u8>,
     json: bool,
     force: bool,
     help: bool,
@@ -186,6 +191,14 @@ fn parse(args: &[String]) -> Result<Args, Fail> {
             "--tls-cert" => a.tls_cert = Some(value("--tls-cert")?),
             "--tls-key" => a.tls_key = Some(value("--tls-key")?),
             "--pg-mode" => a.pg_mode = Some(value("--pg-mode")?),
+            "-E" | "--conflict-exit-code" => {
+                let v = value("--conflict-exit-code")?;
+                a.conflict_code = Some(v.parse().map_err(|_| {
+                    usage(format!(
+                        "--conflict-exit-code {v:?}: a number from 0 to 255"
+                    ))
+                })?);
+            }
             "--lease-id" => a.lease_id = Some(value("--lease-id")?),
             "--json" => a.json = true,
             "--force" => a.force = true,
@@ -258,6 +271,7 @@ async fn run(args: Vec<String>) -> Result<u8, Fail> {
         _ => return Err(usage("--tls-cert and --tls-key go together")),
     };
     let opts = StoreOpts {
+        lease: (cmd == "run").then(|| a.lease.unwrap_or(DEFAULT_LEASE)),
         pg_mode: a.pg_mode.clone().unwrap_or_else(|| "advisory".into()),
         tls: Tls {
             ca: read("--tls-ca", &a.tls_ca)?,
@@ -298,7 +312,7 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
     if let Some(l) = &a.label {
         meta = meta.with_label(l.clone());
     }
-    let lease = a.lease.unwrap_or(Duration::from_secs(30));
+    let lease = a.lease.unwrap_or(DEFAULT_LEASE);
     let options = LockOptions::default()
         .lease(lease)
         .wait(a.wait.unwrap_or(WaitPolicy::Forever))
@@ -313,7 +327,13 @@ async fn run_command(a: &Args, key: LockKey, url: &str, opts: &StoreOpts) -> Res
         handler(SignalKind::terminate())?,
         handler(SignalKind::hangup())?,
     );
-    let guard = locks.acquire(key.as_str()).await.map_err(failed)?;
+    let guard = locks.acquire(key.as_str()).await.map_err(|e| {
+        let (code, m) = failed(e);
+        match a.conflict_code {
+            Some(c) if [EXIT_BUSY, EXIT_TIMEOUT].contains(&code) => (c, m),
+            _ => (code, m),
+        }
+    })?;
     let mut child = match tokio::process::Command::new(program)
         .args(args)
         .env("DISTLOCK_KEY", key.as_str())

@@ -18,6 +18,9 @@ pub(crate) struct Tls {
 /// How to open the store.
 #[derive(Debug)]
 pub(crate) struct StoreOpts {
+    /// The lease `run` asks for (a Redlock refuses one above its `max_lease`).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) lease: Option<std::time::Duration>,
     /// PostgreSQL lock mode: `advisory` (session lock, the default), `lease` or `xact`.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) pg_mode: String,
@@ -56,6 +59,14 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
             } else {
                 "rediss"
             };
+            let (rest, max_lease) = redlock_max_lease(rest)?;
+            if let Some(lease) = o.lease.filter(|l| *l > max_lease) {
+                return Err(bad(format!(
+                    "--lease {lease:?} is longer than the Redlock's max_lease {max_lease:?} \
+                     (set ?max_lease= on the store URL, the same for every client of these \
+                     nodes)"
+                )));
+            }
             // The user information, if any, is every node's.
             let (user, nodes) = match rest.rsplit_once('@') {
                 Some((user, nodes)) => (format!("{user}@"), nodes),
@@ -66,7 +77,7 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
                 .map(|n| redis_config(format!("{inner}://{user}{n}"), o))
                 .collect();
             let b = lock_redis::RedlockBackend::connect_with(
-                lock_redis::RedlockConfig::with_nodes(nodes),
+                lock_redis::RedlockConfig::with_nodes(nodes).max_lease(max_lease),
             )
             .await?;
             // Nodes that lost their data sit out the longest lease before they count.
@@ -145,6 +156,29 @@ fn redis_config(url: String, o: &StoreOpts) -> lock_redis::RedisConfig {
         cfg = cfg.tls_client_pem(cert.clone(), key.clone());
     }
     cfg
+}
+
+/// The node list of a `redlock://` URL and its `?max_lease=` (the library's default if
+/// absent): the longest lease any client of these nodes takes, and how long a node that lost
+/// its data sits out.
+#[cfg(feature = "redis")]
+fn redlock_max_lease(rest: &str) -> Result<(&str, std::time::Duration), LockError> {
+    let mut max = lock_redis::RedlockConfig::with_nodes(Vec::new()).max_lease;
+    let Some((nodes, query)) = rest.split_once('?') else {
+        return Ok((rest, max));
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_lease", v)) => {
+                max = crate::duration("max_lease", v).map_err(|(_, m)| bad(m))?;
+            }
+            _ => {
+                let name = pair.split('=').next().unwrap_or_default();
+                return Err(bad(format!("redlock:// option {name:?}: only max_lease")));
+            }
+        }
+    }
+    Ok((nodes.trim_end_matches('/'), max))
 }
 
 /// `dynamodb://TABLE[?region=R&endpoint=URL&create=true]`; credentials from the

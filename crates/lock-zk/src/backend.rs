@@ -136,6 +136,7 @@ struct Inner {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     held: Mutex<HashMap<LeaseId, Held>>,
     wakeups: AtomicU64,
+    watches: AtomicU64,
 }
 
 /// A lock backend on ZooKeeper (the Curator recipe: ephemeral sequential nodes, each
@@ -197,6 +198,7 @@ impl ZkBackend {
                 session: tokio::sync::Mutex::new(None),
                 held: Mutex::new(HashMap::new()),
                 wakeups: AtomicU64::new(0),
+                watches: AtomicU64::new(0),
             }),
         };
         let s = me.session().await?;
@@ -220,6 +222,12 @@ impl ZkBackend {
     /// one per release).
     pub fn watch_wakeups(&self) -> u64 {
         self.inner.wakeups.load(Ordering::Relaxed)
+    }
+
+    /// How many watches waiters have set on their predecessors (one per waiter while the
+    /// queue stands still).
+    pub fn watches_set(&self) -> u64 {
+        self.inner.watches.load(Ordering::Relaxed)
     }
 
     /// The negotiated session timeout of the current session.
@@ -602,7 +610,10 @@ impl ZkBackend {
                 .await
                 .and_then(|r| r.map_err(map_err));
             let watcher = match watched {
-                Ok((Some(_), w)) => w,
+                Ok((Some(_), w)) => {
+                    self.inner.watches.fetch_add(1, Ordering::Relaxed);
+                    w
+                }
                 Ok((None, _)) => continue,
                 Err(e) if ask_again(&e) => {
                     tokio::time::sleep(ASK_AGAIN_AFTER).await;
