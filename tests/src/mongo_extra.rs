@@ -17,10 +17,11 @@ fn e2s(e: impl std::fmt::Display) -> String {
 }
 
 /// The names of the checks below.
-pub const CHECKS: [&str; 3] = [
+pub const CHECKS: [&str; 4] = [
     "release_keeps_the_counter",
     "fenced_update_refuses_late_holder",
     "fenced_update_keeps_the_callers_or",
+    "distlock_runs_a_command_under_the_lock",
 ];
 
 /// Runs every MongoDB-specific check against `url`.
@@ -29,6 +30,12 @@ pub async fn run(url: &str) -> Vec<CaseResult> {
         check("mongo", CHECKS[0], keeps_counter(url)).await,
         check("mongo", CHECKS[1], fenced(url)).await,
         check("mongo", CHECKS[2], fenced_or(url)).await,
+        check(
+            "mongo",
+            CHECKS[3],
+            crate::distlock_checks::smoke(url.to_owned(), &[]),
+        )
+        .await,
     ]
 }
 
