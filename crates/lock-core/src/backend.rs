@@ -404,3 +404,16 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// The current holder of `key`, if any.
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError>;
 }
+
+/// `fut` within `after`, or [`LockError::OperationTimeout`] naming `backend` and `op`: the
+/// bound every store request gets.
+pub async fn bounded<T>(
+    backend: &'static str,
+    op: &'static str,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T, LockError>>,
+) -> Result<T, LockError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
+}

@@ -7,9 +7,10 @@ use std::time::Duration;
 use tokio::time::{timeout, Instant};
 use tracing::Instrument;
 
+use crate::backend::bounded;
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
-use crate::guard::{bounded, LockGuard, LockHandle, LockStatus};
+use crate::guard::{LockGuard, LockHandle, LockStatus};
 use crate::key::{LeaseId, LockKey};
 use crate::options::{LockOptions, WaitPolicy};
 

@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::Instrument;
 
-use crate::backend::{Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
+use crate::backend::{bounded, Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
 use crate::error::{LockError, LossReason};
 use crate::keeper::{Scheduler, Ticket};
 use crate::key::{LeaseId, LockKey};
@@ -347,17 +347,7 @@ impl LockGuard {
         opts: &LockOptions,
     ) -> Self {
         let (tx, rx) = watch::channel(LockStatus::Held);
-        // The guard keeps what renewal and release need, not the holder metadata (the
-        // store has it): no string copied per grant.
-        let opts = LockOptions {
-            lease: opts.lease,
-            wait: opts.wait,
-            auto_renew: opts.auto_renew,
-            renew_every: opts.renew_every,
-            backoff: opts.backoff,
-            op_timeout: opts.op_timeout,
-            meta: crate::key::HolderMeta::default(),
-        };
+        let opts = opts.clone();
         let len = grant.lease_len(opts.lease);
         let (keep, every) = match (&grant.keepalive, &grant.session) {
             (Some(k), _) => (Keep::Confirmed, k.every),
@@ -587,18 +577,6 @@ impl Drop for LockGuard {
             ),
         }
     }
-}
-
-/// `fut` within `after`, or an operation timeout naming `op`.
-pub(crate) async fn bounded<T>(
-    backend: &'static str,
-    op: &'static str,
-    after: Duration,
-    fut: impl std::future::Future<Output = Result<T, LockError>>,
-) -> Result<T, LockError> {
-    timeout(after, fut)
-        .await
-        .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
 }
 
 /// Keeps a lease alive (or, with renewal off, watches its deadline). Marks the lock

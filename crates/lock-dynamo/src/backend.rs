@@ -266,14 +266,7 @@ impl DynamoBackend {
         op: &'static str,
         f: impl std::future::Future<Output = Result<T, LockError>>,
     ) -> Result<T, LockError> {
-        let after = self.inner.cfg.op_timeout;
-        tokio::time::timeout(after, f)
-            .await
-            .unwrap_or(Err(LockError::OperationTimeout {
-                backend: NAME,
-                op,
-                after,
-            }))
+        lock_core::backend::bounded(NAME, op, self.inner.cfg.op_timeout, f).await
     }
 
     async fn describe(&self) -> Result<Option<TableDescription>, LockError> {

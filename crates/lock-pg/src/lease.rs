@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::Object;
+use lock_core::backend::bounded;
 use lock_core::{
-    AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef,
-    LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome,
+    AcquireRequest, Capabilities, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef, LockBackend,
+    LockError, LockInfo, LockKey, ReleaseOutcome,
 };
 use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
@@ -15,7 +16,9 @@ use tokio_postgres::{Row, Statement};
 
 use crate::handoff::{Handed, Release, Waiter};
 use crate::shared::Shared;
-use crate::sql::map_err;
+use crate::sql::{self, map_err, ms};
+
+const NAME: &str = "pg-lease";
 
 /// A lock backend on lease rows, made by [`PgLocks::lease_rows`](crate::PgLocks::lease_rows).
 ///
@@ -34,16 +37,6 @@ use crate::sql::map_err;
 #[derive(Clone, Debug)]
 pub struct PgLeaseBackend {
     shared: Arc<Shared>,
-}
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn token_of(t: i64) -> Result<FencingToken, LockError> {
-    u64::try_from(t)
-        .map(FencingToken::new)
-        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
 }
 
 /// An acquire statement on the wire. Dropped before its answer (the caller gave up), it
@@ -103,21 +96,6 @@ impl PgLeaseBackend {
         Self { shared }
     }
 
-    async fn bounded<T>(
-        &self,
-        op: &'static str,
-        f: impl std::future::Future<Output = Result<T, LockError>>,
-    ) -> Result<T, LockError> {
-        let t = self.shared.cfg.op_timeout;
-        tokio::time::timeout(t, f)
-            .await
-            .unwrap_or(Err(LockError::OperationTimeout {
-                backend: "pg-lease",
-                op,
-                after: t,
-            }))
-    }
-
     /// One prepared statement on a pooled connection, bounded by the operation timeout.
     async fn query(
         &self,
@@ -125,7 +103,7 @@ impl PgLeaseBackend {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, LockError> {
-        self.bounded(op, async {
+        bounded(NAME, op, self.shared.cfg.op_timeout, async {
             let conn = self.shared.conn(None).await?;
             let stmt = conn.prepare_cached(sql).await.map_err(map_err)?;
             conn.query(&stmt, params).await.map_err(map_err)
@@ -136,37 +114,36 @@ impl PgLeaseBackend {
     async fn attempt(&self, req: &AcquireRequest) -> Result<Attempt, LockError> {
         self.shared.ready().await?;
         let sent = Instant::now();
-        let rows = self
-            .bounded("acquire", async {
-                let conn = self.shared.conn(None).await?;
-                // Prepared before the acquire goes out: a give-back must not wait for a
-                // Parse whose answer queues behind the acquire.
-                let release = conn
-                    .prepare_cached(&self.shared.sql.lease_release)
-                    .await
-                    .map_err(map_err)?;
-                let stmt = conn
-                    .prepare_cached(&self.shared.sql.lease_acquire)
-                    .await
-                    .map_err(map_err)?;
-                let mut unanswered = Unanswered {
-                    conn: None,
-                    release,
-                    shared: self.shared.clone(),
-                    lease: req.lease(),
-                };
-                let conn = unanswered.conn.insert(conn);
-                let params: [&(dyn ToSql + Sync); 4] = [
-                    &req.key.as_str(),
-                    &req.lease_id.as_str(),
-                    &req.meta.encode(),
-                    &ms(req.ttl),
-                ];
-                let rows = conn.query(&stmt, &params).await.map_err(map_err);
-                unanswered.answered();
-                rows
-            })
-            .await?;
+        let rows = bounded(NAME, "acquire", self.shared.cfg.op_timeout, async {
+            let conn = self.shared.conn(None).await?;
+            // Prepared before the acquire goes out: a give-back must not wait for a
+            // Parse whose answer queues behind the acquire.
+            let release = conn
+                .prepare_cached(&self.shared.sql.lease_release)
+                .await
+                .map_err(map_err)?;
+            let stmt = conn
+                .prepare_cached(&self.shared.sql.lease_acquire)
+                .await
+                .map_err(map_err)?;
+            let mut unanswered = Unanswered {
+                conn: None,
+                release,
+                shared: self.shared.clone(),
+                lease: req.lease(),
+            };
+            let conn = unanswered.conn.insert(conn);
+            let params: [&(dyn ToSql + Sync); 4] = [
+                &req.key.as_str(),
+                &req.lease_id.as_str(),
+                &req.meta.encode(),
+                &ms(req.ttl),
+            ];
+            let rows = conn.query(&stmt, &params).await.map_err(map_err);
+            unanswered.answered();
+            rows
+        })
+        .await?;
         let Some(row) = rows.first() else {
             // Another client's grant committed while the statement ran.
             return Ok(Attempt::Held(None));
@@ -174,7 +151,7 @@ impl PgLeaseBackend {
         let token: Option<i64> = row.try_get(0).map_err(map_err)?;
         let remaining: Option<i64> = row.try_get(1).map_err(map_err)?;
         match token {
-            Some(t) => Ok(Attempt::Granted(Grant::ttl(token_of(t)?, sent + req.ttl))),
+            Some(t) => Ok(Attempt::Granted(Grant::ttl(sql::token(t)?, sent + req.ttl))),
             None => {
                 Ok(Attempt::Held(remaining.map(|r| {
                     Duration::from_millis(u64::try_from(r).unwrap_or(0))
@@ -213,7 +190,11 @@ impl PgLeaseBackend {
             w.tell(Handed::Retry);
             return Ok(ReleaseOutcome::NotHeld);
         };
-        let token = match row.try_get::<_, i64>(0).map_err(map_err).and_then(token_of) {
+        let token = match row
+            .try_get::<_, i64>(0)
+            .map_err(map_err)
+            .and_then(sql::token)
+        {
             Ok(t) => t,
             Err(e) => {
                 // The row is the waiter's; its next attempt takes it (same lease id).
@@ -249,7 +230,7 @@ impl PgLeaseBackend {
 #[async_trait]
 impl LockBackend for PgLeaseBackend {
     fn name(&self) -> &'static str {
-        "pg-lease"
+        NAME
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -392,7 +373,7 @@ impl LockBackend for PgLeaseBackend {
         Ok(Some(
             LockInfo::new(
                 LeaseId::parse(&lease)?,
-                token_of(token)?,
+                sql::token(token)?,
                 HolderMeta::decode(&meta),
             )
             .remaining(Some(Duration::from_millis(

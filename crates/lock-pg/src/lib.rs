@@ -32,7 +32,7 @@ pub use {deadpool_postgres, tokio_postgres};
 
 use crate::session::Scope;
 use crate::shared::Shared;
-use crate::sql::{is_lock_timeout, map_err};
+use crate::sql::{is_lock_timeout, map_err, Answer};
 
 /// A PostgreSQL lock client: a connection pool and the lock schema. Cheap to clone; make
 /// one per process and take the backends you need from it.
@@ -157,7 +157,7 @@ impl PgLocks {
         let wait_ms: Option<i64> = match wait {
             WaitPolicy::NoWait => None,
             WaitPolicy::Forever => Some(0),
-            WaitPolicy::Timeout(t) => Some(i64::try_from(t.as_millis()).unwrap_or(i64::MAX).max(1)),
+            WaitPolicy::Timeout(t) => Some(sql::ms(t).max(1)),
             _ => None,
         };
         let lease = LeaseId::random();
@@ -172,8 +172,8 @@ impl PgLocks {
                     &[&id, &lease.as_str(), &meta, &wait_ms, &true, &no_idle_limit],
                 )
                 .await;
-            let token = match res {
-                Ok(row) => row.try_get::<_, Option<i64>>(0).map_err(map_err)?,
+            let answer = match res {
+                Ok(row) => sql::answer(&row)?,
                 Err(e) if is_lock_timeout(&e) => {
                     return Err(LockError::Timeout {
                         key: key.to_string(),
@@ -182,28 +182,24 @@ impl PgLocks {
                 }
                 Err(e) => return Err(map_err(e)),
             };
-            match token {
-                Some(-1) if !guarded => {
+            match answer {
+                Answer::Granted(token) => return Ok(token),
+                Answer::Taken => {
+                    return Err(LockError::Contended {
+                        key: key.to_string(),
+                    })
+                }
+                Answer::GuardFirst if !guarded => {
                     self.shared.crash_guard().await?;
                     guarded = true;
                 }
-                Some(-1) => {
+                Answer::GuardFirst => {
                     return Err(LockError::backend(
                         sql::NAME,
                         true,
                         "the server recovered from a crash after this transaction's snapshot \
                          was taken: roll back and retry",
                     ))
-                }
-                Some(t) => {
-                    return u64::try_from(t)
-                        .map(FencingToken::new)
-                        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
-                }
-                None => {
-                    return Err(LockError::Contended {
-                        key: key.to_string(),
-                    })
                 }
             }
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::Object;
+use lock_core::backend::bounded;
 use lock_core::{
     AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, Keepalive, LeaseId, LeaseKind,
     LeaseRef, LockBackend, LockError, LockInfo, LockKey, ReleaseOutcome,
@@ -16,7 +17,7 @@ use lock_core::{
 use tokio::time::Instant;
 
 use crate::shared::Shared;
-use crate::sql::{advisory_id, advisory_lock_parts, is_lock_timeout, map_err};
+use crate::sql::{self, advisory_id, advisory_lock_parts, is_lock_timeout, map_err, ms, Answer};
 
 /// Which advisory lock a [`PgSessionBackend`] takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,15 +103,6 @@ fn discard(obj: Object, tls: crate::shared::Tls) {
     }
 }
 
-/// What the grant statement answered.
-enum Answer {
-    Granted(i64),
-    /// A try found the lock taken.
-    Taken,
-    /// The crash guard has not run since the server's last crash: nothing was taken.
-    GuardFirst,
-}
-
 impl PgSessionBackend {
     pub(crate) fn new(shared: Arc<Shared>, scope: Scope) -> Self {
         Self {
@@ -132,28 +124,23 @@ impl PgSessionBackend {
         req: &AcquireRequest,
         id: i64,
         wait_ms: Option<i64>,
-    ) -> Result<Answer, tokio_postgres::Error> {
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
         let xact = self.scope == Scope::Transaction;
         let stmt = conn.prepare_cached(&self.shared.sql.advisory_grant).await?;
         let (lease, meta) = (req.lease_id.as_str(), req.meta.encode());
         let idle = Some(self.shared.server_idle_ms());
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
             [&id, &lease, &meta, &wait_ms, &xact, &idle];
-        let row = if xact {
+        if xact {
             let (_, row) = futures::future::try_join(
                 conn.batch_execute("BEGIN"),
                 conn.query_one(&stmt, &params),
             )
             .await?;
-            row
+            Ok(row)
         } else {
-            conn.query_one(&stmt, &params).await?
-        };
-        Ok(match row.try_get::<_, Option<i64>>(0)? {
-            Some(-1) => Answer::GuardFirst,
-            Some(t) => Answer::Granted(t),
-            None => Answer::Taken,
-        })
+            conn.query_one(&stmt, &params).await
+        }
     }
 
     /// One acquire: `wait` None = try once; Some(deadline) = wait in the server's queue.
@@ -192,7 +179,7 @@ impl PgSessionBackend {
                     if left.is_zero() {
                         return Err(timeout_err());
                     }
-                    Some(i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1))
+                    Some(ms(left).max(1))
                 }
             };
             let flight = InFlight(Some(obj), self.shared.tls());
@@ -202,19 +189,15 @@ impl PgSessionBackend {
             let answer = match wait_ms {
                 None => {
                     let op = self.shared.cfg.op_timeout;
-                    tokio::time::timeout(op, self.grant_statement(conn, req, id, None))
-                        .await
-                        .map_err(|_| LockError::OperationTimeout {
-                            backend: self.name(),
-                            op: "acquire",
-                            after: op,
-                        })?
+                    let statement = async { Ok(self.grant_statement(conn, req, id, None).await) };
+                    bounded(self.name(), "acquire", op, statement).await?
                 }
                 Some(_) => self.grant_statement(conn, req, id, wait_ms).await,
             };
-            match answer {
-                Ok(Answer::Granted(t)) => {
-                    let grant = self.granted(flight, req, id, t, sent)?;
+            match answer.map(|row| sql::answer(&row)) {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Answer::Granted(t))) => {
+                    let grant = self.granted(flight, req, id, t, sent);
                     if sent.elapsed() < self.shared.cfg.probe_every {
                         return Ok(grant);
                     }
@@ -222,18 +205,18 @@ impl PgSessionBackend {
                     // connection to the caller's clean-up (a release by lease id).
                     return self.after_wait(req, grant).await;
                 }
-                Ok(Answer::Taken) => {
+                Ok(Ok(Answer::Taken)) => {
                     self.finish_empty(flight).await?;
                     return Err(LockError::Contended {
                         key: req.key.to_string(),
                     });
                 }
-                Ok(Answer::GuardFirst) if !guarded => {
+                Ok(Ok(Answer::GuardFirst)) if !guarded => {
                     self.finish_empty(flight).await?;
                     self.shared.crash_guard().await?;
                     guarded = true;
                 }
-                Ok(Answer::GuardFirst) => {
+                Ok(Ok(Answer::GuardFirst)) => {
                     return Err(LockError::Protocol(
                         "the crash marker is still missing after the crash guard ran".into(),
                     ))
@@ -283,19 +266,17 @@ impl PgSessionBackend {
         flight: InFlight,
         req: &AcquireRequest,
         id: i64,
-        t: i64,
+        token: FencingToken,
         sent: Instant,
-    ) -> Result<Grant, LockError> {
-        let token = u64::try_from(t)
-            .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))?;
+    ) -> Grant {
         let conn = Arc::new(tokio::sync::Mutex::new(flight));
         self.held().insert(req.lease_id.clone(), Held { id, conn });
         let cfg = &self.shared.cfg;
-        Ok(Grant::kept_alive(
-            FencingToken::new(token),
+        Grant::kept_alive(
+            token,
             sent + cfg.session_timeout,
             Keepalive::new(cfg.session_timeout, cfg.probe_every),
-        ))
+        )
     }
 
     /// The deadline of a grant that waited in the server's queue: the server's idle timer
@@ -303,21 +284,12 @@ impl PgSessionBackend {
     /// when it runs (a grant whose deadline counted from before the wait would arrive late
     /// and be given back).
     async fn after_wait(&self, req: &AcquireRequest, grant: Grant) -> Result<Grant, LockError> {
-        let lease = req.lease();
-        let op = self.shared.cfg.op_timeout;
-        match tokio::time::timeout(op, self.renew(&lease, self.shared.cfg.session_timeout)).await {
-            Ok(Ok(deadline)) => {
-                let mut grant = grant;
-                grant.lease_deadline = Some(deadline);
-                Ok(grant)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(LockError::OperationTimeout {
-                backend: self.name(),
-                op: "acquire",
-                after: op,
-            }),
-        }
+        let (lease, cfg) = (req.lease(), &self.shared.cfg);
+        let probe = self.renew(&lease, cfg.session_timeout);
+        let deadline = bounded(self.name(), "acquire", cfg.op_timeout, probe).await?;
+        let mut grant = grant;
+        grant.lease_deadline = Some(deadline);
+        Ok(grant)
     }
 
     /// The held connection of `lease`, if this backend holds it.

@@ -8,6 +8,7 @@ use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
 };
 use futures::StreamExt;
+use lock_core::backend::bounded;
 use lock_core::keyed::{KeyTurns, KeyWakeups};
 use lock_core::{LockError, LockKey};
 use tokio::sync::{Notify, OnceCell, OwnedMutexGuard};
@@ -114,7 +115,7 @@ impl Shared {
 
     /// The server-side idle limit of a holder's session, in ms: `session_timeout`.
     pub(crate) fn server_idle_ms(&self) -> i64 {
-        i64::try_from(self.cfg.session_timeout.as_millis()).unwrap_or(i64::MAX)
+        sql::ms(self.cfg.session_timeout)
     }
 
     /// Runs the crash guard (see the schema) as a statement of its own, committed
@@ -123,8 +124,7 @@ impl Shared {
     /// On a connection of its own, not from the pool: the grants that find the marker
     /// missing may hold every pooled connection (in their callers' transactions).
     pub(crate) async fn crash_guard(&self) -> Result<(), LockError> {
-        let op = self.cfg.op_timeout;
-        tokio::time::timeout(op, async {
+        bounded(NAME, "crash guard", self.cfg.op_timeout, async {
             let (client, conn) = self
                 .pg
                 .connect(self.tls.connector())
@@ -140,11 +140,6 @@ impl Shared {
             res
         })
         .await
-        .unwrap_or(Err(LockError::OperationTimeout {
-            backend: NAME,
-            op: "crash guard",
-            after: op,
-        }))
     }
 
     /// A pooled connection, waiting at most until `until` (or the operation timeout).

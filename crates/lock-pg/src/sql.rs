@@ -1,6 +1,8 @@
 //! The schema, the statements, the key-to-advisory-id mapping and the error mapping.
 
-use lock_core::LockError;
+use std::time::Duration;
+
+use lock_core::{FencingToken, LockError};
 use tokio_postgres::error::SqlState;
 
 /// Backend name used in errors.
@@ -432,6 +434,36 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
     }
     // Not a server error: I/O, a closed connection, a timeout while connecting.
     LockError::backend(NAME, true, e)
+}
+
+/// What the advisory grant function answered.
+pub(crate) enum Answer {
+    Granted(FencingToken),
+    /// A try found the lock taken.
+    Taken,
+    /// The crash guard has not run since the server's last crash: nothing was taken.
+    GuardFirst,
+}
+
+/// Reads the advisory grant function's answer: a token, NULL (taken) or -1 (guard first).
+pub(crate) fn answer(row: &tokio_postgres::Row) -> Result<Answer, LockError> {
+    Ok(match row.try_get::<_, Option<i64>>(0).map_err(map_err)? {
+        Some(-1) => Answer::GuardFirst,
+        Some(t) => Answer::Granted(token(t)?),
+        None => Answer::Taken,
+    })
+}
+
+/// A token column's value as a fencing token.
+pub(crate) fn token(t: i64) -> Result<FencingToken, LockError> {
+    u64::try_from(t)
+        .map(FencingToken::new)
+        .map_err(|_| LockError::Protocol(format!("negative fencing token {t}")))
+}
+
+/// A duration in whole milliseconds, as statements take it.
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether the error is `lock_timeout` running out (SQLSTATE 55P03).

@@ -89,7 +89,9 @@ pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
         for pair in query.split('&') {
             match pair.split_once('=') {
                 Some((k, v)) if KEYS.contains(&k) => {
-                    let v = percent_decode(v);
+                    let v = percent_encoding::percent_decode_str(v)
+                        .decode_utf8_lossy()
+                        .into_owned();
                     p.set(k, &v)?;
                     if k == "sslmode" {
                         kept.push(format!("sslmode={}", for_driver(&v)));
@@ -162,29 +164,6 @@ pub(crate) fn check(p: &Params, driver: tokio_postgres::config::SslMode) -> Resu
     }
 }
 
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(feature = "tls")]
 pub(crate) use rustls_impl::{connector, Connector};
 
@@ -228,62 +207,18 @@ mod rustls_impl {
 
     pub(crate) type Connector = tokio_postgres_rustls::MakeRustlsConnect;
 
-    /// Accepts any certificate (libpq's `prefer` and `require` without a root certificate:
-    /// encryption against eavesdroppers only), still checking the handshake's signatures.
+    /// libpq's lenient modes. Without `chain`, any certificate (`prefer`, and `require`
+    /// without a root certificate: encryption against eavesdroppers only); with it,
+    /// `verify-ca`: the chain must lead to a trusted root, the host name is not checked
+    /// (the WebPKI verifier checks the name after the chain). Either way the handshake's
+    /// signatures are checked.
     #[derive(Debug)]
-    struct Unverified(Arc<CryptoProvider>);
-
-    impl ServerCertVerifier for Unverified {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
+    struct Lenient {
+        provider: Arc<CryptoProvider>,
+        chain: Option<Arc<WebPkiServerVerifier>>,
     }
 
-    /// libpq's `verify-ca`: the chain must lead to a trusted root; the host name is not
-    /// checked (the name check comes after the chain's in the WebPKI verifier).
-    #[derive(Debug)]
-    struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-    impl ServerCertVerifier for ChainOnly {
+    impl ServerCertVerifier for Lenient {
         fn verify_server_cert(
             &self,
             end_entity: &CertificateDer<'_>,
@@ -292,10 +227,10 @@ mod rustls_impl {
             ocsp: &[u8],
             now: UnixTime,
         ) -> Result<ServerCertVerified, rustls::Error> {
-            match self
-                .0
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            {
+            let Some(chain) = &self.chain else {
+                return Ok(ServerCertVerified::assertion());
+            };
+            match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
                 Err(rustls::Error::InvalidCertificate(
                     CertificateError::NotValidForName
                     | CertificateError::NotValidForNameContext { .. },
@@ -310,7 +245,8 @@ mod rustls_impl {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls12_signature(message, cert, dss)
+            let algorithms = &self.provider.signature_verification_algorithms;
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
         }
 
         fn verify_tls13_signature(
@@ -319,11 +255,14 @@ mod rustls_impl {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls13_signature(message, cert, dss)
+            let algorithms = &self.provider.signature_verification_algorithms;
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_verify_schemes()
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
         }
     }
 
@@ -401,15 +340,16 @@ mod rustls_impl {
         let given_root = ca_pem.is_some() || p.root_cert.is_some();
         let builder = match p.mode {
             Mode::VerifyFull => builder.with_root_certificates(roots(p, ca_pem)?),
-            Mode::VerifyCa => builder
-                .dangerous()
-                .with_custom_certificate_verifier(chain_only(p, ca_pem, &provider)?),
-            Mode::Require if given_root => builder
-                .dangerous()
-                .with_custom_certificate_verifier(chain_only(p, ca_pem, &provider)?),
-            _ => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified(provider.clone()))),
+            mode => {
+                let chain = match mode {
+                    Mode::VerifyCa => Some(chain_verifier(p, ca_pem, &provider)?),
+                    Mode::Require if given_root => Some(chain_verifier(p, ca_pem, &provider)?),
+                    _ => None,
+                };
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Lenient { provider, chain }))
+            }
         };
         let client_pem = match (client_pem, &p.cert, &p.key) {
             (Some((c, k)), _, _) => Some((c.clone(), k.clone())),
@@ -436,18 +376,17 @@ mod rustls_impl {
         Ok((tokio_postgres_rustls::MakeRustlsConnect::new(config), mode))
     }
 
-    fn chain_only(
+    fn chain_verifier(
         p: &Params,
         ca_pem: Option<&[u8]>,
         provider: &Arc<CryptoProvider>,
-    ) -> Result<Arc<ChainOnly>, LockError> {
-        let inner = WebPkiServerVerifier::builder_with_provider(
+    ) -> Result<Arc<WebPkiServerVerifier>, LockError> {
+        WebPkiServerVerifier::builder_with_provider(
             Arc::new(private_roots(p, ca_pem)?),
             provider.clone(),
         )
         .build()
-        .map_err(|e| bad(format!("TLS: {e}")))?;
-        Ok(Arc::new(ChainOnly(inner)))
+        .map_err(|e| bad(format!("TLS: {e}")))
     }
 }
 
