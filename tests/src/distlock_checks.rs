@@ -412,7 +412,27 @@ pub(crate) async fn sigint_reaches_the_command() -> Res<String> {
 pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
     let redis = server().await?;
     let url = redis.url();
-    let cases: [(&[&str], i32); 8] = [
+    let cases: [(&[&str], i32); 10] = [
+        (
+            &[
+                "run",
+                "--store=redlock://:n0t-the-pw-7?x=1@127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
+                "job",
+                "--",
+                "true",
+            ],
+            64,
+        ),
+        (
+            &[
+                "run",
+                "--store=redlock://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3?max_lease=0s",
+                "job",
+                "--",
+                "true",
+            ],
+            64,
+        ),
         (
             &[
                 "run",

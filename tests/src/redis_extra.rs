@@ -40,6 +40,11 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
             || Box::pin(s::redlock_restarted_node_sits_out()),
         ),
         (
+            "redlock",
+            "a_client_with_a_shorter_max_lease_sits_out_the_longest_seen",
+            || Box::pin(s::redlock_shorter_max_lease_learns_the_longest()),
+        ),
+        (
             "redis-extra",
             "eviction_policies_refused_at_connect",
             || Box::pin(s::eviction_policies_refused_at_connect()),

@@ -139,6 +139,19 @@ pub(crate) async fn redlock_majority_counts_configured_nodes() -> Res<String> {
 /// node 2 restarts empty while A's lease runs. Nodes 2 and 3 would make a majority for B:
 /// they must sit out until A's lease could have ended.
 pub(crate) async fn redlock_restarted_node_sits_out() -> Res<String> {
+    restarted_nodes_sit_out(MAX_LEASE).await
+}
+
+/// The same with client B configured for a shorter longest lease (1 s) than A's: the nodes
+/// B finds with a marker tell it A's, so the restarted ones sit out that long, not 1 s.
+pub(crate) async fn redlock_shorter_max_lease_learns_the_longest() -> Res<String> {
+    restarted_nodes_sit_out(Duration::from_secs(1)).await
+}
+
+/// A holds a lease of [`MAX_LEASE`] on nodes 1 and 2 (node 3 down); nodes 2 and 3 restart
+/// empty; B (longest lease `b_max`) must not be granted while A's lease runs, and is once
+/// the longest lease has passed.
+async fn restarted_nodes_sit_out(b_max: Duration) -> Res<String> {
     let mut nodes = start(3).await?;
     let urls: Vec<String> = nodes.iter().map(Redis::url).collect();
     let op = Duration::from_secs(2);
@@ -146,7 +159,9 @@ pub(crate) async fn redlock_restarted_node_sits_out() -> Res<String> {
     drop(redlock(&urls, op).await?);
     nodes[2].proc.stop();
     let lease = MAX_LEASE;
-    let a = LockClient::new(redlock(&urls, op).await?).with_options(redlock_opts(lease));
+    // Without renewals A sends nothing after its grant: only B's requests reach the nodes.
+    let a = LockClient::new(redlock(&urls, op).await?)
+        .with_options(redlock_opts(lease).auto_renew(false));
     let ga = a.acquire("restart").await.map_err(|e| format!("A: {e}"))?;
     let granted = Instant::now();
     let mut n3 = std::mem::replace(&mut nodes[2], Redis::start(false)?);
@@ -158,12 +173,12 @@ pub(crate) async fn redlock_restarted_node_sits_out() -> Res<String> {
     let b = LockClient::new(
         RedlockBackend::connect_with(
             RedlockConfig::with_nodes(urls.iter().map(|u| RedisConfig::new(u.as_str())).collect())
-                .max_lease(MAX_LEASE),
+                .max_lease(b_max),
         )
         .await
         .map_err(e2s)?,
     )
-    .with_options(redlock_opts(lease));
+    .with_options(redlock_opts(b_max));
     let mut tries = 0;
     while granted.elapsed() < lease - Duration::from_millis(500) {
         tries += 1;

@@ -59,19 +59,19 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
             } else {
                 "rediss"
             };
-            let (rest, max_lease) = redlock_max_lease(rest)?;
-            if let Some(lease) = o.lease.filter(|l| *l > max_lease) {
-                return Err(bad(format!(
-                    "--lease {lease:?} is longer than the Redlock's max_lease {max_lease:?} \
-                     (set ?max_lease= on the store URL, the same for every client of these \
-                     nodes)"
-                )));
-            }
-            // The user information, if any, is every node's.
+            // The user information, if any, is every node's (a password may hold `?`).
             let (user, nodes) = match rest.rsplit_once('@') {
                 Some((user, nodes)) => (format!("{user}@"), nodes),
                 None => (String::new(), rest),
             };
+            let (nodes, max_lease) = redlock_max_lease(nodes)?;
+            if let Some(lease) = o.lease.filter(|l| *l > max_lease) {
+                return Err(bad(format!(
+                    "the lease {lease:?} (--lease, 30s by default) is longer than the \
+                     Redlock's max_lease {max_lease:?} (set ?max_lease= on the store URL, the \
+                     same for every client of these nodes)"
+                )));
+            }
             let nodes = nodes
                 .split(',')
                 .map(|n| redis_config(format!("{inner}://{user}{n}"), o))
@@ -158,14 +158,15 @@ fn redis_config(url: String, o: &StoreOpts) -> lock_redis::RedisConfig {
     cfg
 }
 
-/// The node list of a `redlock://` URL and its `?max_lease=` (the library's default if
-/// absent): the longest lease any client of these nodes takes, and how long a node that lost
-/// its data sits out.
+/// The node list of a `redlock://` URL (after its user information) and its
+/// `?max_lease=` (the library's default if absent): the longest lease any client of these
+/// nodes takes, and how long a node that lost its data sits out.
 #[cfg(feature = "redis")]
-fn redlock_max_lease(rest: &str) -> Result<(&str, std::time::Duration), LockError> {
+fn redlock_max_lease(hosts: &str) -> Result<(&str, std::time::Duration), LockError> {
+    use lock_core::options::{MAX_LEASE, MIN_LEASE};
     let mut max = lock_redis::RedlockConfig::with_nodes(Vec::new()).max_lease;
-    let Some((nodes, query)) = rest.split_once('?') else {
-        return Ok((rest, max));
+    let Some((nodes, query)) = hosts.split_once('?') else {
+        return Ok((hosts, max));
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -177,6 +178,11 @@ fn redlock_max_lease(rest: &str) -> Result<(&str, std::time::Duration), LockErro
                 return Err(bad(format!("redlock:// option {name:?}: only max_lease")));
             }
         }
+    }
+    if !(MIN_LEASE..=MAX_LEASE).contains(&max) {
+        return Err(bad(format!(
+            "redlock:// max_lease {max:?} is out of range ({MIN_LEASE:?} to {MAX_LEASE:?})"
+        )));
     }
     Ok((nodes.trim_end_matches('/'), max))
 }

@@ -16,6 +16,7 @@
 //! A batch carries unrelated keys, which a standalone server (the only kind this backend
 //! connects to) accepts; a cluster would need one batch per hash slot.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,8 +103,11 @@ pub(crate) type Reply = Result<Answer, LockError>;
 pub(crate) struct Params {
     pub(crate) fair: bool,
     pub(crate) waiter_ttl: Duration,
-    /// Redlock: the longest lease, for which a node that lost its data sits out; zero off.
-    pub(crate) sit_out: Duration,
+    /// Redlock: the longest lease (ms), for which a node that lost its data sits out; zero
+    /// off. Shared by a Redlock's nodes, and raised to the longest a node's marker records:
+    /// a client configured with a shorter one than others' must not let a node that lost
+    /// their leases sit out less.
+    pub(crate) sit_out: Arc<AtomicU64>,
     pub(crate) marker: String,
 }
 
@@ -202,7 +206,7 @@ impl Batcher {
             .arg(p.waiter_ttl.as_millis() as u64)
             .arg(client_ms as u64)
             .arg(FENCE_KEEP.as_millis() as u64)
-            .arg(p.sit_out.as_millis() as u64)
+            .arg(p.sit_out.load(Ordering::Relaxed))
             .arg(&p.marker)
             .arg(MAX_CLOCK_LEAD.as_millis() as u64);
         for op in ops {
@@ -213,7 +217,13 @@ impl Batcher {
         }
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(map_err)?;
-        split(reply, ops)
+        let (longest, replies) = split(reply, ops)?;
+        let cap = lock_core::options::MAX_LEASE.as_millis() as u64;
+        p.sit_out.fetch_max(
+            u64::try_from(longest).unwrap_or(0).min(cap),
+            Ordering::Relaxed,
+        );
+        Ok(replies)
     }
 
     /// Starts a task that sends `batch`, then whatever queued meanwhile, until the queue is
@@ -324,10 +334,12 @@ fn short(got: usize, want: usize) -> LockError {
     ))
 }
 
-/// Splits the script's flat reply into one reply per op: `status, token, pttl` for an
-/// acquire, `released` for a release, `-1, message` for an op's own error.
-fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
+/// Splits the script's flat reply into the marker's longest sit-out (ms) and one reply per
+/// op: `status, token, pttl` for an acquire, `released` for a release, `-1, message` for an
+/// op's own error.
+fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> {
     let mut items = reply.into_iter();
+    let longest = int(items.next(), 0, ops.len())?;
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         let first = int(items.next(), out.len(), ops.len())?;
@@ -372,7 +384,7 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<Vec<Reply>, LockError> {
             ops.len()
         )));
     }
-    Ok(out)
+    Ok((longest, out))
 }
 
 /// One integer of op `at`'s reply.
@@ -414,6 +426,7 @@ mod tests {
             op(Kind::Try),
         ];
         let reply = vec![
+            Value::Int(3000),
             Value::Int(1),
             tok("18446744073709551615"),
             Value::Int(1000),
@@ -425,7 +438,8 @@ mod tests {
             tok("0"),
             Value::Int(700),
         ];
-        let out = split(reply, &ops).expect("well-formed reply");
+        let (longest, out) = split(reply, &ops).expect("well-formed reply");
+        assert_eq!(longest, 3000);
         assert_eq!(out.len(), 5);
         assert_eq!(
             out[0].as_ref().ok(),
@@ -452,9 +466,11 @@ mod tests {
     #[test]
     fn split_refuses_short_long_and_odd_replies() {
         let ops = [op(Kind::Try), op(Kind::Release)];
-        let short = vec![Value::Int(1), tok("7"), Value::Int(10)];
+        // Each starts with the marker's longest sit-out.
+        let short = vec![Value::Int(0), Value::Int(1), tok("7"), Value::Int(10)];
         assert!(matches!(split(short, &ops), Err(LockError::Protocol(_))));
         let long = vec![
+            Value::Int(0),
             Value::Int(1),
             tok("7"),
             Value::Int(10),
@@ -462,9 +478,24 @@ mod tests {
             Value::Int(1),
         ];
         assert!(matches!(split(long, &ops), Err(LockError::Protocol(_))));
-        let odd = vec![Value::Int(1), Value::Nil, Value::Int(10), Value::Int(1)];
+        let odd = vec![
+            Value::Int(0),
+            Value::Int(1),
+            Value::Nil,
+            Value::Int(10),
+            Value::Int(1),
+        ];
         assert!(matches!(split(odd, &ops), Err(LockError::Protocol(_))));
-        let too_big = vec![Value::Int(1), tok("18446744073709551616"), Value::Int(10)];
+        assert!(matches!(
+            split(Vec::new(), &ops),
+            Err(LockError::Protocol(_))
+        ));
+        let too_big = vec![
+            Value::Int(0),
+            Value::Int(1),
+            tok("18446744073709551616"),
+            Value::Int(10),
+        ];
         assert!(matches!(
             split(too_big, &ops[..1]),
             Err(LockError::Protocol(_))

@@ -21,6 +21,12 @@
 //! lease it forgot can still run. A node new to the lock sits out the same way once:
 //! [`RedlockBackend::warm_up`] starts that wait and tells how long it is.
 //!
+//! Give every client of the nodes the same `max_lease`. A client configured with a shorter
+//! one than another's would let a node that lost data sit out too briefly, so a marker
+//! records the longest any client asked for, and a client that finds a longer one than its
+//! own asks every node for that from then on; only a client that has not yet reached a
+//! node with a marker goes by its own.
+//!
 //! ## Fencing tokens
 //!
 //! Each node issues its own token, `max(last + 1, its clock in µs)`. The grant's token is the
@@ -34,6 +40,7 @@
 //! restart takes (on one host they share a clock). Hence
 //! [`TokenGuarantee::Monotonic`], not `Durable`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -115,7 +122,8 @@ impl RedlockConfig {
 struct Node {
     index: usize,
     cfg: RedisConfig,
-    sit_out: Duration,
+    /// The longest lease (ms), shared by the nodes: see [`crate::batch::Params`].
+    sit_out: std::sync::Arc<AtomicU64>,
     conn: OnceCell<RedisBackend>,
     failed_at: Mutex<Option<Instant>>,
     /// The `run_id` of every node connected so far, by node index: two entries naming one
@@ -140,7 +148,7 @@ impl Node {
         let res = self
             .conn
             .get_or_try_init(|| async {
-                let b = RedisBackend::open(self.cfg.clone(), self.sit_out).await?;
+                let b = RedisBackend::open(self.cfg.clone(), self.sit_out.clone()).await?;
                 let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((_, other)) = servers.iter().find(|(r, _)| r == b.run_id()) {
                     return Err(LockError::InvalidConfig(format!(
@@ -168,6 +176,9 @@ pub struct RedlockBackend {
     nodes: std::sync::Arc<Vec<Node>>,
     op_timeout: Duration,
     max_lease: Duration,
+    /// The sit-out the nodes are asked for: `max_lease`, or a longer one a node's marker
+    /// records (another client's).
+    sit_out: std::sync::Arc<AtomicU64>,
 }
 
 impl RedlockBackend {
@@ -188,6 +199,7 @@ impl RedlockBackend {
             .max()
             .unwrap_or(Duration::from_secs(2));
         let servers = std::sync::Arc::default();
+        let sit_out = std::sync::Arc::new(AtomicU64::new(cfg.max_lease.as_millis() as u64));
         let nodes: Vec<Node> = cfg
             .nodes
             .into_iter()
@@ -195,7 +207,7 @@ impl RedlockBackend {
             .map(|(index, c)| Node {
                 index,
                 cfg: c.fair(false),
-                sit_out: cfg.max_lease,
+                sit_out: std::sync::Arc::clone(&sit_out),
                 conn: OnceCell::new(),
                 failed_at: Mutex::new(None),
                 servers: std::sync::Arc::clone(&servers),
@@ -205,6 +217,7 @@ impl RedlockBackend {
             nodes: std::sync::Arc::new(nodes),
             op_timeout,
             max_lease: cfg.max_lease,
+            sit_out,
         };
         let mut errors = Vec::new();
         for r in me
@@ -244,14 +257,23 @@ impl RedlockBackend {
             lock_core::HolderMeta::default(),
             lock_core::Backoff::default(),
         );
-        let results = self
-            .on_all(|n| async {
-                let b = n.backend().await?;
-                let a = b.attempt(&req, false).await;
-                let _ = b.release(&req.lease()).await;
-                a
-            })
-            .await;
+        let mut results = Vec::new();
+        // A round that learned a longer sit-out from a marker is repeated, so that every
+        // node sits out that long.
+        for _ in 0..3 {
+            let asked = self.sit_out.load(Ordering::Relaxed);
+            results = self
+                .on_all(|n| async {
+                    let b = n.backend().await?;
+                    let a = b.attempt(&req, false).await;
+                    let _ = b.release(&req.lease()).await;
+                    a
+                })
+                .await;
+            if self.sit_out.load(Ordering::Relaxed) == asked {
+                break;
+            }
+        }
         let mut waits: Vec<Duration> = results
             .iter()
             .map(|r| match r {
@@ -285,18 +307,11 @@ impl RedlockBackend {
         Fut: std::future::Future<Output = Result<T, LockError>> + 'a,
     {
         let t = self.op_timeout;
-        join_all(self.nodes.iter().map(|n| {
-            let fut = f(n);
-            async move {
-                timeout(t, fut)
-                    .await
-                    .unwrap_or(Err(LockError::OperationTimeout {
-                        backend: NAME,
-                        op: "node request",
-                        after: t,
-                    }))
-            }
-        }))
+        join_all(
+            self.nodes
+                .iter()
+                .map(|n| lock_core::backend::bounded(NAME, "node request", t, f(n))),
+        )
         .await
     }
 

@@ -106,9 +106,10 @@ end
 /// client's majority. Like the leases themselves, the sit-out is timed by the node's clock.
 ///
 /// Ops run in order, each as it would alone; one op's error (a key of the wrong type) is
-/// its own reply and does not stop the others. The reply is one flat array; per op, in
-/// order: acquire `status, token, pttl` (status 1 granted, 0 refused, 2 the node sits out,
-/// pttl then its time left), release `released`, error `-1, message`.
+/// its own reply and does not stop the others. The reply is one flat array: the marker's
+/// longest sit-out (0 without a node check), then per op, in order: acquire
+/// `status, token, pttl` (status 1 granted, 0 refused, 2 the node sits out, pttl then its
+/// time left), release `released`, error `-1, message`.
 pub(crate) const OPS: &str = r#"
 local fair = ARGV[1] == '1'
 local wttl = ARGV[2]
@@ -121,11 +122,11 @@ local clock_err
 if now_ms - client_ms > tonumber(ARGV[7]) then
   clock_err = 'the server clock is ' .. (now_ms - client_ms) .. ' ms ahead of the client clock: refusing to issue tokens from it (check both clocks)'
 end
-local sitting = 0
+local sitting, longest = 0, 0
 if sitout > 0 and not clock_err then
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   local m = redis.call('GET', ARGV[6])
-  local since, longest
+  local since
   if m then
     local r, s, l = string.match(m, '^(%x+) (%d+) (%d+)$')
     if r == run then since, longest = tonumber(s), tonumber(l) end
@@ -223,7 +224,7 @@ local function release(k, lease)
   end
   return released
 end
-local out, n = {}, 0
+local out, n = {longest}, 1
 for i = 1, #KEYS do
   local b = 7 + (i - 1) * 4
   local op, lease = ARGV[b + 1], ARGV[b + 2]

@@ -1,5 +1,6 @@
 //! The single-node backend.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,7 +73,7 @@ impl RedisBackend {
     /// cluster mode, and a `maxmemory-policy` of `noeviction` (unless
     /// [`RedisConfig::allow_eviction`]).
     pub async fn connect_with(cfg: RedisConfig) -> Result<Self, LockError> {
-        Self::open(cfg, Duration::ZERO).await
+        Self::open(cfg, Arc::default()).await
     }
 
     /// Builds the backend on the application's own `redis::Client` (its address, TLS
@@ -81,12 +82,12 @@ impl RedisBackend {
     /// connection, and one per blocked waiter.
     pub async fn from_client(client: Client, cfg: RedisConfig) -> Result<Self, LockError> {
         cfg.validate_settings()?;
-        Self::open_client(client, cfg, Duration::ZERO).await
+        Self::open_client(client, cfg, Arc::default()).await
     }
 
     /// Connects as one node of a Redlock: a node whose lock data began less than `sit_out`
-    /// ago grants nothing (see the `scripts` module).
-    pub(crate) async fn open(cfg: RedisConfig, sit_out: Duration) -> Result<Self, LockError> {
+    /// (ms, shared by the Redlock's nodes) ago grants nothing (see the `scripts` module).
+    pub(crate) async fn open(cfg: RedisConfig, sit_out: Arc<AtomicU64>) -> Result<Self, LockError> {
         cfg.validate()?;
         let client = client_for(&cfg)?;
         Self::open_client(client, cfg, sit_out).await
@@ -95,7 +96,7 @@ impl RedisBackend {
     async fn open_client(
         client: Client,
         cfg: RedisConfig,
-        sit_out: Duration,
+        sit_out: Arc<AtomicU64>,
     ) -> Result<Self, LockError> {
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.op_timeout))
