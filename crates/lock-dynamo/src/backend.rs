@@ -261,12 +261,12 @@ impl DynamoBackend {
         &self.inner.cfg
     }
 
-    async fn bounded<T>(
+    fn bounded<T>(
         &self,
         op: &'static str,
         f: impl std::future::Future<Output = Result<T, LockError>>,
-    ) -> Result<T, LockError> {
-        lock_core::backend::bounded(NAME, op, self.inner.cfg.op_timeout, f).await
+    ) -> impl std::future::Future<Output = Result<T, LockError>> {
+        lock_core::backend::bounded(NAME, op, self.inner.cfg.op_timeout, f)
     }
 
     async fn describe(&self) -> Result<Option<TableDescription>, LockError> {

@@ -219,10 +219,16 @@ impl Batcher {
         let reply: Vec<Value> = inv.invoke_async(&mut conn).await.map_err(map_err)?;
         let (longest, replies) = split(reply, ops)?;
         let cap = lock_core::options::MAX_LEASE.as_millis() as u64;
-        p.sit_out.fetch_max(
-            u64::try_from(longest).unwrap_or(0).min(cap),
-            Ordering::Relaxed,
-        );
+        let learned = u64::try_from(longest).unwrap_or(0).min(cap);
+        let before = p.sit_out.fetch_max(learned, Ordering::Relaxed);
+        if before > 0 && learned > before {
+            tracing::warn!(
+                own_ms = before,
+                marker_ms = learned,
+                "a Redlock node names a longer max_lease than this client's: asking every node \
+                 to sit out that long after losing its data (give every client the same)"
+            );
+        }
         Ok(replies)
     }
 

@@ -23,9 +23,10 @@
 //!
 //! Give every client of the nodes the same `max_lease`. A client configured with a shorter
 //! one than another's would let a node that lost data sit out too briefly, so a marker
-//! records the longest any client asked for, and a client that finds a longer one than its
-//! own asks every node for that from then on; only a client that has not yet reached a
-//! node with a marker goes by its own.
+//! records the longest sit-out any client asked for, every reply names it, and a client
+//! that learns a longer one than its own asks every node for that from then on (an acquire
+//! round that learned one is given back and asked again). A client whose requests reach
+//! only nodes that lost their data learns nothing and goes by its own.
 //!
 //! ## Fencing tokens
 //!
@@ -68,9 +69,10 @@ pub struct RedlockConfig {
     pub nodes: Vec<RedisConfig>,
     /// The longest lease any client of these nodes takes (and extends to). A node that lost
     /// its lock data grants nothing for this long (the longest any client asked for since).
-    /// Give every client of one set of nodes the same value: after a restart, a node whose
-    /// first client has a smaller one may take part before a longer lease it lost has run
-    /// out. Default 60 s.
+    /// Give every client of one set of nodes the same value: a client learns a longer one
+    /// from the nodes that kept their data (and logs a warning), but one that reaches only
+    /// nodes that lost it lets them take part before a longer lease they lost has run out.
+    /// Default 60 s.
     pub max_lease: Duration,
 }
 
@@ -320,36 +322,9 @@ impl RedlockBackend {
             .await
     }
 
-    fn check_lease(&self, ttl: Duration) -> Result<(), LockError> {
-        if ttl > self.max_lease {
-            return Err(LockError::InvalidOptions(format!(
-                "lease {ttl:?} is longer than this Redlock's max_lease {:?}",
-                self.max_lease
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn drift(ttl: Duration) -> Duration {
-    lock_core::options::drift_for(ttl)
-}
-
-#[async_trait]
-impl LockBackend for RedlockBackend {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(LeaseKind::Ttl)
-            .fair(false)
-            .notify_waits(false)
-            .tokens(TokenGuarantee::Monotonic)
-    }
-
-    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
-        self.check_lease(req.ttl)?;
+    /// One acquire round on every node: a grant when a majority granted in time and took
+    /// the token floor; otherwise given back everywhere.
+    async fn round(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         let sent = Instant::now();
         let results = self
             .on_all(|n| async move { n.backend().await?.attempt(req, false).await })
@@ -417,6 +392,55 @@ impl LockBackend for RedlockBackend {
                 self.quorum(),
                 errors.len()
             ),
+        ))
+    }
+
+    fn check_lease(&self, ttl: Duration) -> Result<(), LockError> {
+        if ttl > self.max_lease {
+            return Err(LockError::InvalidOptions(format!(
+                "lease {ttl:?} is longer than this Redlock's max_lease {:?}",
+                self.max_lease
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn drift(ttl: Duration) -> Duration {
+    lock_core::options::drift_for(ttl)
+}
+
+#[async_trait]
+impl LockBackend for RedlockBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(LeaseKind::Ttl)
+            .fair(false)
+            .notify_waits(false)
+            .tokens(TokenGuarantee::Monotonic)
+    }
+
+    async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        self.check_lease(req.ttl)?;
+        // A round that learned a longer sit-out than it asked for may count nodes that lost
+        // their data and sat out only the shorter one: give it back and ask again.
+        for _ in 0..3 {
+            let asked = self.sit_out.load(Ordering::Relaxed);
+            let res = self.round(req).await;
+            if self.sit_out.load(Ordering::Relaxed) == asked {
+                return res;
+            }
+            if res.is_ok() {
+                self.release_everywhere(&req.lease()).await;
+            }
+        }
+        Err(LockError::backend(
+            NAME,
+            true,
+            "the nodes keep naming longer sit-outs than this client asked for",
         ))
     }
 
