@@ -405,20 +405,15 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError>;
 }
 
-/// `fut` within `after`, or [`LockError::OperationTimeout`] naming `backend` and `op`: the
-/// bound every store request gets.
-pub fn bounded<T>(
+/// `fut` within `after` (from its first poll), or [`LockError::OperationTimeout`] naming
+/// `backend` and `op`: the bound every store request gets.
+pub async fn bounded<T>(
     backend: &'static str,
     op: &'static str,
     after: Duration,
     fut: impl std::future::Future<Output = Result<T, LockError>>,
-) -> impl std::future::Future<Output = Result<T, LockError>> {
-    // Not an `async fn`: its state would hold `fut` beside the timeout that owns it, and
-    // store futures can be large.
-    let timed = tokio::time::timeout(after, fut);
-    async move {
-        timed
-            .await
-            .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
-    }
+) -> Result<T, LockError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
 }

@@ -25,8 +25,9 @@
 //! one than another's would let a node that lost data sit out too briefly, so a marker
 //! records the longest sit-out any client asked for, every reply names it, and a client
 //! that learns a longer one than its own asks every node for that from then on (an acquire
-//! round that learned one is given back and asked again). A client whose requests reach
-//! only nodes that lost their data learns nothing and goes by its own.
+//! that learned one is given back, with a retryable error). A client learns it only from
+//! nodes that the longer-lease clients' requests reached since their data began (and that
+//! answer in time); without such a node among those it reaches, it goes by its own.
 //!
 //! ## Fencing tokens
 //!
@@ -425,22 +426,21 @@ impl LockBackend for RedlockBackend {
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         self.check_lease(req.ttl)?;
-        // A round that learned a longer sit-out than it asked for may count nodes that lost
-        // their data and sat out only the shorter one: give it back and ask again.
-        for _ in 0..3 {
-            let asked = self.sit_out.load(Ordering::Relaxed);
-            let res = self.round(req).await;
-            if self.sit_out.load(Ordering::Relaxed) == asked {
-                return res;
-            }
-            if res.is_ok() {
-                self.release_everywhere(&req.lease()).await;
-            }
+        let asked = self.sit_out.load(Ordering::Relaxed);
+        let res = self.round(req).await;
+        if self.sit_out.load(Ordering::Relaxed) == asked {
+            return res;
+        }
+        // The round learned a longer sit-out than it asked for: it may count nodes that lost
+        // their data and sat out only the shorter one. Give it back; the next try asks for
+        // the longer one.
+        if res.is_ok() {
+            self.release_everywhere(&req.lease()).await;
         }
         Err(LockError::backend(
             NAME,
             true,
-            "the nodes keep naming longer sit-outs than this client asked for",
+            "a node names a longer max_lease than this client's: try again (it is asked for now)",
         ))
     }
 
