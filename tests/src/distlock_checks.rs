@@ -489,6 +489,27 @@ pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
     if keys != 0 {
         return Err(format!("{keys} keys written by bad input"));
     }
+    // Credentials the server refuses: the usage code, and the password not shown.
+    let client = lock_redis::redis::Client::open(url.as_str()).map_err(e2s)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(e2s)?;
+    lock_redis::redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "s3cret"])
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(e2s)?;
+    let wrong = url.replace("redis://", "redis://:wr0ng-pw@");
+    let o = distlock(&["run", "--store", &wrong, "job", "--", "true"])?
+        .output()
+        .await
+        .map_err(e2s)?;
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+    if code(&o) != 64 || err.lines().count() != 1 || err.contains("wr0ng-pw") {
+        return Err(format!("a wrong password: exit {}, stderr {err:?}", code(&o)));
+    }
+    seen.push(format!("64: {err}"));
     Ok(seen.join("; "))
 }
 
