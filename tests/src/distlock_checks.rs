@@ -507,7 +507,10 @@ pub(crate) async fn bad_input_codes_and_nothing_written() -> Res<String> {
         .map_err(e2s)?;
     let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
     if code(&o) != 64 || err.lines().count() != 1 || err.contains("wr0ng-pw") {
-        return Err(format!("a wrong password: exit {}, stderr {err:?}", code(&o)));
+        return Err(format!(
+            "a wrong password: exit {}, stderr {err:?}",
+            code(&o)
+        ));
     }
     seen.push(format!("64: {err}"));
     Ok(seen.join("; "))
