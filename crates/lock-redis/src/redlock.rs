@@ -71,9 +71,9 @@ pub struct RedlockConfig {
     /// The longest lease any client of these nodes takes (and extends to). A node that lost
     /// its lock data grants nothing for this long (the longest any client asked for since).
     /// Give every client of one set of nodes the same value: a client learns a longer one
-    /// from the nodes that kept their data (and logs a warning), but one that reaches only
-    /// nodes that lost it lets them take part before a longer lease they lost has run out.
-    /// Default 60 s.
+    /// from nodes that the other clients' requests reached (and logs a warning), but not
+    /// from nodes that lost their data since, which could then take part before a longer
+    /// lease they lost has run out (see the module docs). Default 60 s.
     pub max_lease: Duration,
 }
 
