@@ -592,7 +592,7 @@ async fn until_holding(workers: &[Worker]) -> Result<usize, String> {
 }
 
 /// The prefix of an error that says the fault did not hit what it was meant to: the
-/// scenario runs once more, then fails.
+/// scenario runs again (twice at most), then fails.
 const MISSED: &str = "the fault missed: ";
 
 impl Worker {
@@ -657,6 +657,8 @@ async fn scenario(
     let store = Store::start(fault != Fault::ClientPauseUnfenced)
         .await
         .map_err(|e| e.to_string())?;
+    // The workers stop no earlier than this (each counts its run from after it connected).
+    let run_ends = now_us() + t.seconds * 1_000_000;
     let mut workers = Vec::new();
     for i in 0..WORKERS {
         workers.push(
@@ -682,7 +684,7 @@ async fn scenario(
                 sleep(Duration::from_millis(2)).await;
             }
             if !stopped(pid) {
-                return Err("w1 never reached its pause point".into());
+                return Err(format!("{MISSED}w1 never reached its pause point"));
             }
             sleep(beyond).await;
             signal(pid, "CONT")?;
@@ -1033,6 +1035,31 @@ async fn scenario(
             .collect::<Vec<_>>()
             .join("\n"),
     );
+    // A tampered token shows only at the tampered worker's grants (reused: from its second),
+    // a starved runtime only after w1's third, and a healed fault's recovery only while the
+    // others still run: without them the scenario showed nothing, and runs again.
+    let w1_grants = events
+        .iter()
+        .filter(|e| matches!(&e.event, Event::Granted { client, .. } if client == "w1"))
+        .count();
+    let needed = match fault {
+        Fault::TokenReuse => 2,
+        Fault::TokenLowered => 1,
+        // It blocks its runtime after every third grant.
+        Fault::RuntimeStarved => 3,
+        _ => 0,
+    };
+    if w1_grants < needed {
+        return Err(format!(
+            "{MISSED}w1, the worker the fault is about, was granted {w1_grants} time(s)"
+        ));
+    }
+    let recovery_bound_us = (t.expiry + Duration::from_secs(5)).as_micros() as u64;
+    if recovery_ms.is_none() && healed_at.is_some_and(|h| h + recovery_bound_us > run_ends) {
+        return Err(format!(
+            "{MISSED}the fault healed too close to the end of the run to see a grant after it"
+        ));
+    }
     let report = check_events(&events, &finals);
     // What the lease lets us conclude, wherever grants carry a deadline (TTL leases and
     // PostgreSQL's kept-alive sessions; a ZooKeeper session ends on the server's schedule).
@@ -1418,7 +1445,7 @@ async fn backend_run(b: &str, seed: u64, quick: bool, only: Option<&str>) -> Vec
         }
         let began = Instant::now();
         let mut res = Err(String::new());
-        for attempt in 0..2 {
+        for attempt in 0..3 {
             // Scenarios that need servers of their own (persistence, a replica), fresh
             // for each attempt.
             let own = match fault {
@@ -1439,7 +1466,7 @@ async fn backend_run(b: &str, seed: u64, quick: bool, only: Option<&str>) -> Vec
                 None => scenario(b, &mut servers, fault, quick, &mut rng).await,
             };
             match &res {
-                Err(e) if e.starts_with(MISSED) && attempt == 0 => {
+                Err(e) if e.starts_with(MISSED) && attempt < 2 => {
                     println!("AGAIN {b}/{}: {e}", fault.name());
                 }
                 _ => break,
