@@ -67,9 +67,9 @@ pub(crate) async fn open(url: &str, o: &StoreOpts) -> Result<Arc<dyn LockBackend
             let (nodes, max_lease) = redlock_max_lease(nodes)?;
             if let Some(lease) = o.lease.filter(|l| *l > max_lease) {
                 return Err(bad(format!(
-                    "the lease {lease:?} (--lease, 30s by default) is longer than the \
-                     Redlock's max_lease {max_lease:?} (set ?max_lease= on the store URL, the \
-                     same for every client of these nodes)"
+                    "the lease {lease:?} (--lease) is longer than the Redlock's max_lease \
+                     {max_lease:?} (set ?max_lease= on the store URL, the same for every client \
+                     of these nodes)"
                 )));
             }
             let nodes = nodes
