@@ -111,18 +111,21 @@ fn key(tag: &str) -> String {
     format!("{tag}-{:08x}", rand::random::<u32>())
 }
 
-/// A holder that stops heartbeating (renewal off) keeps the key for its whole lease as
+/// A holder that stops (renewal off, then cut off from the store, so that the release its
+/// guard sends once Lost cannot free the key either) keeps the key for its whole lease as
 /// seen by a waiter: the waiter is granted no sooner than a lease after it started
 /// looking, with a higher token, and the old guard says Lost by then.
 async fn takeover_after_a_whole_lease(url: &str) -> Res<String> {
     let t = table();
     let lease = Duration::from_millis(1500);
-    let a = LockClient::new(backend(url, &t).await?)
+    let proxy = Proxy::start(addr_of(url)?).await.map_err(e2s)?;
+    let a = LockClient::new(backend(&with_addr(url, proxy.addr())?, &t).await?)
         .with_options(LockOptions::default().lease(lease).auto_renew(false));
     let b = LockClient::new(backend(url, &t).await?)
         .with_options(LockOptions::default().wait(WaitPolicy::Timeout(Duration::from_secs(10))));
     let k = key("takeover");
     let ga = a.acquire(&k).await.map_err(e2s)?;
+    proxy.set_cut(true);
     let safe = ga.safe_until().ok_or("no safe deadline on a lease")?;
     let started = Instant::now();
     let gb = b.acquire(&k).await.map_err(e2s)?;
