@@ -134,6 +134,11 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
         ),
         (
             "redis-extra",
+            "an_undo_of_an_abandoned_acquire_spares_a_later_grant_of_its_lease",
+            || Box::pin(undo_spares_a_later_grant()),
+        ),
+        (
+            "redis-extra",
             "an_attempt_under_the_holding_lease_is_granted_again_past_the_queue",
             || Box::pin(holder_attempts_again()),
         ),
@@ -183,8 +188,8 @@ pub async fn run(skip: Option<&str>) -> Vec<CaseResult> {
 }
 
 /// A holder whose attempt is repeated under its own lease (its answer was lost) is
-/// granted again with its token, even with another waiter first in the fair queue, and
-/// neither queues itself nor lets the waiter in; the waiter gets the key at the release.
+/// granted again with a higher token, even with another waiter first in the fair queue,
+/// and neither queues itself nor lets the waiter in; the waiter gets the key at the release.
 async fn holder_attempts_again() -> Result<String, String> {
     use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
     let (_server, b) = server_and_backend().await?;
@@ -222,7 +227,7 @@ async fn holder_attempts_again() -> Result<String, String> {
         .await
         .map_err(|_| "the holder's repeated attempt waited behind the queue".to_string())?
         .map_err(|e| format!("the holder's repeated attempt: {e}"))?;
-    if again.token != first.token {
+    if again.token <= first.token {
         return Err(format!(
             "granted again with token {} (held with {})",
             again.token, first.token
@@ -245,12 +250,12 @@ async fn holder_attempts_again() -> Result<String, String> {
         .map_err(|_| "the waiter did not get the key after the release".to_string())?
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    if next <= first.token {
-        return Err(format!("waiter's token {next} not above {}", first.token));
+    if next <= again.token {
+        return Err(format!("waiter's token {next} not above {}", again.token));
     }
     Ok(format!(
-        "granted again with token {}; the waiter then got {next}",
-        first.token
+        "granted again with token {} (first {}); the waiter then got {next}",
+        again.token, first.token
     ))
 }
 
@@ -881,4 +886,88 @@ async fn batched_caller_gone() -> Result<String, String> {
         "16 callers left while their batch was on the wire; all grants given back within {:.0} ms",
         t.elapsed().as_secs_f64() * 1e3
     ))
+}
+
+/// An acquire sent in a batch whose caller left is undone when its late reply comes; the
+/// caller's retry under the same lease, sent meanwhile on a free slot, was granted by then.
+/// The undo must give back only the abandoned attempt's grant: the retry's grant is the
+/// one its caller counts (a Redlock round polls each node this way), and must stay held.
+async fn undo_spares_a_later_grant() -> Result<String, String> {
+    use lock_conformance::proxy::Proxy;
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
+    let server = tokio::task::spawn_blocking(|| Redis::start(false))
+        .await
+        .map_err(|e| e.to_string())??;
+    let addr = crate::targets::addr_of(&server.url())?;
+    let proxy = Proxy::start(addr).await.map_err(|e| e.to_string())?;
+    let via = crate::targets::with_addr(&server.url(), proxy.addr())?;
+    let b = RedisBackend::connect_with(RedisConfig::new(&via).op_timeout(Duration::from_secs(5)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let direct = RedisBackend::connect(&server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = |k: &str| -> Result<AcquireRequest, String> {
+        Ok(AcquireRequest::new(
+            LockKey::new(k).map_err(|e| e.to_string())?,
+            Duration::from_secs(10),
+            HolderMeta::default(),
+            Backoff::default(),
+        ))
+    };
+    let warm = req("warm")?;
+    b.try_acquire(&warm).await.map_err(|e| e.to_string())?;
+    b.release(&warm.lease()).await.map_err(|e| e.to_string())?;
+    // Replies come 500 ms late: two acquires on other keys take both slots, so the first
+    // attempt queues and goes out in a batch when one of them is answered (at 500 ms).
+    proxy.set_reply_delay(Duration::from_millis(500));
+    let mut slots = Vec::new();
+    for i in 0..2 {
+        let (b, r) = (b.clone(), req(&format!("slot-{i}"))?);
+        slots.push(tokio::spawn(
+            async move { b.try_acquire(&r).await.map(|_| r) },
+        ));
+    }
+    sleep(Duration::from_millis(100)).await;
+    let ours = req("undone")?;
+    // Left at 700 ms: sent by then, answered at 1 s at the earliest.
+    let first = tokio::time::timeout(Duration::from_millis(600), b.try_acquire(&ours)).await;
+    if first.is_ok() {
+        return Err("the first attempt was answered; the delay did not hold it".into());
+    }
+    // The retry goes out before that answer, so before the undo.
+    let retry = b
+        .try_acquire(&ours)
+        .await
+        .map_err(|e| format!("the retry: {e}"))?;
+    for s in slots {
+        let r = s
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("slot acquire: {e}"))?;
+        b.release(&r.lease()).await.map_err(|e| e.to_string())?;
+    }
+    proxy.set_reply_delay(Duration::ZERO);
+    // Whatever the undo did is done once a request sent after it is answered.
+    b.inspect(&ours.key).await.map_err(|e| e.to_string())?;
+    let held = direct.inspect(&ours.key).await.map_err(|e| e.to_string())?;
+    let result = match held {
+        Some(i) if i.lease_id == ours.lease_id && i.token == retry.token => Ok(format!(
+            "the retry's grant (token {}) outlived the undo of the abandoned attempt",
+            retry.token
+        )),
+        Some(i) => Err(format!(
+            "the retry was granted token {}, but the key is held by lease {} with token {}",
+            retry.token, i.lease_id, i.token
+        )),
+        None => Err(format!(
+            "the retry was granted token {}, then the undo of the abandoned attempt gave it back: \
+             the key is free while its caller holds it",
+            retry.token
+        )),
+    };
+    let _ = direct.release(&ours.lease()).await;
+    drop(proxy);
+    drop(server);
+    result
 }

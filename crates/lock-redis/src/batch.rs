@@ -10,8 +10,10 @@
 //! Each op keeps its own semantics: the script runs them in order, each as it would run
 //! alone, and one op's error is its own reply. Ops from a cancelled caller are dropped if
 //! they have not gone out; a reply that finds its caller gone (an acquire that was sent, then
-//! abandoned) is undone by a release of that lease, so an abandoned acquire never leaves
-//! a grant or a queue entry behind, whichever way it raced with the caller's own clean-up.
+//! abandoned) is undone: its grant, named by its token, is given back, or its queue entry
+//! removed, so an abandoned acquire never leaves a grant or a queue entry behind, whichever
+//! way it raced with the caller's own clean-up, and never takes away the grant of a later
+//! attempt under the same lease (granted again with a new token).
 //!
 //! A batch carries unrelated keys, which a standalone server (the only kind this backend
 //! connects to) accepts; a cluster would need one batch per hash slot.
@@ -286,12 +288,18 @@ impl Batcher {
         };
         let mut undo = Vec::new();
         for ((op, tx), reply) in ops.into_iter().zip(txs).zip(replies) {
-            let sent_back = reply.is_ok();
-            if tx.send(reply).is_err() && sent_back && op.kind != Kind::Release {
+            // The undo names the grant's token: the caller may have tried again under the
+            // same lease meanwhile, and that grant (a new token) is the caller's.
+            let only = match &reply {
+                Ok(Answer::Attempt(a)) if a.outcome == Outcome::Granted => a.token.to_string(),
+                Ok(Answer::Attempt(_)) => "0".to_owned(),
+                _ => String::new(),
+            };
+            if tx.send(reply).is_err() && !only.is_empty() {
                 undo.push(Op {
                     kind: Kind::Release,
                     ttl_ms: 0,
-                    meta: String::new(),
+                    meta: only,
                     ..op
                 });
             }

@@ -332,20 +332,12 @@ impl RedlockBackend {
             .await;
         let mut granted = Vec::new();
         let (mut refused, mut sitting, mut errors) = (0, 0, Vec::new());
-        // A node that granted again under this lease (an earlier attempt's grant it still
-        // holds) has less than the full ttl left: the grant is valid only as long as every
-        // granting node holds it.
-        let mut valid_until = sent + req.ttl;
+        // Every node grants a whole lease (a lease granted again gets a new one).
+        let valid_until = sent + req.ttl;
         for (node, r) in self.nodes.iter().zip(results) {
             match r {
                 Ok(a) => match a.outcome {
-                    Outcome::Granted => {
-                        if a.pttl >= 0 {
-                            valid_until =
-                                valid_until.min(sent + Duration::from_millis(a.pttl as u64));
-                        }
-                        granted.push((node, a.token))
-                    }
+                    Outcome::Granted => granted.push((node, a.token)),
                     Outcome::Refused => refused += 1,
                     Outcome::SitsOut => sitting += 1,
                 },

@@ -95,7 +95,8 @@ end
 
 /// Acquires and releases, several per call: `KEYS[i]` is op i's lock key; `ARGV` is
 /// `fair (0/1), waiter ttl ms, client clock ms, token record keep ms, sit-out ms, marker
-/// key, largest clock lead ms`, then four per op: `op (t try, w wait, r release), lease, ttl_ms, meta`.
+/// key, largest clock lead ms`, then four per op: `op (t try, w wait, r release), lease,
+/// ttl_ms, meta`; a release's `meta` is empty, or the one token whose grant it gives back.
 ///
 /// A sit-out of 0 skips the node check. Otherwise (Redlock) the marker key holds the
 /// server's `run_id`, the time the node's lock data began and the longest sit-out any
@@ -144,6 +145,21 @@ end
 local function holds(v, lease)
   return string.byte(v, #lease + 1) == 58 and string.find(v, lease, 1, true) == 1
 end
+-- The token in `lease`'s holder value `v` (`lease:token:meta`).
+local function token_in(v, lease)
+  local b = string.find(v, ':', #lease + 2, true)
+  return string.sub(v, #lease + 2, (b or 0) - 1)
+end
+-- A new token for lock key `k`, written to its record before the key is tried, so that the
+-- holder's value can carry it.
+local function issue(k)
+  local fence = k .. ':fence'
+  local prev = redis.call('GET', fence)
+  local tok = now_s
+  if prev and not tgt(now_s, prev) then tok = tinc(prev) end
+  record(fence, tok, keep)
+  return tok
+end
 -- The first live waiter in `q` (lock key `k`), dropping dead ones on the way; nil if none.
 local function head(q, k)
   if redis.call('EXISTS', q) == 0 then return nil end
@@ -162,19 +178,21 @@ local function enqueue(q, k, lease)
   redis.call('PEXPIRE', q, tonumber(wttl) * 4)
 end
 -- The reply to an attempt that may not take the key (held, or others first in line): a
--- lease that already holds it is granted again with its token (an attempt repeated after
--- its answer was lost); any other is refused, and queued if it waits.
-local function refuse(q, k, lease, wait)
+-- lease that already holds it (an attempt repeated after its answer was lost) is granted
+-- again, with a new token and a whole lease, so that undoing the earlier attempt, which
+-- names that attempt's token, spares this grant; any other is refused, and queued if it
+-- waits.
+local function refuse(q, k, lease, ttl, meta, wait)
   local cur = redis.call('GET', k)
   if cur and holds(cur, lease) then
-    local b = string.find(cur, ':', #lease + 2, true)
-    return 1, string.sub(cur, #lease + 2, (b or 0) - 1), redis.call('PTTL', k)
+    local tok = issue(k)
+    redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
+    return 1, tok, tonumber(ttl)
   end
   if wait then enqueue(q, k, lease) end
   return 0, '0', redis.call('PTTL', k)
 end
--- The uncontended path: `EXISTS` of the queue when fair, the token record, `SET NX`. The
--- token is issued before the key is tried, so the holder's value can carry it.
+-- The uncontended path: `EXISTS` of the queue when fair, the token record, `SET NX`.
 local function acquire(k, lease, ttl, meta, wait)
   if sitting > 0 then return 2, '0', sitting end
   if clock_err then error(clock_err) end
@@ -186,28 +204,25 @@ local function acquire(k, lease, ttl, meta, wait)
     if not h then
       queued = false
     elseif h ~= lease then
-      return refuse(q, k, lease, wait)
+      return refuse(q, k, lease, ttl, meta, wait)
     end
   end
-  local fence = k .. ':fence'
-  local prev = redis.call('GET', fence)
-  local tok = now_s
-  if prev and not tgt(now_s, prev) then tok = tinc(prev) end
-  record(fence, tok, keep)
+  local tok = issue(k)
   if not redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'NX', 'PX', ttl) then
     -- Held (a script sees no key expire while it runs, so the key is there to read).
-    return refuse(q, k, lease, wait)
+    return refuse(q, k, lease, ttl, meta, wait)
   end
   if queued and redis.call('ZREM', q, lease) == 1 then
     redis.call('DEL', k .. ':w:' .. lease)
   end
   return 1, tok, tonumber(ttl)
 end
-local function release(k, lease)
+-- Releases `lease`'s grant; with a token `only`, only the grant of that token (an undo).
+local function release(k, lease, only)
   local released = 0
   local cur = redis.call('GET', k)
   local q = k .. ':q'
-  if cur and holds(cur, lease) then
+  if cur and holds(cur, lease) and (only == '' or token_in(cur, lease) == only) then
     -- A holder left the queue when it was granted: nothing of it to remove there.
     redis.call('DEL', k)
     released = 1
@@ -229,7 +244,7 @@ for i = 1, #KEYS do
   local b = 7 + (i - 1) * 4
   local op, lease = ARGV[b + 1], ARGV[b + 2]
   if op == 'r' then
-    local ok, r = pcall(release, KEYS[i], lease)
+    local ok, r = pcall(release, KEYS[i], lease, ARGV[b + 4])
     if ok then
       out[n + 1] = r
       n = n + 1
