@@ -595,6 +595,32 @@ async fn until_holding(workers: &[Worker]) -> Result<usize, String> {
 /// scenario runs again (twice at most), then fails.
 const MISSED: &str = "the fault missed: ";
 
+/// Whether w1 won a grant, by an acquire invoked after another worker's grant of an equal or
+/// higher token completed: the pair the checker's real-time order rule can see.
+fn w1_acquired_after_another_grant(events: &[Stamped]) -> bool {
+    // (completed at, token) of every grant to the others so far.
+    let mut others: Vec<(u64, u64)> = Vec::new();
+    let mut w1_invoked = HashMap::new();
+    for e in events {
+        match &e.event {
+            Event::AcquireInvoked { op, client, .. } if client == "w1" => {
+                w1_invoked.insert(*op, e.at_us);
+            }
+            Event::Granted {
+                op, client, token, ..
+            } if client == "w1" => {
+                let invoked = w1_invoked.get(op).copied().unwrap_or(u64::MAX);
+                if others.iter().any(|&(at, t)| at < invoked && t >= *token) {
+                    return true;
+                }
+            }
+            Event::Granted { token, .. } => others.push((e.at_us, *token)),
+            _ => {}
+        }
+    }
+    false
+}
+
 impl Worker {
     fn holds(&self) -> bool {
         *self.holding.lock().unwrap_or_else(|p| p.into_inner())
@@ -1044,7 +1070,6 @@ async fn scenario(
         .count();
     let needed = match fault {
         Fault::TokenReuse => 2,
-        Fault::TokenLowered => 1,
         // It blocks its runtime after every third grant.
         Fault::RuntimeStarved => 3,
         _ => 0,
@@ -1052,6 +1077,13 @@ async fn scenario(
     if w1_grants < needed {
         return Err(format!(
             "{MISSED}w1, the worker the fault is about, was granted {w1_grants} time(s)"
+        ));
+    }
+    // A lowered token is out of real-time order only against a grant that completed before
+    // w1 invoked the acquire: one long acquire overlapping every other grant shows nothing.
+    if fault == Fault::TokenLowered && !w1_acquired_after_another_grant(&events) {
+        return Err(format!(
+            "{MISSED}w1 was granted {w1_grants} time(s), never after another worker's higher grant"
         ));
     }
     let recovery_bound_us = (t.expiry + Duration::from_secs(5)).as_micros() as u64;
@@ -1578,5 +1610,45 @@ mod tests {
         }
         assert!(Fault::FailoverNoAck.control());
         assert!(!Fault::ClientPause.control());
+    }
+
+    #[test]
+    fn a_lowered_token_counts_only_after_a_higher_grant_completed() {
+        let at = |at_us, event| Stamped { at_us, event };
+        let invoked = |op, client: &str| Event::AcquireInvoked {
+            op,
+            client: client.into(),
+            key: "k".into(),
+        };
+        let granted = |op, client: &str, token| Event::Granted {
+            op,
+            client: client.into(),
+            key: "k".into(),
+            token,
+        };
+        // w1's one acquire overlaps w2's grant: nothing the checker can see.
+        let overlapping = [
+            at(0, invoked(1, "w1")),
+            at(1, invoked(2, "w2")),
+            at(2, granted(2, "w2", 100)),
+            at(3, granted(1, "w1", 50)),
+        ];
+        assert!(!w1_acquired_after_another_grant(&overlapping));
+        // Invoked after w2's grant of a higher token completed: out of order.
+        let after = [
+            at(1, invoked(2, "w2")),
+            at(2, granted(2, "w2", 100)),
+            at(3, invoked(1, "w1")),
+            at(4, granted(1, "w1", 50)),
+        ];
+        assert!(w1_acquired_after_another_grant(&after));
+        // After a lower one only: in order.
+        let lower = [
+            at(1, invoked(2, "w2")),
+            at(2, granted(2, "w2", 10)),
+            at(3, invoked(1, "w1")),
+            at(4, granted(1, "w1", 50)),
+        ];
+        assert!(!w1_acquired_after_another_grant(&lower));
     }
 }
