@@ -87,7 +87,14 @@ pub(crate) fn redact(url: &str) -> String {
         let query = query.map(|q| {
             q.split('&')
                 .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    // Compared decoded, as tokio-postgres reads the key.
+                    Some((k, _))
+                        if percent_encoding::percent_decode_str(k)
+                            .decode_utf8_lossy()
+                            .eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{k}=***")
+                    }
                     _ => p.to_owned(),
                 })
                 .collect::<Vec<_>>()
@@ -383,6 +390,8 @@ mod tests {
             ),
             ("host=db user=app password=s3cret dbname=shop", "s3cret"),
             ("host=db password = 'se cret' user=app", "se cret"),
+            // tokio-postgres decodes the keys of a URL's query too.
+            ("postgres://app@db/shop?p%61ssword=s3cret", "s3cret"),
         ] {
             let c = PgConfig::new(url);
             let shown = format!("{c:?}");

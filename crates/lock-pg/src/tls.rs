@@ -1,4 +1,4 @@
-//! TLS for the connections to PostgreSQL, by libpq's rules: `sslmode` (`disable`, `prefer`
+//! TLS for the connections to PostgreSQL, by libpq's rules: `sslmode` (`disable`, `allow` (read as `prefer`), `prefer`
 //! (the default), `require`, `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or
 //! `system`), `sslcert` and `sslkey` (a client certificate), read from the URL or the
 //! key-value string, or given as PEM through [`PgConfig`](crate::PgConfig).
@@ -63,10 +63,12 @@ pub(crate) fn is_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// `sslmode` as `tokio-postgres` understands it: the verify modes are `require` to it.
+/// `sslmode` as `tokio-postgres` understands it: the verify modes are `require` to it, and
+/// it has no `allow` (read as `prefer`, as this crate does).
 fn for_driver(mode: &str) -> &str {
     match mode {
         "verify-ca" | "verify-full" => "require",
+        "allow" => "prefer",
         other => other,
     }
 }
@@ -423,6 +425,14 @@ mod tests {
             "postgres://h/db?ssl%6Dode=require",
         ] {
             assert!(PgConfig::new(url).validate().is_err(), "{url}");
+        }
+        // libpq's `allow` is read as `prefer` (TLS first), which tokio-postgres knows.
+        for url in ["postgres://h/db?sslmode=allow", "host=h sslmode=allow"] {
+            assert_eq!(
+                PgConfig::new(url).validate().map(|c| c.get_ssl_mode()).ok(),
+                Some(tokio_postgres::config::SslMode::Prefer),
+                "{url}"
+            );
         }
         // A key-value string holding `://` is still read as one.
         let kv = PgConfig::new("host=h application_name=svc://x sslmode=disable");

@@ -80,8 +80,13 @@ pub(crate) fn redact(url: &str) -> String {
             let params: Vec<String> = q
                 .split('&')
                 .map(|p| match p.split_once('=') {
+                    // Compared decoded, as the redis crate reads the key.
                     Some((k, _))
-                        if k.eq_ignore_ascii_case("pass") || k.eq_ignore_ascii_case("password") =>
+                        if ["pass", "password"].iter().any(|s| {
+                            percent_encoding::percent_decode_str(k)
+                                .decode_utf8_lossy()
+                                .eq_ignore_ascii_case(s)
+                        }) =>
                     {
                         format!("{k}=***")
                     }
@@ -240,6 +245,10 @@ mod tests {
         assert_eq!(
             redact("redis+unix:///run/r.sock?db=1&pass=s3cret"),
             "redis+unix:///run/r.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?p%61ss=s3cret"),
+            "redis+unix:///run/r.sock?p%61ss=***"
         );
         let e = RedisConfig::new("http://u:s3cret@h")
             .validate()
