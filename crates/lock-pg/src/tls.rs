@@ -1,7 +1,8 @@
-//! TLS for the connections to PostgreSQL, by libpq's rules: `sslmode` (`disable`, `allow` (read as `prefer`), `prefer`
-//! (the default), `require`, `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or
-//! `system`), `sslcert` and `sslkey` (a client certificate), read from the URL or the
-//! key-value string, or given as PEM through [`PgConfig`](crate::PgConfig).
+//! TLS for the connections to PostgreSQL, by libpq's rules: `sslmode` (`disable`, `allow`
+//! (read as `prefer`), `prefer` (the default), `require`, `verify-ca`, `verify-full`),
+//! `sslrootcert` (a PEM file, or `system`), `sslcert` and `sslkey` (a client certificate),
+//! read from the URL or the key-value string, or given as PEM through
+//! [`PgConfig`](crate::PgConfig).
 
 use lock_core::LockError;
 
