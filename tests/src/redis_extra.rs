@@ -779,45 +779,89 @@ async fn start_nodes(n: usize) -> Result<Vec<Redis>, String> {
 /// so two acquires fill both slots and 16 more queue; those go out as one batch when a slot
 /// frees, and their callers (plain backend calls) give up while it is on the wire. The
 /// grants it brings back must be released by the batcher, not left to their 10 s leases.
-async fn batched_caller_gone() -> Result<String, String> {
-    use lock_conformance::proxy::Proxy;
-    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
+/// A fresh server, a backend on it through a proxy (operation timeout `op`, its script
+/// loaded: a NOSCRIPT retry would add delayed round trips), and a backend straight to it.
+async fn behind_proxy(
+    op: Duration,
+) -> Result<
+    (
+        Redis,
+        lock_conformance::proxy::Proxy,
+        RedisBackend,
+        RedisBackend,
+    ),
+    String,
+> {
+    use lock_core::LockBackend;
     let server = tokio::task::spawn_blocking(|| Redis::start(false))
         .await
         .map_err(|e| e.to_string())??;
     let addr = crate::targets::addr_of(&server.url())?;
-    let proxy = Proxy::start(addr).await.map_err(|e| e.to_string())?;
+    let proxy = lock_conformance::proxy::Proxy::start(addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let via = crate::targets::with_addr(&server.url(), proxy.addr())?;
-    let b = RedisBackend::connect(&via)
+    let b = RedisBackend::connect_with(RedisConfig::new(&via).op_timeout(op))
         .await
         .map_err(|e| e.to_string())?;
     let direct = RedisBackend::connect(&server.url())
         .await
         .map_err(|e| e.to_string())?;
-    let req = |k: &str| -> Result<AcquireRequest, String> {
-        Ok(AcquireRequest::new(
-            LockKey::new(k).map_err(|e| e.to_string())?,
-            Duration::from_secs(10),
-            HolderMeta::default(),
-            Backoff::default(),
-        ))
-    };
-    // Load the script first: a NOSCRIPT retry would add two delayed round trips.
-    let warm = req("warm")?;
+    let warm = req10("warm")?;
     b.try_acquire(&warm).await.map_err(|e| e.to_string())?;
     b.release(&warm.lease()).await.map_err(|e| e.to_string())?;
-    proxy.set_reply_delay(Duration::from_millis(200));
+    Ok((server, proxy, b, direct))
+}
+
+/// A backend-level request for key `k`, with a 10 s lease.
+fn req10(k: &str) -> Result<lock_core::AcquireRequest, String> {
+    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockKey};
+    Ok(AcquireRequest::new(
+        LockKey::new(k).map_err(|e| e.to_string())?,
+        Duration::from_secs(10),
+        HolderMeta::default(),
+        Backoff::default(),
+    ))
+}
+
+type SlotTask = tokio::task::JoinHandle<Result<lock_core::AcquireRequest, LockError>>;
+
+/// Two acquires on keys of their own, started while replies are delayed: they hold both of
+/// the batcher's slots until answered, so the next acquires queue.
+fn fill_both_slots(b: &RedisBackend) -> Result<Vec<SlotTask>, String> {
+    use lock_core::LockBackend;
     let mut slots = Vec::new();
     for i in 0..2 {
-        let (b, r) = (b.clone(), req(&format!("slot-{i}"))?);
+        let (b, r) = (b.clone(), req10(&format!("slot-{i}"))?);
         slots.push(tokio::spawn(
             async move { b.try_acquire(&r).await.map(|_| r) },
         ));
     }
+    Ok(slots)
+}
+
+/// Waits for [`fill_both_slots`]'s acquires and releases their grants.
+async fn free_slots(b: &RedisBackend, slots: Vec<SlotTask>) -> Result<(), String> {
+    use lock_core::LockBackend;
+    for s in slots {
+        let r = s
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("slot acquire: {e}"))?;
+        b.release(&r.lease()).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn batched_caller_gone() -> Result<String, String> {
+    use lock_core::{LockBackend, LockKey};
+    let (server, proxy, b, direct) = behind_proxy(Duration::from_secs(2)).await?;
+    proxy.set_reply_delay(Duration::from_millis(200));
+    let slots = fill_both_slots(&b)?;
     sleep(Duration::from_millis(30)).await;
     let mut gone = Vec::new();
     for i in 0..16 {
-        let (b, r) = (b.clone(), req(&format!("gone-{i}"))?);
+        let (b, r) = (b.clone(), req10(&format!("gone-{i}"))?);
         gone.push(tokio::spawn(async move {
             tokio::time::timeout(Duration::from_millis(300), b.try_acquire(&r))
                 .await
@@ -830,13 +874,7 @@ async fn batched_caller_gone() -> Result<String, String> {
             left_early += 1;
         }
     }
-    for s in slots {
-        let r = s
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("slot acquire: {e}"))?;
-        b.release(&r.lease()).await.map_err(|e| e.to_string())?;
-    }
+    free_slots(&b, slots).await?;
     if left_early != 16 {
         return Err(format!(
             "{left_early} of 16 callers timed out; the delay did not hold them as planned"
@@ -893,60 +931,39 @@ async fn batched_caller_gone() -> Result<String, String> {
 /// The undo must give back only the abandoned attempt's grant: the retry's grant is the
 /// one its caller counts (a Redlock round polls each node this way), and must stay held.
 async fn undo_spares_a_later_grant() -> Result<String, String> {
-    use lock_conformance::proxy::Proxy;
-    use lock_core::{AcquireRequest, Backoff, HolderMeta, LockBackend, LockKey};
-    let server = tokio::task::spawn_blocking(|| Redis::start(false))
-        .await
-        .map_err(|e| e.to_string())??;
-    let addr = crate::targets::addr_of(&server.url())?;
-    let proxy = Proxy::start(addr).await.map_err(|e| e.to_string())?;
-    let via = crate::targets::with_addr(&server.url(), proxy.addr())?;
-    let b = RedisBackend::connect_with(RedisConfig::new(&via).op_timeout(Duration::from_secs(5)))
-        .await
-        .map_err(|e| e.to_string())?;
-    let direct = RedisBackend::connect(&server.url())
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = |k: &str| -> Result<AcquireRequest, String> {
-        Ok(AcquireRequest::new(
-            LockKey::new(k).map_err(|e| e.to_string())?,
-            Duration::from_secs(10),
-            HolderMeta::default(),
-            Backoff::default(),
-        ))
-    };
-    let warm = req("warm")?;
-    b.try_acquire(&warm).await.map_err(|e| e.to_string())?;
-    b.release(&warm.lease()).await.map_err(|e| e.to_string())?;
+    use lock_core::LockBackend;
+    let (server, proxy, b, direct) = behind_proxy(Duration::from_secs(5)).await?;
     // Replies come 500 ms late: two acquires on other keys take both slots, so the first
     // attempt queues and goes out in a batch when one of them is answered (at 500 ms).
     proxy.set_reply_delay(Duration::from_millis(500));
-    let mut slots = Vec::new();
-    for i in 0..2 {
-        let (b, r) = (b.clone(), req(&format!("slot-{i}"))?);
-        slots.push(tokio::spawn(
-            async move { b.try_acquire(&r).await.map(|_| r) },
-        ));
-    }
+    let slots = fill_both_slots(&b)?;
     sleep(Duration::from_millis(100)).await;
-    let ours = req("undone")?;
+    let ours = req10("undone")?;
     // Left at 700 ms: sent by then, answered at 1 s at the earliest.
     let first = tokio::time::timeout(Duration::from_millis(600), b.try_acquire(&ours)).await;
     if first.is_ok() {
         return Err("the first attempt was answered; the delay did not hold it".into());
     }
+    // It went out in a batch and was granted (only the replies are late): its answer, and
+    // so the undo, are still to come.
+    let granted = direct
+        .inspect(&ours.key)
+        .await
+        .map_err(|e| e.to_string())?
+        .filter(|i| i.lease_id == ours.lease_id)
+        .ok_or("the abandoned attempt never reached the server: nothing to undo")?;
     // The retry goes out before that answer, so before the undo.
     let retry = b
         .try_acquire(&ours)
         .await
         .map_err(|e| format!("the retry: {e}"))?;
-    for s in slots {
-        let r = s
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("slot acquire: {e}"))?;
-        b.release(&r.lease()).await.map_err(|e| e.to_string())?;
+    if retry.token <= granted.token {
+        return Err(format!(
+            "granted again with token {}, not above the abandoned attempt's {}",
+            retry.token, granted.token
+        ));
     }
+    free_slots(&b, slots).await?;
     proxy.set_reply_delay(Duration::ZERO);
     // Whatever the undo did is done once a request sent after it is answered.
     b.inspect(&ours.key).await.map_err(|e| e.to_string())?;

@@ -11,9 +11,11 @@
 //! alone, and one op's error is its own reply. Ops from a cancelled caller are dropped if
 //! they have not gone out; a reply that finds its caller gone (an acquire that was sent, then
 //! abandoned) is undone: its grant, named by its token, is given back, or its queue entry
-//! removed, so an abandoned acquire never leaves a grant or a queue entry behind, whichever
-//! way it raced with the caller's own clean-up, and never takes away the grant of a later
-//! attempt under the same lease (granted again with a new token).
+//! removed, so an abandoned acquire leaves no grant or queue entry behind, whichever way it
+//! raced with the caller's own clean-up. An undo never takes away the grant of another
+//! attempt under the same lease, which the caller may count: that grant has another token,
+//! and a grant made again to the lease that held the key is not undone but ends with its
+//! lease.
 //!
 //! A batch carries unrelated keys, which a standalone server (the only kind this backend
 //! connects to) accepts; a cluster would need one batch per hash slot.
@@ -86,6 +88,8 @@ pub(crate) struct Attempt {
     /// Remaining lease of the holder (ms), or -1/-2 when unknown or free; for `SitsOut`,
     /// how long the node still sits out.
     pub(crate) pttl: i64,
+    /// Granted again to the lease that held the key (a repeated attempt).
+    pub(crate) again: bool,
 }
 
 /// How an acquire went on one server.
@@ -288,11 +292,15 @@ impl Batcher {
         };
         let mut undo = Vec::new();
         for ((op, tx), reply) in ops.into_iter().zip(txs).zip(replies) {
-            // The undo names the grant's token: the caller may have tried again under the
-            // same lease meanwhile, and that grant (a new token) is the caller's.
+            // The caller may have tried again under the same lease meanwhile, and counts
+            // that attempt's grant: an undo names the token of the grant it gives back, and
+            // a grant made again is not undone (it may be the one counted, whichever of the
+            // two attempts the server ran first); it ends with its lease.
             let only = match &reply {
-                Ok(Answer::Attempt(a)) if a.outcome == Outcome::Granted => a.token.to_string(),
-                Ok(Answer::Attempt(_)) => "0".to_owned(),
+                Ok(Answer::Attempt(a)) if a.outcome == Outcome::Granted && !a.again => {
+                    a.token.to_string()
+                }
+                Ok(Answer::Attempt(a)) if a.outcome != Outcome::Granted => "0".to_owned(),
                 _ => String::new(),
             };
             if tx.send(reply).is_err() && !only.is_empty() {
@@ -370,7 +378,7 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
             Kind::Release => Answer::Released(first == 1),
             Kind::Try | Kind::Wait => {
                 let outcome = match first {
-                    1 => Outcome::Granted,
+                    1 | 3 => Outcome::Granted,
                     0 => Outcome::Refused,
                     2 => Outcome::SitsOut,
                     n => return Err(LockError::Protocol(format!("acquire status {n}"))),
@@ -387,6 +395,7 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
                     outcome,
                     token,
                     pttl,
+                    again: first == 3,
                 })
             }
         };
@@ -460,7 +469,8 @@ mod tests {
             Some(&Answer::Attempt(Attempt {
                 outcome: Outcome::Granted,
                 token: u64::MAX,
-                pttl: 1000
+                pttl: 1000,
+                again: false,
             }))
         );
         assert_eq!(out[1].as_ref().ok(), Some(&Answer::Released(false)));

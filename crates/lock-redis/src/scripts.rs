@@ -109,8 +109,9 @@ end
 /// Ops run in order, each as it would alone; one op's error (a key of the wrong type) is
 /// its own reply and does not stop the others. The reply is one flat array: the marker's
 /// longest sit-out (0 without a node check), then per op, in order: acquire
-/// `status, token, pttl` (status 1 granted, 0 refused, 2 the node sits out, pttl then its
-/// time left), release `released`, error `-1, message`.
+/// `status, token, pttl` (status 1 granted, 3 granted again to the lease that held the key,
+/// 0 refused, 2 the node sits out, pttl then its time left), release `released`, error
+/// `-1, message`.
 pub(crate) const OPS: &str = r#"
 local fair = ARGV[1] == '1'
 local wttl = ARGV[2]
@@ -179,15 +180,15 @@ local function enqueue(q, k, lease)
 end
 -- The reply to an attempt that may not take the key (held, or others first in line): a
 -- lease that already holds it (an attempt repeated after its answer was lost) is granted
--- again, with a new token and a whole lease, so that undoing the earlier attempt, which
--- names that attempt's token, spares this grant; any other is refused, and queued if it
--- waits.
+-- again (status 3), with a new token, so that undoing an earlier attempt, which names that
+-- attempt's token, spares this grant; any other is refused, and queued if it waits.
 local function refuse(q, k, lease, ttl, meta, wait)
   local cur = redis.call('GET', k)
   if cur and holds(cur, lease) then
     local tok = issue(k)
-    redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', ttl)
-    return 1, tok, tonumber(ttl)
+    local left = math.max(redis.call('PTTL', k), tonumber(ttl))
+    redis.call('SET', k, lease .. ':' .. tok .. ':' .. meta, 'PX', left)
+    return 3, tok, left
   end
   if wait then enqueue(q, k, lease) end
   return 0, '0', redis.call('PTTL', k)
