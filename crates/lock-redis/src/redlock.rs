@@ -3,8 +3,10 @@
 //! Acquire sends the single-node acquire script to every configured node in parallel. It
 //! succeeds when a majority **of the configured nodes** granted it and the validity,
 //! `lease - elapsed - drift` with `elapsed` measured from before the first request went out
-//! (monotonic clock) and `drift = lease/100 + 2 ms`, is still positive; otherwise it releases
-//! on every node. Renewal also needs a majority of the configured nodes.
+//! (monotonic clock) and `drift = lease/100 + 2 ms`, is still positive; otherwise each node
+//! that granted gives back the grant of the token it answered, so that a give-back arriving
+//! late spares the next round's grant (made again under the same lease, with a new token).
+//! Renewal also needs a majority of the configured nodes.
 //!
 //! ## Nodes that are down, or come back empty
 //!
@@ -323,9 +325,26 @@ impl RedlockBackend {
             .await
     }
 
+    /// Gives back a round's grants: on each node that granted, the grant of the token it
+    /// answered. A later round under the same lease is granted again with a new token, so
+    /// a give-back that reaches a node after it (a slow node, requests reordered by a
+    /// reconnect) spares it. A late grant on a node that did not answer is undone by the
+    /// node's batcher, or ends with its lease.
+    async fn give_back(&self, req: &AcquireRequest, granted: &[(&Node, u64)]) {
+        let (lease, t) = (req.lease(), self.op_timeout);
+        join_all(granted.iter().map(|&(n, token)| {
+            let lease = &lease;
+            lock_core::backend::bounded(NAME, "give back", t, async move {
+                n.backend().await?.give_back(lease, Some(token)).await
+            })
+        }))
+        .await;
+    }
+
     /// One acquire round on every node: a grant when a majority granted in time and took
-    /// the token floor; otherwise given back everywhere.
+    /// the token floor; otherwise given back.
     async fn round(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        let asked = self.sit_out.load(Ordering::Relaxed);
         let sent = Instant::now();
         let results = self
             .on_all(|n| async move { n.backend().await?.attempt(req, false).await })
@@ -360,16 +379,25 @@ impl RedlockBackend {
             .await;
             let raised = floors.iter().filter(|r| r.is_ok()).count();
             if raised >= self.quorum() && Instant::now() + drift(req.ttl) < valid_until {
-                return Ok(Grant::ttl(FencingToken::new(top), valid_until));
+                if self.sit_out.load(Ordering::Relaxed) == asked {
+                    return Ok(Grant::ttl(FencingToken::new(top), valid_until));
+                }
+                // The round learned a longer sit-out than it asked for: it may count nodes
+                // that lost their data and sat out only the shorter one. Give it back; the
+                // next try asks for the longer one.
+                self.give_back(req, &granted).await;
+                return Err(LockError::backend(
+                    NAME,
+                    true,
+                    "a node names a longer max_lease than this client's: try again (it is asked for now)",
+                ));
             }
         }
-        self.release_everywhere(&req.lease()).await;
+        self.give_back(req, &granted).await;
         let n = self.nodes.len();
         if refused > n - self.quorum() {
             // Held elsewhere on enough nodes that no majority can form.
-            return Err(LockError::Contended {
-                key: req.key.to_string(),
-            });
+            return Err(LockError::contended(&req.key));
         }
         if let Some(e) = errors.iter().find(|e| !e.is_retryable()) {
             return Err(LockError::backend(NAME, false, e.to_string()));
@@ -418,22 +446,7 @@ impl LockBackend for RedlockBackend {
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         self.check_lease(req.ttl)?;
-        let asked = self.sit_out.load(Ordering::Relaxed);
-        let res = self.round(req).await;
-        if self.sit_out.load(Ordering::Relaxed) == asked {
-            return res;
-        }
-        // The round learned a longer sit-out than it asked for: it may count nodes that lost
-        // their data and sat out only the shorter one. Give it back; the next try asks for
-        // the longer one.
-        if res.is_ok() {
-            self.release_everywhere(&req.lease()).await;
-        }
-        Err(LockError::backend(
-            NAME,
-            true,
-            "a node names a longer max_lease than this client's: try again (it is asked for now)",
-        ))
+        self.round(req).await
     }
 
     /// Polls [`LockBackend::try_acquire`] with jittered backoff until `deadline`. A
@@ -455,10 +468,7 @@ impl LockBackend for RedlockBackend {
             };
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(unavailable.unwrap_or(LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: now - started,
-                }));
+                return Err(unavailable.unwrap_or(LockError::timeout(&req.key, now - started)));
             }
             let mut pause = req.backoff.delay(attempt);
             if let Some(d) = deadline {

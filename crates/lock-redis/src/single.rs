@@ -188,6 +188,33 @@ impl RedisBackend {
         }
     }
 
+    /// Releases `lease`; with `only`, only its grant of that token (a Redlock round giving
+    /// back what it was granted, which must spare a later round's grant).
+    pub(crate) async fn give_back(
+        &self,
+        lease: &LeaseRef,
+        only: Option<u64>,
+    ) -> Result<ReleaseOutcome, LockError> {
+        let reply = self
+            .inner
+            .batch
+            .submit(Op {
+                kind: Kind::Release,
+                key: self.lock_key(&lease.key),
+                lease: lease.lease_id.as_str().to_owned(),
+                ttl_ms: 0,
+                meta: only.map(|t| t.to_string()).unwrap_or_default(),
+            })
+            .await?;
+        match reply {
+            Answer::Released(true) => Ok(ReleaseOutcome::Released),
+            Answer::Released(false) => Ok(ReleaseOutcome::NotHeld),
+            other => Err(LockError::Protocol(format!(
+                "release script answered {other:?}"
+            ))),
+        }
+    }
+
     /// Waits until `replica_acks` replicas have everything written so far on this
     /// connection; `Ok(true)` if they have (or none are asked for).
     async fn replicated(&self) -> Result<Result<(), String>, LockError> {
@@ -252,10 +279,7 @@ impl RedisBackend {
             if let Some(d) = deadline {
                 if now >= d {
                     self.release(&req.lease()).await?;
-                    return Err(LockError::Timeout {
-                        key: req.key.to_string(),
-                        waited: now - started,
-                    });
+                    return Err(LockError::timeout(&req.key, now - started));
                 }
                 wait = wait.min(d - now);
             }
@@ -602,9 +626,7 @@ impl LockBackend for RedisBackend {
         let sent = Instant::now();
         let a = self.attempt(req, false).await?;
         if a.outcome != Outcome::Granted {
-            return Err(LockError::Contended {
-                key: req.key.to_string(),
-            });
+            return Err(LockError::contended(&req.key));
         }
         self.acknowledge(req).await?;
         Ok(self.grant(&a, sent, req.ttl))
@@ -649,24 +671,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
-        let reply = self
-            .inner
-            .batch
-            .submit(Op {
-                kind: Kind::Release,
-                key: self.lock_key(&lease.key),
-                lease: lease.lease_id.as_str().to_owned(),
-                ttl_ms: 0,
-                meta: String::new(),
-            })
-            .await?;
-        match reply {
-            Answer::Released(true) => Ok(ReleaseOutcome::Released),
-            Answer::Released(false) => Ok(ReleaseOutcome::NotHeld),
-            other => Err(LockError::Protocol(format!(
-                "release script answered {other:?}"
-            ))),
-        }
+        self.give_back(lease, None).await
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
