@@ -369,10 +369,7 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: now - started,
-                });
+                return Err(LockError::timeout(&req.key, now - started));
             }
             let mut pause = req.backoff.delay(attempt);
             if let Some(d) = deadline {

@@ -314,10 +314,7 @@ async fn settle(
                 "the grant arrived with under a tenth of its lease left (a slow reply or a paused client) and was given back",
             ))
         } else if opts_deadline(opts, started).is_some_and(|d| Instant::now() >= d) {
-            Err(LockError::Timeout {
-                key: req.key.to_string(),
-                waited: started.elapsed(),
-            })
+            Err(LockError::timeout(&req.key, started.elapsed()))
         } else {
             let mut pause = opts.backoff.delay(late);
             if let Some(d) = opts_deadline(opts, started) {

@@ -132,6 +132,21 @@ impl LockError {
         }
     }
 
+    /// A [`LockError::Contended`] for `key`.
+    pub fn contended(key: impl fmt::Display) -> Self {
+        Self::Contended {
+            key: key.to_string(),
+        }
+    }
+
+    /// A [`LockError::Timeout`] for `key`, after waiting `waited`.
+    pub fn timeout(key: impl fmt::Display, waited: Duration) -> Self {
+        Self::Timeout {
+            key: key.to_string(),
+            waited,
+        }
+    }
+
     /// What session backends (the lock lives as long as a session or connection) answer
     /// to `renew`: there is no lease to extend.
     pub fn no_lease_to_extend(backend: &'static str) -> Self {

@@ -70,10 +70,7 @@ impl KeyTurns {
             None => Ok(q.lock_owned().await),
             Some(d) => tokio::time::timeout_at(d, q.lock_owned())
                 .await
-                .map_err(|_| LockError::Timeout {
-                    key: key.to_string(),
-                    waited: started.elapsed(),
-                }),
+                .map_err(|_| LockError::timeout(key, started.elapsed())),
         }
     }
 }

@@ -228,9 +228,8 @@ impl LockBackend for MemoryBackend {
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         self.check_connected()?;
-        self.attempt(req, false).map_err(|_| LockError::Contended {
-            key: req.key.to_string(),
-        })
+        self.attempt(req, false)
+            .map_err(|_| LockError::contended(&req.key))
     }
 
     async fn acquire(
@@ -260,10 +259,7 @@ impl LockBackend for MemoryBackend {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let lease = req.lease();
                 let _ = self.release(&lease).await;
-                return Err(LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: started.elapsed(),
-                });
+                return Err(LockError::timeout(&req.key, started.elapsed()));
             }
         }
     }

@@ -638,9 +638,7 @@ impl LockBackend for DynamoBackend {
                 if let Some(item) = held.filter(|i| s(i, OWNER).is_some()) {
                     self.observe(key, &item);
                 }
-                return Err(LockError::Contended {
-                    key: key.to_owned(),
-                });
+                return Err(LockError::contended(key));
             }
             Written::Failed(e, maybe) => {
                 if !maybe {
@@ -686,10 +684,9 @@ impl LockBackend for DynamoBackend {
             };
             let now = Instant::now();
             let failure = failure.or_else(|| {
-                deadline.filter(|d| now >= *d).map(|_| LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: now - started,
-                })
+                deadline
+                    .filter(|d| now >= *d)
+                    .map(|_| LockError::timeout(&req.key, now - started))
             });
             if let Some(e) = failure {
                 if unsure {

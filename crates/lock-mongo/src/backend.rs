@@ -350,9 +350,7 @@ impl LockBackend for MongoBackend {
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         match self.attempt(req).await? {
             Attempt::Granted(g) => Ok(g),
-            Attempt::Held => Err(LockError::Contended {
-                key: req.key.to_string(),
-            }),
+            Attempt::Held => Err(LockError::contended(&req.key)),
         }
     }
 
@@ -375,10 +373,7 @@ impl LockBackend for MongoBackend {
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: now - started,
-                });
+                return Err(LockError::timeout(&req.key, now - started));
             }
             let mut pause = if self.inner.change_streams {
                 self.inner.cfg.poll_max

@@ -250,9 +250,7 @@ impl PgConfig {
         };
         let tls = crate::tls::Params {
             mode,
-            root_cert: None,
-            cert: None,
-            key: None,
+            ..Default::default()
         };
         self.finish(pg, &tls, "the application's settings")
     }

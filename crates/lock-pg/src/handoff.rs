@@ -155,18 +155,14 @@ impl Offer<'_> {
     /// What a release that took this offer handed over: `Some` grant, or `None` when it
     /// handed nothing (the waiter tries again). Pending until a release takes the offer.
     pub(crate) async fn handed(&mut self) -> Option<Grant> {
-        match self.rx.as_mut() {
-            Some(rx) => match rx.await {
-                Ok(Handed::Granted(g)) => {
-                    self.rx = None;
-                    Some(g)
-                }
-                Ok(Handed::Retry) | Err(_) => {
-                    self.rx = None;
-                    None
-                }
-            },
-            None => std::future::pending().await,
+        let Some(rx) = self.rx.as_mut() else {
+            return std::future::pending().await;
+        };
+        let handed = rx.await;
+        self.rx = None;
+        match handed {
+            Ok(Handed::Granted(g)) => Some(g),
+            Ok(Handed::Retry) | Err(_) => None,
         }
     }
 

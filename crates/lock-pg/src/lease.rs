@@ -240,9 +240,7 @@ impl LockBackend for PgLeaseBackend {
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         match self.attempt(req).await? {
             Attempt::Granted(g) => Ok(g),
-            Attempt::Held(_) => Err(LockError::Contended {
-                key: req.key.to_string(),
-            }),
+            Attempt::Held(_) => Err(LockError::contended(&req.key)),
         }
     }
 
@@ -252,7 +250,7 @@ impl LockBackend for PgLeaseBackend {
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
         let started = Instant::now();
-        let _turn = self.shared.turn(&req.key, started, deadline).await?;
+        let _turn = self.shared.queues.turn(&req.key, started, deadline).await?;
         let released = self.shared.released(&req.key).await;
         loop {
             // Armed before the attempt, so a release between the attempt and the wait is
@@ -266,10 +264,7 @@ impl LockBackend for PgLeaseBackend {
             };
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return Err(LockError::Timeout {
-                    key: req.key.to_string(),
-                    waited: now - started,
-                });
+                return Err(LockError::timeout(&req.key, now - started));
             }
             let mut pause = self.shared.cfg.poll_max;
             if let Some(l) = left {
@@ -303,12 +298,7 @@ impl LockBackend for PgLeaseBackend {
                 match answer {
                     Some(Some(g)) => return Ok(g),
                     Some(None) => {}
-                    None => {
-                        return Err(LockError::Timeout {
-                            key: req.key.to_string(),
-                            waited: started.elapsed(),
-                        })
-                    }
+                    None => return Err(LockError::timeout(&req.key, started.elapsed())),
                 }
             }
         }

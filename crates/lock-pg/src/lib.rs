@@ -175,20 +175,13 @@ impl PgLocks {
             let answer = match res {
                 Ok(row) => sql::answer(&row)?,
                 Err(e) if is_lock_timeout(&e) => {
-                    return Err(LockError::Timeout {
-                        key: key.to_string(),
-                        waited: started.elapsed(),
-                    })
+                    return Err(LockError::timeout(&key, started.elapsed()))
                 }
                 Err(e) => return Err(map_err(e)),
             };
             match answer {
                 Answer::Granted(token) => return Ok(token),
-                Answer::Taken => {
-                    return Err(LockError::Contended {
-                        key: key.to_string(),
-                    })
-                }
+                Answer::Taken => return Err(LockError::contended(&key)),
                 Answer::GuardFirst if !guarded => {
                     self.shared.crash_guard().await?;
                     guarded = true;

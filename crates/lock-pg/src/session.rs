@@ -128,7 +128,7 @@ impl PgSessionBackend {
         let xact = self.scope == Scope::Transaction;
         let stmt = conn.prepare_cached(&self.shared.sql.advisory_grant).await?;
         let (lease, meta) = (req.lease_id.as_str(), req.meta.encode());
-        let idle = Some(self.shared.server_idle_ms());
+        let idle = Some(ms(self.shared.cfg.session_timeout));
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
             [&id, &lease, &meta, &wait_ms, &xact, &idle];
         if xact {
@@ -155,13 +155,10 @@ impl PgSessionBackend {
         let deadline = wait.flatten();
         // Waiters of this process take turns; the head waits on the server.
         let _turn = match wait {
-            Some(d) => Some(self.shared.turn(&req.key, started, d).await?),
+            Some(d) => Some(self.shared.queues.turn(&req.key, started, d).await?),
             None => None,
         };
-        let timeout_err = || LockError::Timeout {
-            key: req.key.to_string(),
-            waited: started.elapsed(),
-        };
+        let timeout_err = || LockError::timeout(&req.key, started.elapsed());
         let mut guarded = false;
         loop {
             let obj = match self.shared.conn(deadline).await {
@@ -182,7 +179,7 @@ impl PgSessionBackend {
                     Some(ms(left).max(1))
                 }
             };
-            let flight = InFlight(Some(obj), self.shared.tls());
+            let flight = InFlight(Some(obj), self.shared.tls.clone());
             let conn = flight.conn()?;
             let sent = Instant::now();
             // A try is bounded here; a waiting acquire by lock_timeout and the caller.
@@ -207,9 +204,7 @@ impl PgSessionBackend {
                 }
                 Ok(Ok(Answer::Taken)) => {
                     self.finish_empty(flight).await?;
-                    return Err(LockError::Contended {
-                        key: req.key.to_string(),
-                    });
+                    return Err(LockError::contended(&req.key));
                 }
                 Ok(Ok(Answer::GuardFirst)) if !guarded => {
                     self.finish_empty(flight).await?;
@@ -360,28 +355,21 @@ impl LockBackend for PgSessionBackend {
         };
         // Until the release is answered, dropping `flight` (this future cancelled) closes
         // the connection, which frees the lock.
-        let flight = InFlight(h.conn.lock().await.0.take(), self.shared.tls());
+        let flight = InFlight(h.conn.lock().await.0.take(), self.shared.tls.clone());
         let Ok(obj) = flight.conn() else {
             return Ok(ReleaseOutcome::NotHeld);
         };
         let op = self.shared.cfg.op_timeout;
-        let done = match self.scope {
-            Scope::Session => {
-                tokio::time::timeout(op, async {
-                    let stmt = obj.prepare_cached(&self.shared.sql.session_release).await?;
-                    let app = self.shared.pg.get_application_name().unwrap_or_default();
-                    let row = obj.query_one(&stmt, &[&h.id, &app]).await?;
-                    Ok::<_, tokio_postgres::Error>(row.try_get::<_, bool>(0).unwrap_or(false))
-                })
-                .await
+        let done = tokio::time::timeout(op, async {
+            if self.scope == Scope::Transaction {
+                return obj.batch_execute("COMMIT").await.map(|()| true);
             }
-            Scope::Transaction => {
-                tokio::time::timeout(op, async {
-                    obj.batch_execute("COMMIT").await.map(|()| true)
-                })
-                .await
-            }
-        };
+            let stmt = obj.prepare_cached(&self.shared.sql.session_release).await?;
+            let app = self.shared.pg.get_application_name().unwrap_or_default();
+            let row = obj.query_one(&stmt, &[&h.id, &app]).await?;
+            Ok(row.try_get::<_, bool>(0).unwrap_or(false))
+        })
+        .await;
         match done {
             Ok(Ok(released)) => {
                 drop(flight.finish());

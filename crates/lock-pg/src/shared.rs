@@ -11,7 +11,7 @@ use futures::StreamExt;
 use lock_core::backend::bounded;
 use lock_core::keyed::{KeyTurns, KeyWakeups};
 use lock_core::{LockError, LockKey};
-use tokio::sync::{Notify, OnceCell, OwnedMutexGuard};
+use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 
@@ -25,13 +25,13 @@ pub(crate) struct Shared {
     pub(crate) cfg: PgConfig,
     pub(crate) pg: tokio_postgres::Config,
     /// TLS for every connection (`sslmode` and its companions).
-    tls: Tls,
+    pub(crate) tls: Tls,
     pub(crate) pool: Pool,
     pub(crate) sql: Sql,
     migrated: OnceCell<()>,
     /// Per-key FIFO turn within this process: only the head waiter of a key waits on the
     /// server (one connection per key waited on, no herd within the process).
-    queues: KeyTurns,
+    pub(crate) queues: KeyTurns,
     /// Waiters' offers for a direct hand-off at release (lease mode).
     pub(crate) handoffs: Handoffs,
     /// Release notifications (lease mode), per key.
@@ -106,16 +106,6 @@ impl Shared {
             notifies: Arc::new(KeyWakeups::new()),
             listener: tokio::sync::Mutex::new(None),
         })
-    }
-
-    /// The TLS connector of this client's connections.
-    pub(crate) fn tls(&self) -> Tls {
-        self.tls.clone()
-    }
-
-    /// The server-side idle limit of a holder's session, in ms: `session_timeout`.
-    pub(crate) fn server_idle_ms(&self) -> i64 {
-        sql::ms(self.cfg.session_timeout)
     }
 
     /// Runs the crash guard (see the schema) as a statement of its own, committed
@@ -228,27 +218,12 @@ impl Shared {
             check_sequence(&self.sql, tx.client()).await?;
             tx.commit().await.map_err(map_err)
         };
-        match tokio::time::timeout(op, work).await {
-            Ok(r) => r,
-            Err(_) => {
-                drop(Object::take(conn));
-                Err(LockError::OperationTimeout {
-                    backend: NAME,
-                    op: "migrate",
-                    after: op,
-                })
-            }
+        let res = bounded(NAME, "migrate", op, work).await;
+        if matches!(res, Err(LockError::OperationTimeout { .. })) {
+            // Cut off mid-transaction: the connection is not returned to the pool.
+            drop(Object::take(conn));
         }
-    }
-
-    /// Waits for this process's turn on `key` (FIFO), until `deadline`.
-    pub(crate) async fn turn(
-        &self,
-        key: &LockKey,
-        started: Instant,
-        deadline: Option<Instant>,
-    ) -> Result<OwnedMutexGuard<()>, LockError> {
-        self.queues.turn(key, started, deadline).await
+        res
     }
 
     /// Wakes this process's waiter on `key` at once, after this process released it: it

@@ -73,7 +73,9 @@ pub(crate) struct Sql {
 
 impl Sql {
     pub(crate) fn new(s: &str) -> Self {
-        let guc = meta_setting(s);
+        // The session setting in which a backend remembers the holder metadata it recorded
+        // in `<schema>.holder` (a custom setting, one per schema).
+        let guc = format!("lock_pg.{s}_meta");
         let idle = format!("lock_pg.{s}_idle");
         let epoch_lock = advisory_id(s, "\0epoch");
         let schema_ddl = format!(
@@ -357,12 +359,6 @@ $fn$;
             channel: format!("{s}_released"),
         }
     }
-}
-
-/// The session setting in which a backend remembers the holder metadata it recorded in
-/// `<schema>.holder` (a custom setting, one per schema).
-fn meta_setting(s: &str) -> String {
-    format!("lock_pg.{s}_meta")
 }
 
 /// Maps a driver error to the core error.

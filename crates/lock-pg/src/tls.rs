@@ -7,9 +7,10 @@
 use lock_core::LockError;
 
 /// What libpq's `sslmode` asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Mode {
     Disable,
+    #[default]
     Prefer,
     Require,
     VerifyCa,
@@ -17,7 +18,7 @@ pub(crate) enum Mode {
 }
 
 /// The TLS settings taken out of a connection string.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Params {
     pub(crate) mode: Mode,
     /// `sslrootcert`: a file, or `system`.
@@ -78,12 +79,7 @@ fn for_driver(mode: &str) -> &str {
 /// for `tokio-postgres`, and the parameters. `sslmode` stays in the rest (the verify modes
 /// as `require`), so that [`check`] can compare what both parsers read.
 pub(crate) fn split(url: &str) -> Result<(String, Params), LockError> {
-    let mut p = Params {
-        mode: Mode::Prefer,
-        root_cert: None,
-        cert: None,
-        key: None,
-    };
+    let mut p = Params::default();
     if is_url(url) {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((url.to_owned(), p));

@@ -517,9 +517,7 @@ impl ZkBackend {
                 .await?
                 .is_some_and(|q| !q.is_empty())
             {
-                return Err(LockError::Contended {
-                    key: req.key.to_string(),
-                });
+                return Err(LockError::contended(&req.key));
             }
         }
         // A session given up meanwhile must not be kept open by this create's client clone.
@@ -599,9 +597,7 @@ impl ZkBackend {
                 // A try that found a queue after all: give the node back now.
                 let p = guard.disarm().unwrap_or_default();
                 let _ = self.timed("delete", client.delete(&p, None)).await;
-                return Err(LockError::Contended {
-                    key: req.key.to_string(),
-                });
+                return Err(LockError::contended(&req.key));
             };
             // Watch only the predecessor (no herd); FIFO by sequence.
             let pred = format!("{parent}/{}", queue[pos - 1].1);
@@ -659,10 +655,7 @@ impl ZkBackend {
                             return Err(LockError::backend(NAME, true, "could not remove the queue node after the wait timed out"));
                         }
                     }
-                    return Err(LockError::Timeout {
-                        key: req.key.to_string(),
-                        waited: started.elapsed(),
-                    });
+                    return Err(LockError::timeout(&req.key, started.elapsed()));
                 }
             }
         }
