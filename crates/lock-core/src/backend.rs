@@ -303,7 +303,9 @@ pub enum ReleaseOutcome {
 pub struct LockInfo {
     /// The holder's lease id.
     pub lease_id: LeaseId,
-    /// The holder's token.
+    /// The holder's token: the store's latest grant to this lease, which may be above the
+    /// token the holder was handed where an attempt of the same lease that its caller
+    /// abandoned was granted again after it (Redis).
     pub token: FencingToken,
     /// The holder's metadata.
     pub meta: HolderMeta,
