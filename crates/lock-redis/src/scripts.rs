@@ -218,7 +218,8 @@ local function acquire(k, lease, ttl, meta, wait)
   end
   return 1, tok, tonumber(ttl)
 end
--- Releases `lease`'s grant; with a token `only`, only the grant of that token (an undo).
+-- Releases `lease`'s grant; with a token `only`, only the grant of that token (an undo, or
+-- a Redlock round giving back what it was granted).
 local function release(k, lease, only)
   local released = 0
   local cur = redis.call('GET', k)
