@@ -80,10 +80,12 @@ pub(crate) fn redact(url: &str) -> String {
             let params: Vec<String> = q
                 .split('&')
                 .map(|p| match p.split_once('=') {
-                    // Compared decoded, as the redis crate reads the key.
+                    // Compared as the redis crate reads the key: decoded, and without the
+                    // tabs and line breaks its URL parser drops.
                     Some((k, _))
                         if ["pass", "password"].iter().any(|s| {
-                            percent_encoding::percent_decode_str(k)
+                            let k: String = k.chars().filter(|c| !"\t\n\r".contains(*c)).collect();
+                            percent_encoding::percent_decode_str(&k)
                                 .decode_utf8_lossy()
                                 .eq_ignore_ascii_case(s)
                         }) =>
@@ -249,6 +251,10 @@ mod tests {
         assert_eq!(
             redact("redis+unix:///run/r.sock?p%61ss=s3cret"),
             "redis+unix:///run/r.sock?p%61ss=***"
+        );
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?pa\tss=s3cret"),
+            "redis+unix:///run/r.sock?pa\tss=***"
         );
         let e = RedisConfig::new("http://u:s3cret@h")
             .validate()
