@@ -320,11 +320,6 @@ impl RedlockBackend {
         .await
     }
 
-    async fn release_everywhere(&self, lease: &LeaseRef) -> Vec<Result<ReleaseOutcome, LockError>> {
-        self.on_all(|n| async move { n.backend().await?.release(lease).await })
-            .await
-    }
-
     /// Gives back a round's grants: on each node that granted, the grant of the token it
     /// answered. A later round under the same lease is granted again with a new token, so
     /// a give-back that reaches a node after it (a slow node, requests reordered by a
@@ -510,7 +505,9 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
-        let results = self.release_everywhere(lease).await;
+        let results = self
+            .on_all(|n| async move { n.backend().await?.release(lease).await })
+            .await;
         let answered = results.iter().filter(|r| r.is_ok()).count();
         let released = results
             .iter()
