@@ -6,7 +6,8 @@
 //!
 //! Usage: `chaos-worker <backend> <url> <key> <client> <store addr> <lease ms> <seconds>
 //! [--cancel-rate p] [--starve-every n] [--starve-ms n] [--pause-after-read n]
-//! [--replica-acks n] [--work-ms n] [--tamper reuse|lower]`.
+//! [--replica-acks n] [--work-ms n] [--tamper reuse|lower]`. `--pause-after-read n` stops
+//! the worker between the read and the write of its n-th grant.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -139,7 +140,7 @@ async fn run() -> Result<(), String> {
         w,
     };
     let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    let mut n = 0u64;
+    let (mut n, mut grants) = (0u64, 0u64);
     while tokio::time::Instant::now() < end {
         n += 1;
         let op = id * 1_000_000 + n;
@@ -173,6 +174,7 @@ async fn run() -> Result<(), String> {
                 continue;
             }
         };
+        grants += 1;
         let token = g.token().get();
         emit(Event::Granted {
             op,
@@ -219,7 +221,7 @@ async fn run() -> Result<(), String> {
         }
         // Read-modify-write on the fenced store, with the token.
         let read = store.ask(&format!("GET {key} {token}")).await?;
-        if pause_after_read > 0 && n == pause_after_read {
+        if pause_after_read > 0 && grants == pause_after_read {
             // Stop here, between the read and the write, holding the lock: the harness
             // continues us (SIGCONT) after the lease has run out.
             let _ = rustix::process::kill_process(
