@@ -1,31 +1,8 @@
-//! The backend trait: what a store must provide.
-//!
-//! # Implementing a backend
-//!
-//! A backend is a small object-safe trait. The client in this crate builds everything else
-//! on it: waiting policy, renewal, the lost-lock signal, cancellation, metrics.
-//!
-//! 1. [`LockBackend::try_acquire`]: one attempt. Store the request's [`LeaseId`], holder
-//!    metadata and a lease of `ttl`; issue a [`FencingToken`] strictly greater than every
-//!    earlier one for the key, in the same atomic step as the grant. Return
-//!    [`LockError::Contended`] when another lease holds the key.
-//! 2. [`LockBackend::acquire`]: a waiting acquire until a deadline. The default polls
-//!    `try_acquire` and sleeps in [`LockBackend::wait_for_change`]; override either when the
-//!    store can queue or notify (ZooKeeper watches, PostgreSQL's lock queue, Redis lists).
-//!    Must return [`LockError::Timeout`] at the deadline and leave nothing behind.
-//! 3. [`LockBackend::renew`]: extend only if the store still holds this lease id. Renewal
-//!    must never create a lease: a late renewal after release finds nothing and fails.
-//! 4. [`LockBackend::release`]: remove the lease (and any queue entry) of this lease id,
-//!    and nothing else. Idempotent: releasing twice, or a lease that expired, is
-//!    [`ReleaseOutcome::NotHeld`], not an error. The client also calls it to clean up after
-//!    a cancelled or timed-out acquire whose request may have reached the store.
-//! 5. [`LockBackend::inspect`]: the current holder, without acquiring.
-//! 6. [`LockBackend::capabilities`]: describe lease kind, fairness, waiting, token durability
-//!    and key rules truthfully; the conformance suite selects its cases from them.
-//!
-//! Measure lease deadlines on the monotonic clock from **before** the request was sent.
-//! Judge expiry on the store's clock where the store allows it. Never panic on a reply:
-//! return [`LockError::Protocol`] or [`LockError::Backend`].
+//! The backend trait: what a store must provide. The client in this crate builds the rest
+//! on it (waiting policy, renewal, the lost-lock signal, cancellation, metrics); each method
+//! states its contract. For every method: measure lease deadlines on the monotonic clock
+//! from **before** the request was sent, judge expiry on the store's clock where the store
+//! allows it, and never panic on a reply ([`LockError::Protocol`] or [`LockError::Backend`]).
 
 use std::fmt;
 use std::time::Duration;
@@ -348,15 +325,19 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// A short static name ("redis", "zk", ...), used in errors and metrics.
     fn name(&self) -> &'static str;
 
-    /// What this backend can do.
+    /// What this backend can do, truthfully: the conformance suite selects its cases from it.
     fn capabilities(&self) -> Capabilities;
 
-    /// One attempt to acquire; [`LockError::Contended`] if another lease holds the key.
+    /// One attempt to acquire: stores the request's [`LeaseId`], holder metadata and a lease
+    /// of `ttl`, and issues a [`FencingToken`] strictly greater than every earlier one for
+    /// the key in the same atomic step as the grant. [`LockError::Contended`] if another
+    /// lease holds the key.
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError>;
 
     /// Acquires, waiting until `deadline` (`None`: forever). The default polls
     /// [`LockBackend::try_acquire`] and waits in [`LockBackend::wait_for_change`] between
-    /// attempts.
+    /// attempts; override either where the store can queue or notify. Returns
+    /// [`LockError::Timeout`] at the deadline and leaves nothing behind.
     async fn acquire(
         &self,
         req: &AcquireRequest,
@@ -397,7 +378,9 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// the deadline the server's limit gives (`ttl` is the limit).
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError>;
 
-    /// Removes `lease` (held, or waiting in a queue). Idempotent.
+    /// Removes `lease` (held, or waiting in a queue) and nothing else. Idempotent: a lease
+    /// released twice or expired is [`ReleaseOutcome::NotHeld`], not an error. Also the
+    /// clean-up after an acquire whose request may have reached the store.
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError>;
 
     /// The current holder of `key`, if any.
@@ -415,4 +398,25 @@ pub async fn bounded<T>(
     tokio::time::timeout(after, fut)
         .await
         .unwrap_or(Err(LockError::OperationTimeout { backend, op, after }))
+}
+
+/// Releases `lease`, each request bounded by `op`, retrying retryable failures (the store
+/// unreachable for a moment, as in a failover) after `backoff` until `op` has passed.
+pub(crate) async fn release_retrying(
+    backend: &dyn LockBackend,
+    lease: &LeaseRef,
+    op: Duration,
+    backoff: Backoff,
+) -> Result<ReleaseOutcome, LockError> {
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        match bounded(backend.name(), "release", op, backend.release(lease)).await {
+            Err(e) if e.is_retryable() && started.elapsed() < op => {
+                tokio::time::sleep(backoff.delay(attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }

@@ -2,12 +2,11 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::bounded;
+use crate::backend::{bounded, release_retrying};
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo};
 use crate::error::LockError;
 use crate::guard::{LockGuard, LockHandle, LockStatus};
@@ -98,7 +97,7 @@ impl LockClient {
         let pending = Pending {
             backend: Some(&backend),
             lease: Mutex::new(req.lease()),
-            op_timeout: opts.op_timeout,
+            opts,
         };
         // The backend's own events belong to this span (entered on each poll, never held
         // across an await).
@@ -169,22 +168,7 @@ impl LockClient {
         Fut: Future<Output = Result<T, E>>,
         E: From<LockError>,
     {
-        self.try_with_lock_opts(key, &self.defaults, work).await
-    }
-
-    /// [`LockClient::try_with_lock`] with explicit options.
-    pub async fn try_with_lock_opts<F, Fut, T, E>(
-        &self,
-        key: &str,
-        opts: &LockOptions,
-        work: F,
-    ) -> Result<T, E>
-    where
-        F: FnOnce(LockHandle) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-        E: From<LockError>,
-    {
-        self.with_lock_opts(key, opts, work).await?
+        self.with_lock(key, work).await?
     }
 
     /// [`LockClient::with_lock`] with explicit options.
@@ -201,22 +185,18 @@ impl LockClient {
         let guard = self.acquire_with(key, opts).await?;
         let handle = guard.handle();
         let value = work(handle.clone()).await;
+        // Read before the release: a loss during the work wins over what the release says.
         let status = handle.status();
-        let released = guard.release().await;
-        if let LockStatus::Lost(reason) = status {
-            return Err(LockError::Lost {
-                key: key.to_owned(),
-                reason,
-            });
-        }
-        match released {
-            Ok(crate::ReleaseOutcome::Released) => Ok(value),
-            Ok(_) => Err(LockError::Lost {
-                key: key.to_owned(),
-                reason: crate::LossReason::NotHeld,
-            }),
-            Err(e) => Err(e),
-        }
+        let reason = match (status, guard.release().await) {
+            (LockStatus::Lost(reason), _) => reason,
+            (_, Ok(crate::ReleaseOutcome::Released)) => return Ok(value),
+            (_, Ok(_)) => crate::LossReason::NotHeld,
+            (_, Err(e)) => return Err(e),
+        };
+        Err(LockError::Lost {
+            key: key.to_owned(),
+            reason,
+        })
     }
 
     /// Who holds `key`, without acquiring it.
@@ -235,7 +215,7 @@ struct Pending<'a> {
     backend: Option<&'a Arc<dyn LockBackend>>,
     /// The lease of the request in flight (each retry has its own).
     lease: Mutex<LeaseRef>,
-    op_timeout: Duration,
+    opts: &'a LockOptions,
 }
 
 impl Pending<'_> {
@@ -244,7 +224,7 @@ impl Pending<'_> {
     }
 
     fn set(&self, lease: LeaseRef) {
-        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+        *crate::lock(&self.lease) = lease;
     }
 }
 
@@ -253,11 +233,11 @@ impl Drop for Pending<'_> {
         let Some(backend) = self.backend.take().cloned() else {
             return;
         };
-        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let op = self.op_timeout;
+        let lease = crate::lock(&self.lease).clone();
+        let opts = self.opts.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { cleanup(&*backend, &lease, op).await });
+                rt.spawn(async move { cleanup(&*backend, &lease, &opts).await });
             }
             Err(_) => {
                 tracing::warn!(key = %lease.key, lease = %lease.lease_id, "an acquire was abandoned outside a runtime; its lease, if any, will expire");
@@ -266,22 +246,15 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Releases what an abandoned or failed acquire may have left (a lease, a queue entry).
-/// Retryable failures (the store unreachable for a moment, as in a failover) are retried
-/// for up to one operation timeout: a queue entry left behind would make later waiters
-/// wait for it to expire.
-async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, op: Duration) {
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(10);
-    loop {
-        match timeout(op, backend.release(lease)).await {
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) if e.is_retryable() && started.elapsed() + delay < op => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(op / 4);
-            }
-            _ => break,
-        }
+/// Releases what an abandoned or failed acquire may have left (a lease, a queue entry),
+/// retrying for up to one operation timeout: a queue entry left behind would make later
+/// waiters wait for it to expire.
+async fn cleanup(backend: &dyn LockBackend, lease: &LeaseRef, opts: &LockOptions) {
+    if release_retrying(backend, lease, opts.op_timeout, opts.backoff)
+        .await
+        .is_ok()
+    {
+        return;
     }
     tracing::warn!(key = %lease.key, lease = %lease.lease_id, "cleanup after an abandoned acquire failed; the lease will expire");
 }
@@ -306,7 +279,7 @@ async fn settle(
         // wait, as a new request: the give-back may still be on its way when the retry
         // is granted, and must not find the retry's lease.
         tracing::debug!(key = %req.key, "grant arrived with under a tenth of its lease left; given back");
-        cleanup(backend, &req.lease(), opts.op_timeout).await;
+        cleanup(backend, &req.lease(), opts).await;
         res = if matches!(opts.wait, WaitPolicy::NoWait) {
             Err(LockError::backend(
                 backend.name(),
@@ -342,7 +315,7 @@ async fn settle(
                     | LockError::InvalidConfig(_)
             );
             if unknown {
-                cleanup(backend, &req.lease(), opts.op_timeout).await;
+                cleanup(backend, &req.lease(), opts).await;
             }
             Err(e)
         }
@@ -397,6 +370,7 @@ mod tests {
 
     use super::*;
     use crate::memory::MemoryStore;
+    use tokio::time::timeout;
 
     /// Fallible work: its error comes back as it is, unnested, and the lock is released.
     #[tokio::test]

@@ -8,10 +8,13 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::Instrument;
 
-use crate::backend::{bounded, Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth};
+use crate::backend::{
+    bounded, release_retrying, Grant, LeaseRef, LockBackend, ReleaseOutcome, SessionHealth,
+};
 use crate::error::{LockError, LossReason};
 use crate::keeper::{Scheduler, Ticket};
 use crate::key::{LeaseId, LockKey};
+use crate::lock;
 use crate::options::{drift_for, LockOptions};
 use crate::token::FencingToken;
 
@@ -226,10 +229,6 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A cheap, cloneable view of a held lock: its token, status and lost signal. Handed to the
 /// closure of [`LockClient::with_lock`](crate::LockClient::with_lock).
 #[derive(Clone, Debug)]
@@ -437,23 +436,16 @@ impl LockGuard {
     /// lease; [`LockError::Unsupported`] for locks whose session is the lease.
     pub async fn extend(&self, lease: Duration) -> Result<(), LockError> {
         let sh = &self.handle.shared;
-        if lease < crate::options::MIN_LEASE || lease > crate::options::MAX_LEASE {
-            return Err(LockError::InvalidOptions(format!(
-                "extend to {lease:?} is out of range ({:?} to {:?})",
-                crate::options::MIN_LEASE,
-                crate::options::MAX_LEASE
-            )));
-        }
+        crate::options::check_lease("extend to", lease)?;
         if !matches!(sh.keep, Keep::Ttl { .. }) {
             return Err(LockError::no_lease_to_extend(sh.backend.name()));
         }
         let _turn = sh.renewing.lock().await;
-        let key = self.key().to_string();
-        match self.status() {
-            LockStatus::Lost(reason) => return Err(LockError::Lost { key, reason }),
-            LockStatus::Released => return Err(LockError::NotHeld { key }),
-            _ => {}
+        // Lost and released are final; an uncertain lock may still be extended.
+        if let Err(e @ (LockError::Lost { .. } | LockError::NotHeld { .. })) = self.check() {
+            return Err(e);
         }
+        let key = self.key().to_string();
         let safe = sh.safe_until();
         let sent = Instant::now();
         let budget = safe.map_or(sh.opts.op_timeout, |s| {
@@ -515,24 +507,11 @@ impl LockGuard {
         let watched = sh.status.receiver_count() > 1;
         sh.releasing();
         let span = tracing::debug_span!("lock.release", backend = sh.backend.name(), key = %sh.lease.key, token = %sh.token);
-        let started = Instant::now();
-        let mut attempt = 0;
-        // The span is entered on each poll (`instrument`), never held across an await: a
-        // held `Entered` guard would leave it entered on the worker thread while other
-        // tasks run there.
-        let res = async {
-            loop {
-                match sh.release_once().await {
-                    Err(e) if e.is_retryable() && started.elapsed() < sh.opts.op_timeout => {
-                        tokio::time::sleep(sh.opts.backoff.delay(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => break other,
-                }
-            }
-        }
-        .instrument(span.clone())
-        .await;
+        // Entered on each poll (`instrument`), never held across an await.
+        let (op, backoff) = (sh.opts.op_timeout, sh.opts.backoff);
+        let res = release_retrying(&*sh.backend, &sh.lease, op, backoff)
+            .instrument(span.clone())
+            .await;
         let _enter = span.enter();
         metrics::histogram!("lock_hold_seconds", "backend" => sh.backend.name())
             .record(sh.granted_at.elapsed().as_secs_f64());

@@ -11,6 +11,7 @@ use tokio::time::{sleep, Instant};
 
 use crate::backend::{AcquireRequest, Grant, LeaseRef, LockBackend, LockInfo, ReleaseOutcome};
 use crate::memory::{MemoryBackend, MemoryStore};
+use crate::options::drift_for;
 use crate::{Capabilities, LockClient, LockError, LockKey, LockOptions, LockStatus, WaitPolicy};
 
 /// What a wrapper does around the store's `renew` and `release`.
@@ -279,7 +280,7 @@ async fn a_retried_late_grant_survives_the_earlier_give_back() {
 fn renew_every_must_leave_room_before_the_deadline() {
     let lease = Duration::from_secs(1);
     let o = LockOptions::default().lease(lease);
-    let drift = o.drift();
+    let drift = drift_for(o.lease);
     for every in [
         lease - drift,
         lease - drift / 2,

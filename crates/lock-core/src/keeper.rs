@@ -51,7 +51,7 @@ impl Ticket {
     /// Removes the entry (nothing happens if it already fired). What it would have started
     /// is dropped here, before this returns.
     pub(crate) fn cancel(self) {
-        let starter = self.sched.lock().due.remove(&self.key);
+        let starter = crate::lock(&self.sched.state).due.remove(&self.key);
         drop(starter);
     }
 }
@@ -61,15 +61,12 @@ impl Scheduler {
     pub(crate) fn current() -> Option<Arc<Self>> {
         static ALL: OnceLock<Mutex<HashMap<tokio::runtime::Id, Arc<Scheduler>>>> = OnceLock::new();
         let id = tokio::runtime::Handle::try_current().ok()?.id();
-        let mut all = ALL
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut all = crate::lock(ALL.get_or_init(Default::default));
         if !all.contains_key(&id) {
             // Forget the schedulers of runtimes that are gone (their timer task ended)
             // and that have nothing left to start.
             all.retain(|_, s| {
-                let st = s.lock();
+                let st = crate::lock(&s.state);
                 !(st.due.is_empty() && st.task.as_ref().is_some_and(JoinHandle::is_finished))
             });
         }
@@ -85,13 +82,9 @@ impl Scheduler {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Runs `start` at `at` unless the ticket is cancelled first.
     pub(crate) fn schedule(self: &Arc<Self>, at: Instant, start: Starter) -> Ticket {
-        let mut st = self.lock();
+        let mut st = crate::lock(&self.state);
         st.seq += 1;
         let key = (at, st.seq);
         st.due.insert(key, start);
@@ -111,7 +104,7 @@ impl Scheduler {
         loop {
             let now = Instant::now();
             let (fired, next) = {
-                let mut st = self.lock();
+                let mut st = crate::lock(&self.state);
                 let mut fired = Vec::new();
                 while let Some(entry) = st.due.first_entry() {
                     if entry.key().0 > now {
@@ -148,7 +141,7 @@ mod tests {
     use crate::{LockClient, LockOptions, LockStatus};
 
     fn pending() -> usize {
-        Scheduler::current().map_or(0, |s| s.lock().due.len())
+        Scheduler::current().map_or(0, |s| crate::lock(&s.state).due.len())
     }
 
     /// Released guards leave nothing in the schedule, and never started a task.

@@ -11,24 +11,13 @@ use crate::error::LockError;
 use crate::key::LockKey;
 
 /// Weakly held per-key objects: an entry lives while someone holds its `Arc`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct KeyedRegistry<T>(Mutex<HashMap<String, Weak<T>>>);
 
-impl<T> Default for KeyedRegistry<T> {
-    fn default() -> Self {
-        Self(Mutex::new(HashMap::new()))
-    }
-}
-
 impl<T: Default> KeyedRegistry<T> {
-    /// An empty registry.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// The object for `key`, created if nobody holds one.
     pub fn get(&self, key: &str) -> Arc<T> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::lock(&self.0);
         if let Some(v) = map.get(key).and_then(Weak::upgrade) {
             return v;
         }
@@ -43,7 +32,7 @@ impl<T: Default> KeyedRegistry<T> {
     /// Runs `f` on the object for `key`, if someone holds one.
     pub fn with(&self, key: &str, f: impl FnOnce(&T)) {
         let v = {
-            let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let map = crate::lock(&self.0);
             map.get(key).and_then(Weak::upgrade)
         };
         if let Some(v) = v {
@@ -92,7 +81,7 @@ mod tests {
 
     #[tokio::test]
     async fn turns_are_fifo_and_time_out() {
-        let turns = KeyTurns::new();
+        let turns = KeyTurns::default();
         let k = LockKey::new("k").unwrap();
         let first = turns.turn(&k, Instant::now(), None).await.unwrap();
         let d = Instant::now() + Duration::from_millis(30);
@@ -107,7 +96,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakeups_reach_only_the_key() {
-        let w = KeyWakeups::new();
+        let w = KeyWakeups::default();
         let a = w.get("a");
         let b = w.get("b");
         let na = a.notified();

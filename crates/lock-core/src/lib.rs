@@ -31,5 +31,11 @@ pub use key::{HolderMeta, LeaseId, LockKey, MAX_KEY_LEN};
 pub use options::{Backoff, LockOptions, WaitPolicy};
 pub use token::{FenceRejected, Fenced, FencedWrite, FencingToken};
 
+/// A mutex's contents even if a holder panicked: every critical section here leaves its
+/// state consistent.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Re-exported so backends and users share one `async-trait`.
 pub use async_trait::async_trait;

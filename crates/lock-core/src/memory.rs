@@ -124,7 +124,7 @@ impl MemoryStore {
     }
 
     fn keys(&self) -> MutexGuard<'_, HashMap<String, KeyState>> {
-        self.inner.keys.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.inner.keys)
     }
 }
 

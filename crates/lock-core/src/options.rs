@@ -20,6 +20,17 @@ pub fn drift_for(lease: Duration) -> Duration {
     lease / 100 + Duration::from_millis(2)
 }
 
+/// `Ok` if `lease` is within [`MIN_LEASE`]..=[`MAX_LEASE`]; else an
+/// [`LockError::InvalidOptions`] that names it as `what`.
+pub fn check_lease(what: &str, lease: Duration) -> Result<(), LockError> {
+    if (MIN_LEASE..=MAX_LEASE).contains(&lease) {
+        return Ok(());
+    }
+    Err(LockError::InvalidOptions(format!(
+        "{what} {lease:?} is out of range ({MIN_LEASE:?} to {MAX_LEASE:?})"
+    )))
+}
+
 /// How long `acquire` waits for a held key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -190,39 +201,19 @@ impl LockOptions {
         }
     }
 
-    /// The margin taken off every lease for clock drift between client and store:
-    /// 1% of the lease plus 2 ms (the figure Redlock uses).
-    pub fn drift(&self) -> Duration {
-        drift_for(self.lease)
-    }
-
     /// Checks the options; called before any I/O.
     pub fn validate(&self) -> Result<(), LockError> {
         let bad = |m: String| Err(LockError::InvalidOptions(m));
-        if self.lease.is_zero() {
-            return bad("lease must be greater than zero".into());
-        }
-        if self.lease < MIN_LEASE {
-            return bad(format!(
-                "lease {:?} is shorter than the minimum {MIN_LEASE:?}",
-                self.lease
-            ));
-        }
-        if self.lease > MAX_LEASE {
-            return bad(format!(
-                "lease {:?} is longer than the maximum {MAX_LEASE:?}",
-                self.lease
-            ));
-        }
+        check_lease("lease", self.lease)?;
         if let Some(every) = self.renew_every {
-            let room = self.lease.saturating_sub(self.drift());
+            let room = self.lease.saturating_sub(drift_for(self.lease));
             if every.is_zero() || every >= room {
                 return bad(format!(
                     "renew_every {every:?} must be greater than zero and shorter than the lease \
                      {:?} minus its drift margin {:?}: the lock would be lost before its first \
                      renewal",
                     self.lease,
-                    self.drift()
+                    drift_for(self.lease)
                 ));
             }
         }

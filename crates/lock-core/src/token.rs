@@ -105,7 +105,7 @@ impl<T: Clone> Fenced<T> {
     /// holder's read and its write (its token is higher than anything written so far), and
     /// one of the two updates is lost. Fails if a newer holder already came by.
     pub fn read_with(&self, token: FencingToken) -> Result<T, FenceRejected> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.inner);
         admit(&mut g.0, token)?;
         Ok(g.1.clone())
     }
@@ -113,7 +113,7 @@ impl<T: Clone> Fenced<T> {
     /// Runs a read-modify-write under `token` atomically: `f` gets the current value and
     /// returns the new one.
     pub fn update(&self, token: FencingToken, f: impl FnOnce(&T) -> T) -> FencedWrite {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.inner);
         match admit(&mut g.0, token) {
             Ok(()) => {
                 g.1 = f(&g.1);
@@ -126,11 +126,7 @@ impl<T: Clone> Fenced<T> {
     /// The current value (no fence check: for display, or for writes that do not depend
     /// on it; see [`Fenced::read_with`]).
     pub fn read(&self) -> T {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        crate::lock(&self.inner).1.clone()
     }
 
     /// Writes `value` if `token` passes the fence.
@@ -140,7 +136,7 @@ impl<T: Clone> Fenced<T> {
 
     /// The highest token accepted so far.
     pub fn highest(&self) -> Option<FencingToken> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0
+        crate::lock(&self.inner).0
     }
 }
 

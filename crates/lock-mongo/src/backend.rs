@@ -142,8 +142,8 @@ impl MongoBackend {
                 cfg,
                 coll,
                 change_streams,
-                turns: KeyTurns::new(),
-                wakeups: Arc::new(KeyWakeups::new()),
+                turns: KeyTurns::default(),
+                wakeups: Arc::new(KeyWakeups::default()),
                 stream: tokio::sync::Mutex::new(None),
             }),
         })

@@ -1,15 +1,8 @@
-//! Direct hand-off of a lease row to this process's next waiter.
+//! Direct hand-off of a lease row to this process's waiter (see [`PgLeaseBackend`]): a
+//! release that finds a waiter's offer for its key ends its lease and begins the waiter's,
+//! with a new token, in one statement (`lease_handoff`).
 //!
-//! Within a process only the head waiter of a key waits on the server (the others wait
-//! their turn locally). While it waits it leaves an offer here. A release in this process
-//! that finds an offer for its key gives the row straight to that waiter in ONE statement
-//! (`lease_handoff`: the holder's lease ends and the waiter's begins, with a new token, in
-//! one transaction), instead of a release, a wake-up and the waiter's own grant.
-//!
-//! The lease mode is not fair, and a direct hand-off favours this process's waiters over
-//! other processes' (which learn of a release from the server's notification). So that a
-//! busy process cannot keep a key from the others, a key is handed over directly at most
-//! [`MAX_STREAK`] times in a row; the release after that goes through the server.
+//! [`PgLeaseBackend`]: crate::PgLeaseBackend
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,16 +13,6 @@ use tokio::sync::oneshot;
 
 /// Direct hand-offs of one key in a row before a release goes through the server.
 pub(crate) const MAX_STREAK: u32 = 4;
-
-/// What a release tells the waiter whose offer it took.
-#[derive(Debug)]
-pub(crate) enum Handed {
-    /// The lock is the waiter's.
-    Granted(Grant),
-    /// Nothing was handed over (the holder's lease had ended, or the statement failed):
-    /// the waiter tries again on its own.
-    Retry,
-}
 
 /// How a release goes.
 #[derive(Debug)]
@@ -53,13 +36,15 @@ pub(crate) struct Waiter {
     pub(crate) meta: String,
     /// Its lease.
     pub(crate) ttl: Duration,
-    tx: oneshot::Sender<Handed>,
+    /// The grant handed over, or `None` (the holder's lease had ended, or the statement
+    /// failed): the waiter tries again on its own.
+    tx: oneshot::Sender<Option<Grant>>,
 }
 
 impl Waiter {
     /// Tells the waiter. `false` if it is gone (it gave up or was cancelled while the
     /// release ran): a grant made for it must then be given back.
-    pub(crate) fn tell(self, h: Handed) -> bool {
+    pub(crate) fn tell(self, h: Option<Grant>) -> bool {
         self.tx.send(h).is_ok()
     }
 }
@@ -148,7 +133,7 @@ pub(crate) struct Offer<'a> {
     key: String,
     lease_id: LeaseId,
     /// None for an inert offer.
-    rx: Option<oneshot::Receiver<Handed>>,
+    rx: Option<oneshot::Receiver<Option<Grant>>>,
 }
 
 impl Offer<'_> {
@@ -160,10 +145,7 @@ impl Offer<'_> {
         };
         let handed = rx.await;
         self.rx = None;
-        match handed {
-            Ok(Handed::Granted(g)) => Some(g),
-            Ok(Handed::Retry) | Err(_) => None,
-        }
+        handed.ok().flatten()
     }
 
     /// Takes the offer back. `false` when a release has already taken it: its answer
@@ -272,12 +254,12 @@ mod tests {
             panic!("no waiter")
         };
         drop(o);
-        assert!(!w.tell(Handed::Retry));
+        assert!(!w.tell(None));
         let mut o = offer(&h, &LeaseId::random());
         let Release::Direct(w) = h.take(&k) else {
             panic!("no waiter")
         };
-        assert!(w.tell(Handed::Retry));
+        assert!(w.tell(None));
         assert!(o.handed().await.is_none());
     }
 }

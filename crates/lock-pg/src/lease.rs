@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
-use crate::handoff::{Handed, Release, Waiter};
+use crate::handoff::{Release, Waiter};
 use crate::shared::Shared;
 use crate::sql::{self, map_err, ms};
 
@@ -160,6 +160,18 @@ impl PgLeaseBackend {
         }
     }
 
+    /// Frees `id`'s row of `key`; true if that lease was live and is now released.
+    async fn release_row(&self, key: &LockKey, id: &LeaseId) -> Result<bool, LockError> {
+        let rows = self
+            .query(
+                "release",
+                &self.shared.sql.lease_release,
+                &[&key.as_str(), &id.as_str()],
+            )
+            .await?;
+        Ok(rows.len() == 1)
+    }
+
     /// Releases `lease` by handing the row to this process's waiter `w`, in one statement.
     async fn hand_off(&self, lease: &LeaseRef, w: Waiter) -> Result<ReleaseOutcome, LockError> {
         let sent = Instant::now();
@@ -181,13 +193,13 @@ impl PgLeaseBackend {
             Err(e) => {
                 // Unknown whether the row changed hands. The waiter tries again with its
                 // lease id, which takes the row back at once if it did.
-                w.tell(Handed::Retry);
+                w.tell(None);
                 return Err(e);
             }
         };
         let Some(row) = rows.first() else {
             // This lease had ended: nothing changed.
-            w.tell(Handed::Retry);
+            w.tell(None);
             return Ok(ReleaseOutcome::NotHeld);
         };
         let token = match row
@@ -199,22 +211,15 @@ impl PgLeaseBackend {
             Err(e) => {
                 // The row is the waiter's; its next attempt takes it (same lease id).
                 tracing::warn!(error = %e, "unreadable token from a hand-off");
-                w.tell(Handed::Retry);
+                w.tell(None);
                 return Ok(ReleaseOutcome::Released);
             }
         };
         let ttl = w.ttl;
         let waiter = w.lease_id.clone();
-        if !w.tell(Handed::Granted(Grant::ttl(token, sent + ttl))) {
+        if !w.tell(Some(Grant::ttl(token, sent + ttl))) {
             // The waiter gave up while the statement ran: give its grant back.
-            let back = self
-                .query(
-                    "release",
-                    &self.shared.sql.lease_release,
-                    &[&lease.key.as_str(), &waiter.as_str()],
-                )
-                .await;
-            match back {
+            match self.release_row(&lease.key, &waiter).await {
                 Ok(_) => self.shared.released_here(&lease.key),
                 Err(e) => tracing::debug!(
                     error = %e,
@@ -329,16 +334,9 @@ impl LockBackend for PgLeaseBackend {
             Release::Server => true,
             Release::Yield => false,
         };
-        let rows = self
-            .query(
-                "release",
-                &self.shared.sql.lease_release,
-                &[&lease.key.as_str(), &lease.lease_id.as_str()],
-            )
-            .await?;
+        let released = self.release_row(&lease.key, &lease.lease_id).await?;
         self.shared.handoffs.released(&lease.key);
-        // A row only when this lease was live and is now released.
-        Ok(if rows.len() == 1 {
+        Ok(if released {
             if wake_here {
                 self.shared.released_here(&lease.key);
             }

@@ -1,7 +1,5 @@
-//! Session advisory locks and transaction-scoped advisory locks, each on a connection held
-//! for the life of the lock. The session (or transaction) is the lease: the server ends a
-//! silent holder's session after `session_timeout`, and the guard confirms the session
-//! (a probe, through `renew`) often enough to keep it and to know until when it is safe.
+//! Session and transaction-scoped advisory locks, each on a connection held for the life
+//! of the lock (see [`PgSessionBackend`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -359,8 +357,7 @@ impl LockBackend for PgSessionBackend {
         let Ok(obj) = flight.conn() else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        let op = self.shared.cfg.op_timeout;
-        let done = tokio::time::timeout(op, async {
+        let work = async {
             if self.scope == Scope::Transaction {
                 return obj.batch_execute("COMMIT").await.map(|()| true);
             }
@@ -368,10 +365,11 @@ impl LockBackend for PgSessionBackend {
             let app = self.shared.pg.get_application_name().unwrap_or_default();
             let row = obj.query_one(&stmt, &[&h.id, &app]).await?;
             Ok(row.try_get::<_, bool>(0).unwrap_or(false))
-        })
-        .await;
-        match done {
-            Ok(Ok(released)) => {
+        };
+        // On a timeout or an error the connection is closed as `flight` drops.
+        let op = self.shared.cfg.op_timeout;
+        match bounded(self.name(), "release", op, async { Ok(work.await) }).await? {
+            Ok(released) => {
                 drop(flight.finish());
                 Ok(if released {
                     ReleaseOutcome::Released
@@ -379,14 +377,8 @@ impl LockBackend for PgSessionBackend {
                     ReleaseOutcome::NotHeld
                 })
             }
-            // The connection is closed as `flight` drops, which frees the lock.
-            Ok(Err(_)) if obj.is_closed() => Ok(ReleaseOutcome::NotHeld),
-            Ok(Err(e)) => Err(map_err(e)),
-            Err(_) => Err(LockError::OperationTimeout {
-                backend: self.name(),
-                op: "release",
-                after: op,
-            }),
+            Err(_) if obj.is_closed() => Ok(ReleaseOutcome::NotHeld),
+            Err(e) => Err(map_err(e)),
         }
     }
 

@@ -101,9 +101,9 @@ impl Shared {
             tls,
             pool,
             migrated: OnceCell::new(),
-            queues: KeyTurns::new(),
+            queues: KeyTurns::default(),
             handoffs: Handoffs::default(),
-            notifies: Arc::new(KeyWakeups::new()),
+            notifies: Arc::new(KeyWakeups::default()),
             listener: tokio::sync::Mutex::new(None),
         })
     }

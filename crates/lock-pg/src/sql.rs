@@ -363,52 +363,42 @@ $fn$;
 
 /// Maps a driver error to the core error.
 pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
+    use SqlState as S;
     if let Some(db) = e.as_db_error() {
         let code = db.code();
-        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
-            return LockError::InvalidConfig(format!(
-                "permission denied: {} (grant the role USAGE and CREATE on the lock schema, or \
-                 run PgLocks::migrate as a role that may)",
-                db.message()
-            ));
-        }
-        if [
-            SqlState::INVALID_SCHEMA_NAME,
-            SqlState::UNDEFINED_TABLE,
-            SqlState::UNDEFINED_FUNCTION,
-        ]
-        .contains(code)
-        {
-            return LockError::InvalidConfig(format!(
-                "lock schema is missing or out of date: {} (call PgLocks::migrate or enable \
-                 auto_migrate)",
-                db.message()
-            ));
-        }
-        if [
-            SqlState::INVALID_PASSWORD,
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            SqlState::INVALID_CATALOG_NAME,
-        ]
-        .contains(code)
-        {
-            return LockError::InvalidConfig(format!("cannot connect: {}", db.message()));
-        }
-        let retryable = [
-            SqlState::ADMIN_SHUTDOWN,
-            SqlState::CRASH_SHUTDOWN,
-            SqlState::CANNOT_CONNECT_NOW,
-            SqlState::T_R_SERIALIZATION_FAILURE,
-            SqlState::T_R_DEADLOCK_DETECTED,
-            SqlState::TOO_MANY_CONNECTIONS,
-            SqlState::READ_ONLY_SQL_TRANSACTION,
-        ]
-        .contains(code);
-        // The driver's own message for a server error is only "db error": say what the
-        // server said.
-        // Not the DETAIL: it can carry the values of a user's rows.
-        let msg = format!("{} (SQLSTATE {})", db.message(), code.code());
-        return LockError::backend(NAME, retryable, msg);
+        let hint = match code {
+            c if *c == S::INSUFFICIENT_PRIVILEGE => "permission denied (grant the role USAGE and \
+                CREATE on the lock schema, or run PgLocks::migrate as a role that may)",
+            c if [S::INVALID_SCHEMA_NAME, S::UNDEFINED_TABLE, S::UNDEFINED_FUNCTION].contains(c) => {
+                "lock schema is missing or out of date (call PgLocks::migrate or enable auto_migrate)"
+            }
+            c if [
+                S::INVALID_PASSWORD,
+                S::INVALID_AUTHORIZATION_SPECIFICATION,
+                S::INVALID_CATALOG_NAME,
+            ]
+            .contains(c) =>
+            {
+                "cannot connect"
+            }
+            _ => {
+                let retryable = [
+                    S::ADMIN_SHUTDOWN,
+                    S::CRASH_SHUTDOWN,
+                    S::CANNOT_CONNECT_NOW,
+                    S::T_R_SERIALIZATION_FAILURE,
+                    S::T_R_DEADLOCK_DETECTED,
+                    S::TOO_MANY_CONNECTIONS,
+                    S::READ_ONLY_SQL_TRANSACTION,
+                ]
+                .contains(code);
+                // The driver's own message is only "db error"; never the DETAIL, which can
+                // carry the values of a user's rows.
+                let msg = format!("{} (SQLSTATE {})", db.message(), code.code());
+                return LockError::backend(NAME, retryable, msg);
+            }
+        };
+        return LockError::InvalidConfig(format!("{hint}: {}", db.message()));
     }
     // A certificate refused, or no TLS where sslmode asks for it, will be the same on a
     // retry: configuration errors, named as such.
@@ -418,18 +408,15 @@ pub(crate) fn map_err(e: tokio_postgres::Error) -> LockError {
         text = format!("{text}: {c}");
         cause = c.source();
     }
-    let tls = if text.contains("invalid peer certificate") {
-        Some("the server's certificate was not accepted (wrong CA, or a host name it does not name?)")
+    let hint = if text.contains("invalid peer certificate") {
+        "the server's certificate was not accepted (wrong CA, or a host name it does not name?)"
     } else if text.contains("does not support TLS") {
-        Some("the server does not offer TLS, which sslmode asks for")
+        "the server does not offer TLS, which sslmode asks for"
     } else {
-        None
+        // Not a server error: I/O, a closed connection, a timeout while connecting.
+        return LockError::backend(NAME, true, e);
     };
-    if let Some(hint) = tls {
-        return LockError::InvalidConfig(format!("TLS: {hint}: {text}"));
-    }
-    // Not a server error: I/O, a closed connection, a timeout while connecting.
-    LockError::backend(NAME, true, e)
+    LockError::InvalidConfig(format!("TLS: {hint}: {text}"))
 }
 
 /// What the advisory grant function answered.
