@@ -1322,7 +1322,7 @@ pub(crate) async fn run(args: &[String]) -> bool {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     // `--lanes n`: backends run n at a time, each on servers of its own. The harness mostly
-    // waits (faults are timed), so two lanes fit two cores.
+    // waits (faults are timed): four lanes use about half of two cores.
     let lanes: usize = args
         .iter()
         .position(|a| a == "--lanes")

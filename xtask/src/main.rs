@@ -385,15 +385,17 @@ fn ci() -> bool {
         )
 }
 
-/// Each crate with features built and unit-tested on its own (its features resolved for
-/// it alone, not unified with the workspace's), with no default features and with each of
-/// its features. The crates without features are built alone by `cargo xtask package`.
+/// Each backend crate built and unit-tested on its own (its features resolved for it
+/// alone, not unified with the workspace's), with no default features and with each of
+/// its features.
 fn features_alone() -> bool {
-    const BACKENDS: [(&str, &[&str]); 4] = [
+    const BACKENDS: [(&str, &[&str]); 6] = [
         ("lock-core", &["testing"]),
         ("lock-redis", &["tls"]),
         ("lock-pg", &["tls"]),
         ("lock-zk", &["tls"]),
+        ("lock-mongo", &[]),
+        ("lock-dynamo", &[]),
     ];
     BACKENDS.iter().all(|(krate, features)| {
         std::iter::once(None)

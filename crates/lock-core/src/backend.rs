@@ -401,7 +401,8 @@ pub async fn bounded<T>(
 }
 
 /// Releases `lease`, each request bounded by `op`, retrying retryable failures (the store
-/// unreachable for a moment, as in a failover) after `backoff` until `op` has passed.
+/// unreachable for a moment, as in a failover) after `backoff` while a retry can start
+/// within `op` of the first request.
 pub(crate) async fn release_retrying(
     backend: &dyn LockBackend,
     lease: &LeaseRef,
@@ -411,9 +412,10 @@ pub(crate) async fn release_retrying(
     let started = Instant::now();
     let mut attempt = 0;
     loop {
+        let delay = backoff.delay(attempt);
         match bounded(backend.name(), "release", op, backend.release(lease)).await {
-            Err(e) if e.is_retryable() && started.elapsed() < op => {
-                tokio::time::sleep(backoff.delay(attempt)).await;
+            Err(e) if e.is_retryable() && started.elapsed() + delay < op => {
+                tokio::time::sleep(delay).await;
                 attempt += 1;
             }
             other => return other,
