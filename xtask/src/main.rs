@@ -111,8 +111,19 @@ async fn interruptible(fut: impl std::future::Future<Output = bool>) -> bool {
     }
 }
 
+/// A cargo command without the variables `cargo run` set for this process: a dependency's
+/// build script that reads one (ring reads `CARGO_MANIFEST_DIR`) would otherwise run again,
+/// and everything above it rebuild, in every build started from here.
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        if k.to_str()
+            .is_some_and(|k| k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_"))
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Runs one CI phase and prints how long it took.
