@@ -349,13 +349,18 @@ impl ZkBackend {
         }
     }
 
-    /// Finds the lock node of `lease` under `parent`.
+    /// Finds the lock node of `lease` under `parent`, after a `sync`: the server this client
+    /// reconnected to may not have applied a create whose answer was lost.
     async fn find_node(
         &self,
         client: &zk::Client,
         parent: &str,
         lease: &str,
     ) -> Result<Option<String>, LockError> {
+        match self.timed("sync", client.sync(parent)).await? {
+            Ok(()) | Err(zk::Error::NoNode) => {}
+            Err(e) => return Err(map_err(e)),
+        }
         let prefix = node_prefix(lease);
         Ok(self.queue(client, parent).await?.and_then(|q| {
             q.into_iter()
@@ -594,10 +599,9 @@ impl ZkBackend {
                 ));
             }
             let Some(deadline) = wait else {
-                // A try that found a queue after all: give the node back now.
-                let p = guard.disarm().unwrap_or_default();
-                let _ = self.timed("delete", client.delete(&p, None)).await;
-                return Err(LockError::contended(&req.key));
+                // A try that found a queue after all.
+                let answer = LockError::contended(&req.key);
+                return Err(self.leave_queue(&client, guard, answer).await);
             };
             // Watch only the predecessor (no herd); FIFO by sequence.
             let pred = format!("{parent}/{}", queue[pos - 1].1);
@@ -644,21 +648,37 @@ impl ZkBackend {
                     ));
                 }
                 () = timeout => {
-                    // Give the queue place back before reporting the timeout.
-                    let p = guard.disarm().unwrap_or_default();
-                    match self.timed("delete", client.delete(&p, None)).await {
-                        Ok(Ok(()) | Err(zk::Error::NoNode)) => {}
-                        _ => {
-                            // Could not confirm: the node may still be there. Hand it to
-                            // a background delete and report an unknown outcome.
-                            drop(NodeGuard { session: session.clone(), path: Some(p) });
-                            return Err(LockError::backend(NAME, true, "could not remove the queue node after the wait timed out"));
-                        }
-                    }
-                    return Err(LockError::timeout(&req.key, started.elapsed()));
+                    let answer = LockError::timeout(&req.key, started.elapsed());
+                    return Err(self.leave_queue(&client, guard, answer).await);
                 }
             }
         }
+    }
+
+    /// Takes an acquire's node out of the queue before it answers `answer` (a definite
+    /// no). If the delete cannot be confirmed, the guard's background delete takes over as
+    /// it drops, and the answer is an unknown outcome, so that the client cleans up by lease
+    /// id too: a node left on the live session would block the key once it came first.
+    async fn leave_queue(
+        &self,
+        client: &zk::Client,
+        guard: NodeGuard,
+        answer: LockError,
+    ) -> LockError {
+        let path = guard.path.clone().unwrap_or_default();
+        let failed = match self.timed("delete", client.delete(&path, None)).await {
+            Ok(Ok(()) | Err(zk::Error::NoNode)) => {
+                guard.disarm();
+                return answer;
+            }
+            Ok(Err(e)) => map_err(e),
+            Err(e) => e,
+        };
+        LockError::backend(
+            NAME,
+            true,
+            format!("could not remove this acquire's queue node before answering: {failed}"),
+        )
     }
 
     fn hold(
