@@ -43,6 +43,12 @@ impl Cut for MultiCut {
             p.set_cut(cut);
         }
     }
+
+    fn lose_replies(&self, lost: bool) {
+        for p in &self.0 {
+            p.lose_replies(lost);
+        }
+    }
 }
 
 fn proxy_err(e: std::io::Error) -> LockError {

@@ -105,6 +105,7 @@ pub(crate) fn all() -> Vec<Case> {
         case!(unreachable_server_errors_in_time, needs_cut),
         case!(vanishing_server_turns_guard_lost, needs_cut),
         case!(with_lock_returns_value_and_reports_loss, needs_cut),
+        case!(release_whose_reply_is_lost_still_releases, needs_cut),
         case!(tokens_monotone_across_clients, always),
         case!(inspect_shows_holder, always),
         case!(randomized_history_passes_checker, always),
@@ -732,6 +733,45 @@ async fn with_lock_returns_value_and_reports_loss(c: Ctx) -> Result<String, Stri
         Err(LockError::Lost { .. }) => Ok(String::new()),
         other => Err(format!("expected Lost from with_lock, got {other:?}")),
     }
+}
+
+/// A release the store carries out but whose reply is lost (the connection then breaks):
+/// the retry finds the lease gone by the release's own doing. `with_lock` returns the
+/// closure's value, the lock reads Released (not Lost), and the key is free.
+async fn release_whose_reply_is_lost_still_releases(c: Ctx) -> Result<String, String> {
+    let (a, cut) = c.cuttable_client().await?;
+    let key = c.key("k");
+    let res = a
+        .with_lock(&key, |h| {
+            let cut = cut.clone();
+            async move {
+                // The release goes out as this returns; its reply is lost, and its
+                // connection breaks a moment later.
+                cut.lose_replies(true);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    cut.lose_replies(false);
+                });
+                (h, 42)
+            }
+        })
+        .await;
+    let (h, v) = res.ctx("with_lock")?;
+    ensure!(v == 42, "with_lock returned {v}");
+    ensure!(
+        h.status() == LockStatus::Released,
+        "the lock reads {:?} after its release",
+        h.status()
+    );
+    let b = c.client().await?;
+    let g = b
+        .try_acquire(&key)
+        .await
+        .ctx("another client's try after the release")?;
+    let next = g.token();
+    g.release().await.ctx("release")?;
+    ensure!(next > h.token(), "token {next} after {}", h.token());
+    Ok(format!("released; the next holder's token {next}"))
 }
 
 async fn tokens_monotone_across_clients(c: Ctx) -> Result<String, String> {

@@ -24,17 +24,33 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Cut: Send + Sync + fmt::Debug {
     /// Cuts (`true`) or heals (`false`).
     fn set_cut(&self, cut: bool);
+
+    /// Loses the replies to the client's requests, which the server still carries out
+    /// (`true`); `false` stops, and ends the connections whose replies were lost, as a
+    /// broken connection would.
+    fn lose_replies(&self, lost: bool);
 }
 
 impl Cut for proxy::Proxy {
     fn set_cut(&self, cut: bool) {
         proxy::Proxy::set_cut(self, cut)
     }
+
+    fn lose_replies(&self, lost: bool) {
+        self.set_drop_replies(lost);
+        if !lost {
+            self.reset_all();
+        }
+    }
 }
 
 impl Cut for lock_core::memory::MemoryBackend {
     fn set_cut(&self, cut: bool) {
         self.set_disconnected(cut)
+    }
+
+    fn lose_replies(&self, lost: bool) {
+        lock_core::memory::MemoryBackend::lose_replies(self, lost)
     }
 }
 

@@ -7,7 +7,8 @@
 //! With the `testing` feature, fault controls simulate what real stores do to a client:
 //! `MemoryStore::advance` moves the store's clock (a holder paused past its lease),
 //! `MemoryBackend::set_disconnected` cuts a connection, `MemoryBackend::pause_renewals`
-//! stops its renewals from arriving.
+//! stops its renewals from arriving, `MemoryBackend::lose_replies` loses the answers to
+//! requests the store still carries out.
 //!
 #![cfg_attr(not(feature = "testing"), doc = "```ignore")]
 #![cfg_attr(feature = "testing", doc = "```")]
@@ -132,6 +133,7 @@ impl MemoryStore {
 struct ClientFlags {
     disconnected: AtomicBool,
     renewals_paused: AtomicBool,
+    replies_lost: AtomicBool,
 }
 
 /// One client connection to a [`MemoryStore`]. Clones share the connection.
@@ -154,6 +156,26 @@ impl MemoryBackend {
     #[cfg(feature = "testing")]
     pub fn pause_renewals(&self, paused: bool) {
         self.flags.renewals_paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Makes the store carry out this connection's requests but lose their answers
+    /// (`true`): each fails with a retryable backend error, as when a connection breaks
+    /// after the request reached the server; `false` restores the answers.
+    #[cfg(feature = "testing")]
+    pub fn lose_replies(&self, lost: bool) {
+        self.flags.replies_lost.store(lost, Ordering::SeqCst);
+    }
+
+    /// The answer to a request the store carried out, unless replies are being lost.
+    fn reply<T>(&self, answer: Result<T, LockError>) -> Result<T, LockError> {
+        if self.flags.replies_lost.load(Ordering::SeqCst) {
+            return Err(LockError::backend(
+                NAME,
+                true,
+                "the reply was lost (simulated)",
+            ));
+        }
+        answer
     }
 
     fn check_connected(&self) -> Result<(), LockError> {
@@ -228,8 +250,8 @@ impl LockBackend for MemoryBackend {
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
         self.check_connected()?;
-        self.attempt(req, false)
-            .map_err(|_| LockError::contended(&req.key))
+        let answer = self.attempt(req, false);
+        self.reply(answer.map_err(|_| LockError::contended(&req.key)))
     }
 
     async fn acquire(
@@ -241,7 +263,7 @@ impl LockBackend for MemoryBackend {
         loop {
             self.check_connected()?;
             let (notify, holder_left) = match self.attempt(req, true) {
-                Ok(g) => return Ok(g),
+                Ok(g) => return self.reply(Ok(g)),
                 Err(w) => w,
             };
             let notified = notify.notified();
@@ -276,7 +298,7 @@ impl LockBackend for MemoryBackend {
         let sent = Instant::now();
         let now = self.store.now();
         let mut keys = self.store.keys();
-        match keys
+        let answer = match keys
             .get_mut(lease.key.as_str())
             .and_then(|ks| ks.holder.as_mut())
         {
@@ -287,7 +309,8 @@ impl LockBackend for MemoryBackend {
             _ => Err(LockError::NotHeld {
                 key: lease.key.to_string(),
             }),
-        }
+        };
+        self.reply(answer)
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<ReleaseOutcome, LockError> {
@@ -295,7 +318,7 @@ impl LockBackend for MemoryBackend {
         let now = self.store.now();
         let mut keys = self.store.keys();
         let Some(ks) = keys.get_mut(lease.key.as_str()) else {
-            return Ok(ReleaseOutcome::NotHeld);
+            return self.reply(Ok(ReleaseOutcome::NotHeld));
         };
         ks.queue.retain(|(l, _)| *l != lease.lease_id);
         let outcome = match ks.holder.take_if(|h| h.lease_id == lease.lease_id) {
@@ -303,11 +326,12 @@ impl LockBackend for MemoryBackend {
             _ => ReleaseOutcome::NotHeld,
         };
         ks.notify.notify_waiters();
-        Ok(outcome)
+        self.reply(Ok(outcome))
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
         self.check_connected()?;
+        self.reply(Ok(()))?;
         let now = self.store.now();
         let keys = self.store.keys();
         let Some(ks) = keys.get(key.as_str()) else {
