@@ -403,10 +403,6 @@ pub async fn bounded<T>(
 /// Releases `lease`, each request bounded by `op`, retrying retryable failures (the store
 /// unreachable for a moment, as in a failover) after `backoff` while a retry can start
 /// within `op` of the first request.
-///
-/// A retry that finds the lease gone answers [`ReleaseOutcome::Released`]: the failed
-/// attempt before it may have been carried out with its reply lost, and the store cannot
-/// tell that from an expiry.
 pub(crate) async fn release_retrying(
     backend: &dyn LockBackend,
     lease: &LeaseRef,
@@ -422,7 +418,6 @@ pub(crate) async fn release_retrying(
                 tokio::time::sleep(delay).await;
                 attempt += 1;
             }
-            Ok(ReleaseOutcome::NotHeld) if attempt > 0 => return Ok(ReleaseOutcome::Released),
             other => return other,
         }
     }

@@ -132,10 +132,8 @@ impl LockClient {
     ///
     /// `work` gets a [`LockHandle`] with the token (pass it to every fenced write) and the
     /// lost signal. Returns the closure's value, or [`LockError::Lost`] if the lock was lost
-    /// while the closure ran or the store no longer held it when the release arrived (the
-    /// value is then discarded: the fence decided what was written). A release that fails
-    /// (the store unreachable) is logged and leaves the lease to expire; the value is
-    /// returned, since the work ran under the lock.
+    /// while the closure ran (its value is then discarded: the fence decided what was
+    /// written).
     pub async fn with_lock<F, Fut, T>(&self, key: &str, work: F) -> Result<T, LockError>
     where
         F: FnOnce(LockHandle) -> Fut,
@@ -191,10 +189,9 @@ impl LockClient {
         let status = handle.status();
         let reason = match (status, guard.release().await) {
             (LockStatus::Lost(reason), _) => reason,
-            // A release that failed (logged by `release`) leaves the lease to expire; the
-            // work ran under the lock all the same.
-            (_, Ok(crate::ReleaseOutcome::Released) | Err(_)) => return Ok(value),
+            (_, Ok(crate::ReleaseOutcome::Released)) => return Ok(value),
             (_, Ok(_)) => crate::LossReason::NotHeld,
+            (_, Err(e)) => return Err(e),
         };
         Err(LockError::Lost {
             key: key.to_owned(),
@@ -399,29 +396,6 @@ mod tests {
         let r: Result<(), E> = client.try_with_lock("k", |_| async { Ok(()) }).await;
         assert!(matches!(r, Err(E::Lock(_))), "{r:?}");
         g.release().await.expect("release");
-    }
-
-    /// The store becomes unreachable as the work ends: the work ran under the lock, so
-    /// `with_lock` returns its value; the release's failure only leaves the lease to expire.
-    #[tokio::test]
-    async fn with_lock_returns_the_value_when_the_release_cannot_reach_the_store() {
-        let store = MemoryStore::new();
-        let conn = store.connect();
-        let client = LockClient::new(conn.clone()).with_options(
-            LockOptions::default()
-                .lease(Duration::from_millis(500))
-                .op_timeout(Duration::from_millis(100)),
-        );
-        let r = client
-            .with_lock("k", |_| async move {
-                conn.set_disconnected(true);
-                42
-            })
-            .await;
-        assert_eq!(r.ok(), Some(42));
-        let other = LockClient::new(store.connect());
-        let held = other.inspect("k").await.expect("inspect");
-        assert!(held.is_some(), "the release reached the store");
     }
 
     /// The grant lands in the channel, then the caller drops its future without reading

@@ -493,10 +493,8 @@ impl LockGuard {
 
     /// Releases the lock: stops renewal first (so no renewal can follow the release), then
     /// removes the lease if the store still holds it. Retryable failures are retried within
-    /// the operation timeout; a retry that finds the lease gone reports
-    /// [`ReleaseOutcome::Released`] (the failed attempt may have been carried out with its
-    /// reply lost). [`ReleaseOutcome::NotHeld`] means the lease had already expired or been
-    /// taken over when the release arrived.
+    /// the operation timeout. [`ReleaseOutcome::NotHeld`] means the lease had already
+    /// expired or been taken over.
     pub async fn release(mut self) -> Result<ReleaseOutcome, LockError> {
         self.done = true;
         if let Some(keeper) = self.handle.shared.stop_keeper() {

@@ -357,10 +357,6 @@ impl LockBackend for PgSessionBackend {
         let Ok(obj) = flight.conn() else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        if obj.is_closed() {
-            // The session ended before this release: the lock went with it.
-            return Ok(ReleaseOutcome::NotHeld);
-        }
         let work = async {
             if self.scope == Scope::Transaction {
                 return obj.batch_execute("COMMIT").await.map(|()| true);
@@ -370,9 +366,7 @@ impl LockBackend for PgSessionBackend {
             let row = obj.query_one(&stmt, &[&h.id, &app]).await?;
             Ok(row.try_get::<_, bool>(0).unwrap_or(false))
         };
-        // On a timeout or an error the connection is closed as `flight` drops, which frees
-        // the lock if the release did not: an error here is an unknown outcome, whether or
-        // not the connection broke during the release.
+        // On a timeout or an error the connection is closed as `flight` drops.
         let op = self.shared.cfg.op_timeout;
         match bounded(self.name(), "release", op, async { Ok(work.await) }).await? {
             Ok(released) => {
@@ -383,6 +377,7 @@ impl LockBackend for PgSessionBackend {
                     ReleaseOutcome::NotHeld
                 })
             }
+            Err(_) if obj.is_closed() => Ok(ReleaseOutcome::NotHeld),
             Err(e) => Err(map_err(e)),
         }
     }
