@@ -79,6 +79,12 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
         .await,
         check(
             name,
+            "a_release_its_caller_gave_up_on_still_frees_the_key",
+            abandoned_release(connect),
+        )
+        .await,
+        check(
+            name,
             "each_release_fires_exactly_one_of_64_watches",
             herd(connect),
         )
@@ -295,6 +301,47 @@ async fn lost_create_reply(connect: &str) -> Res<String> {
     Ok(format!(
         "{lost} reply bytes dropped; one node ({}) held; none after release",
         nodes[0]
+    ))
+}
+
+/// A release whose caller stops waiting (its operation timeout, shorter than the
+/// backend's) while the connection is cut, the delete then lost with the connection: the
+/// node must still go once the client reconnects, on the same session, or it would block
+/// the key for as long as the process's session lives.
+async fn abandoned_release(connect: &str) -> Res<String> {
+    let (a, proxies) = proxied(connect).await?;
+    let k = key("abandoned-release");
+    let client = LockClient::new(a).with_options(opts().op_timeout(Duration::from_millis(200)));
+    let g = client.acquire(&k).await.map_err(e2s)?;
+    for p in &proxies {
+        p.set_cut(true);
+    }
+    let released = g.release().await;
+    if !matches!(released, Err(LockError::OperationTimeout { .. })) {
+        return Err(format!(
+            "the release answered {released:?} through a cut connection"
+        ));
+    }
+    // The delete waits in the cut connection; it ends before delivering it.
+    for p in &proxies {
+        p.reset_all();
+        p.set_cut(false);
+    }
+    let healed = Instant::now();
+    let other = LockClient::new(backend(connect).await?)
+        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
+    let g2 = other
+        .acquire(&k)
+        .await
+        .map_err(|e| format!("the key stayed held after the connection came back: {e}"))?;
+    let free_after = healed.elapsed();
+    g2.release().await.map_err(e2s)?;
+    // The first client's session is still open: the node went by a delete, not with it.
+    drop(client);
+    Ok(format!(
+        "the key free {} ms after the connection came back (session {} ms)",
+        free_after.as_millis(),
+        ZK_SESSION.as_millis()
     ))
 }
 

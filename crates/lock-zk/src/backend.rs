@@ -927,36 +927,51 @@ impl LockBackend for ZkBackend {
         let Some(path) = path else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        let res = match self.timed("delete", client.delete(&path, None)).await {
-            Ok(Ok(())) => return Ok(ReleaseOutcome::Released),
-            Ok(Err(zk::Error::NoNode)) => return Ok(ReleaseOutcome::NotHeld),
-            Ok(Err(e)) => map_err(e),
-            Err(e) => e,
-        };
-        // The node of a lock this process let go would outlive the failed request with
-        // nothing watching it: the delete is tried again in the background for a session
-        // timeout, and if it still fails the session is closed, which removes the node (and
-        // ends the session's other locks, which their guards report).
-        if let Some(session) = held_on {
-            let op = self.inner.cfg.op_timeout;
-            tokio::spawn(async move {
-                let until = Instant::now() + session.timeout;
-                let mut pause = Duration::from_millis(50);
-                while Instant::now() < until {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(session.timeout / 4);
-                    let Ok(client) = session.client() else {
-                        return;
-                    };
-                    let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
-                    if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
-                        return;
-                    }
+        // The delete runs in a task of its own, which goes on when it fails or when this
+        // release's caller stops waiting: the node of a lock this process let go would
+        // otherwise stay on the live session, with nothing watching it, blocking the key. It
+        // is tried again for a session timeout; if it still fails the session is closed,
+        // which removes the node (and ends the session's other locks, which their guards
+        // report).
+        let op = self.inner.cfg.op_timeout;
+        let (tx, first) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+            let done = matches!(deleted, Ok(Ok(()) | Err(zk::Error::NoNode)));
+            let _ = tx.send(deleted);
+            let Some(session) = held_on.filter(|_| !done) else {
+                return;
+            };
+            let until = Instant::now() + session.timeout;
+            let mut pause = Duration::from_millis(50);
+            while Instant::now() < until {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(session.timeout / 4);
+                let Ok(client) = session.client() else {
+                    return;
+                };
+                let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+                if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
+                    return;
                 }
-                session.kill();
-            });
+            }
+            session.kill();
+        });
+        match first.await {
+            Ok(Ok(Ok(()))) => Ok(ReleaseOutcome::Released),
+            Ok(Ok(Err(zk::Error::NoNode))) => Ok(ReleaseOutcome::NotHeld),
+            Ok(Ok(Err(e))) => Err(map_err(e)),
+            Ok(Err(_)) => Err(LockError::OperationTimeout {
+                backend: NAME,
+                op: "delete",
+                after: op,
+            }),
+            Err(_) => Err(LockError::backend(
+                NAME,
+                true,
+                "the release's delete ended without an answer",
+            )),
         }
-        Err(res)
     }
 
     async fn inspect(&self, key: &LockKey) -> Result<Option<LockInfo>, LockError> {
