@@ -312,6 +312,8 @@ async fn abandoned_release(connect: &str) -> Res<String> {
     let (a, proxies) = proxied(connect).await?;
     let k = key("abandoned-release");
     let client = LockClient::new(a).with_options(opts().op_timeout(Duration::from_millis(200)));
+    // A second lock on the same session: it must live through all this.
+    let other_key = client.acquire(&key("same-session")).await.map_err(e2s)?;
     let g = client.acquire(&k).await.map_err(e2s)?;
     for p in &proxies {
         p.set_cut(true);
@@ -322,9 +324,13 @@ async fn abandoned_release(connect: &str) -> Res<String> {
             "the release answered {released:?} through a cut connection"
         ));
     }
-    // The delete waits in the cut connection; it ends before delivering it.
+    // The delete waits in the cut connection, which ends (the reset taken while still
+    // cut) before delivering it.
     for p in &proxies {
         p.reset_all();
+    }
+    sleep(Duration::from_millis(200)).await;
+    for p in &proxies {
         p.set_cut(false);
     }
     let healed = Instant::now();
@@ -336,10 +342,17 @@ async fn abandoned_release(connect: &str) -> Res<String> {
         .map_err(|e| format!("the key stayed held after the connection came back: {e}"))?;
     let free_after = healed.elapsed();
     g2.release().await.map_err(e2s)?;
-    // The first client's session is still open: the node went by a delete, not with it.
-    drop(client);
+    // Freed by the delete, not by closing the session (which would end the other lock).
+    let status = other_key.status();
+    if status != LockStatus::Held || free_after >= ZK_SESSION {
+        return Err(format!(
+            "the key free after {} ms; the same session's other lock is {status:?}",
+            free_after.as_millis()
+        ));
+    }
+    other_key.release().await.map_err(e2s)?;
     Ok(format!(
-        "the key free {} ms after the connection came back (session {} ms)",
+        "the key free {} ms after the connection came back (session {} ms); the session's other lock still held",
         free_after.as_millis(),
         ZK_SESSION.as_millis()
     ))
