@@ -85,6 +85,12 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
         .await,
         check(
             name,
+            "a_wait_given_up_during_a_partition_leaves_no_node",
+            abandoned_wait(connect),
+        )
+        .await,
+        check(
+            name,
             "each_release_fires_exactly_one_of_64_watches",
             herd(connect),
         )
@@ -304,6 +310,19 @@ async fn lost_create_reply(connect: &str) -> Res<String> {
     ))
 }
 
+/// The status of `g` once it is `Held` again after a reconnect (it reads `Uncertain` until
+/// its next check), or whatever it reads after a session timeout.
+async fn held_again(g: &lock_core::LockGuard) -> LockStatus {
+    let until = Instant::now() + ZK_SESSION;
+    loop {
+        let s = g.status();
+        if s == LockStatus::Held || Instant::now() >= until {
+            return s;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A release whose caller stops waiting (its operation timeout, shorter than the
 /// backend's) while the connection is cut, the delete then lost with the connection: the
 /// node must still go once the client reconnects, on the same session, or it would block
@@ -343,7 +362,7 @@ async fn abandoned_release(connect: &str) -> Res<String> {
     let free_after = healed.elapsed();
     g2.release().await.map_err(e2s)?;
     // Freed by the delete, not by closing the session (which would end the other lock).
-    let status = other_key.status();
+    let status = held_again(&other_key).await;
     if status != LockStatus::Held || free_after >= ZK_SESSION {
         return Err(format!(
             "the key free after {} ms; the same session's other lock is {status:?}",
@@ -355,6 +374,62 @@ async fn abandoned_release(connect: &str) -> Res<String> {
         "the key free {} ms after the connection came back (session {} ms); the session's other lock still held",
         free_after.as_millis(),
         ZK_SESSION.as_millis()
+    ))
+}
+
+/// A waiting acquire given up (its task aborted) while its connection is cut, the
+/// delete of its queue node then lost with the connection, and its caller's clean-up
+/// given up too (a short operation timeout): once the client reconnects, on the same
+/// session, the node must still go, or it would block the key once it came first in line.
+async fn abandoned_wait(connect: &str) -> Res<String> {
+    let holder = LockClient::new(backend(connect).await?).with_options(opts());
+    let (b, proxies) = proxied(connect).await?;
+    let k = key("abandoned-wait");
+    let g = holder.acquire(&k).await.map_err(e2s)?;
+    let waiter = LockClient::new(b).with_options(opts().op_timeout(Duration::from_millis(200)));
+    // A second lock on the waiter's session: it must live through all this.
+    let same_session = waiter.acquire(&key("same-session")).await.map_err(e2s)?;
+    let waiting = {
+        let (w, k) = (waiter.clone(), k.clone());
+        tokio::spawn(async move { w.acquire(&k).await.map(|g| g.token()) })
+    };
+    sleep(Duration::from_millis(300)).await;
+    for p in &proxies {
+        p.set_cut(true);
+    }
+    waiting.abort();
+    // The delete and the clean-up wait in the cut connection, which ends (reset while
+    // still cut) before delivering them.
+    sleep(Duration::from_millis(400)).await;
+    for p in &proxies {
+        p.reset_all();
+    }
+    sleep(Duration::from_millis(200)).await;
+    for p in &proxies {
+        p.set_cut(false);
+    }
+    let healed = Instant::now();
+    g.release().await.map_err(e2s)?;
+    let next = LockClient::new(backend(connect).await?)
+        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
+    let g2 = next
+        .acquire(&k)
+        .await
+        .map_err(|e| format!("the given-up waiter's node kept the key: {e}"))?;
+    let free_after = healed.elapsed();
+    g2.release().await.map_err(e2s)?;
+    // Freed by the delete, not by closing the session (which would end the other lock).
+    let status = held_again(&same_session).await;
+    if status != LockStatus::Held || free_after >= ZK_SESSION {
+        return Err(format!(
+            "the key free after {} ms; the same session's other lock is {status:?}",
+            free_after.as_millis()
+        ));
+    }
+    same_session.release().await.map_err(e2s)?;
+    Ok(format!(
+        "the key free {} ms after the connection came back; the session's other lock still held",
+        free_after.as_millis()
     ))
 }
 

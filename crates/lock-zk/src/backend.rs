@@ -11,8 +11,9 @@ use lock_core::{
     AcquireRequest, Capabilities, FencingToken, Grant, HolderMeta, LeaseId, LeaseKind, LeaseRef,
     LockBackend, LockError, LockInfo, LockKey, LossReason, ReleaseOutcome, SessionHealth,
 };
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use zookeeper_client as zk;
 
@@ -160,6 +161,7 @@ pub struct ZkBackend {
 struct NodeGuard {
     session: Arc<Session>,
     path: Option<String>,
+    op: Duration,
 }
 
 impl NodeGuard {
@@ -170,17 +172,60 @@ impl NodeGuard {
 
 impl Drop for NodeGuard {
     fn drop(&mut self) {
-        if let (Some(path), Ok(client), Ok(rt)) = (
-            self.path.take(),
-            self.session.client(),
-            tokio::runtime::Handle::try_current(),
-        ) {
-            rt.spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(10), client.delete(&path, None)).await;
-            });
+        if let (Some(path), Ok(client)) = (self.path.take(), self.session.client()) {
+            drop(delete_node(
+                client,
+                path,
+                self.op,
+                Some(self.session.clone()),
+            ));
         }
     }
+}
+
+/// The first try of [`delete_node`]: ZooKeeper's answer, or `Err` if none came within the
+/// operation timeout.
+type FirstDelete = oneshot::Receiver<Result<Result<(), zk::Error>, Elapsed>>;
+
+/// Deletes lock node `path` in a task of its own, which goes on when its caller stops
+/// waiting: a node this process let go would otherwise stay on the live session, with
+/// nothing watching it, and block the key. With `retry` (the node's session), a delete that
+/// fails is tried again for a session timeout; if it still fails the session is closed,
+/// which removes the node (and ends the session's other locks, which their guards report).
+fn delete_node(
+    client: zk::Client,
+    path: String,
+    op: Duration,
+    retry: Option<Arc<Session>>,
+) -> FirstDelete {
+    let (tx, first) = oneshot::channel();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        // No runtime to run it: the node goes when the session ends.
+        return first;
+    };
+    rt.spawn(async move {
+        let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+        let done = matches!(deleted, Ok(Ok(()) | Err(zk::Error::NoNode)));
+        let _ = tx.send(deleted);
+        let Some(session) = retry.filter(|_| !done) else {
+            return;
+        };
+        let until = Instant::now() + session.timeout;
+        let mut pause = Duration::from_millis(50);
+        while Instant::now() < until {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(session.timeout / 4);
+            let Ok(client) = session.client() else {
+                return;
+            };
+            let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+            if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
+                return;
+            }
+        }
+        session.kill();
+    });
+    first
 }
 
 impl ZkBackend {
@@ -538,6 +583,7 @@ impl ZkBackend {
         let guard = NodeGuard {
             session: session.clone(),
             path: Some(path.clone()),
+            op: self.inner.cfg.op_timeout,
         };
         let name = path.rsplit('/').next().unwrap_or_default().to_owned();
         // While waiting, a slow or lost answer does not cost the node its place: it stays in
@@ -927,36 +973,8 @@ impl LockBackend for ZkBackend {
         let Some(path) = path else {
             return Ok(ReleaseOutcome::NotHeld);
         };
-        // The delete runs in a task of its own, which goes on when it fails or when this
-        // release's caller stops waiting: the node of a lock this process let go would
-        // otherwise stay on the live session, with nothing watching it, blocking the key. It
-        // is tried again for a session timeout; if it still fails the session is closed,
-        // which removes the node (and ends the session's other locks, which their guards
-        // report).
         let op = self.inner.cfg.op_timeout;
-        let (tx, first) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
-            let done = matches!(deleted, Ok(Ok(()) | Err(zk::Error::NoNode)));
-            let _ = tx.send(deleted);
-            let Some(session) = held_on.filter(|_| !done) else {
-                return;
-            };
-            let until = Instant::now() + session.timeout;
-            let mut pause = Duration::from_millis(50);
-            while Instant::now() < until {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(session.timeout / 4);
-                let Ok(client) = session.client() else {
-                    return;
-                };
-                let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
-                if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
-                    return;
-                }
-            }
-            session.kill();
-        });
+        let first = delete_node(client, path, op, held_on);
         match first.await {
             Ok(Ok(Ok(()))) => Ok(ReleaseOutcome::Released),
             Ok(Ok(Err(zk::Error::NoNode))) => Ok(ReleaseOutcome::NotHeld),
