@@ -394,6 +394,16 @@ async fn abandoned_wait(connect: &str) -> Res<String> {
         tokio::spawn(async move { w.acquire(&k).await.map(|g| g.token()) })
     };
     sleep(Duration::from_millis(300)).await;
+    let queued = holder
+        .inspect(&k)
+        .await
+        .map_err(e2s)?
+        .and_then(|i| i.waiters);
+    if queued != Some(1) {
+        return Err(format!(
+            "{queued:?} waiters queued behind the holder, not 1"
+        ));
+    }
     for p in &proxies {
         p.set_cut(true);
     }

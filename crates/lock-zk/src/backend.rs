@@ -205,6 +205,8 @@ fn delete_node(
     };
     rt.spawn(async move {
         let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+        // A session given up meanwhile must not be kept open by this clone.
+        drop(client);
         let done = matches!(deleted, Ok(Ok(()) | Err(zk::Error::NoNode)));
         let _ = tx.send(deleted);
         let Some(session) = retry.filter(|_| !done) else {
