@@ -91,6 +91,12 @@ pub async fn run(connect: &str, zk: Option<ZooKeeper>, name: &str) -> Vec<CaseRe
         .await,
         check(
             name,
+            "an_acquire_given_up_before_its_create_was_answered_leaves_no_node",
+            abandoned_create(connect),
+        )
+        .await,
+        check(
+            name,
             "each_release_fires_exactly_one_of_64_watches",
             herd(connect),
         )
@@ -439,6 +445,69 @@ async fn abandoned_wait(connect: &str) -> Res<String> {
     same_session.release().await.map_err(e2s)?;
     Ok(format!(
         "the key free {} ms after the connection came back; the session's other lock still held",
+        free_after.as_millis()
+    ))
+}
+
+/// An acquire given up while its create is unanswered (carried out by the server, its reply
+/// lost), its caller's clean-up given up too, then the connection reset: once the client
+/// reconnects, on the same session, the node must still go, or it would hold the key.
+async fn abandoned_create(connect: &str) -> Res<String> {
+    let (b, proxies) = proxied(connect).await?;
+    let k = key("abandoned-create");
+    let client = LockClient::new(b).with_options(opts().op_timeout(Duration::from_millis(200)));
+    // The key's parent node first, so that the create under test succeeds on the server.
+    client
+        .acquire(&k)
+        .await
+        .map_err(e2s)?
+        .release()
+        .await
+        .map_err(e2s)?;
+    // A second lock on the same session: it must live through all this.
+    let same_session = client.acquire(&key("same-session")).await.map_err(e2s)?;
+    for p in &proxies {
+        p.set_drop_replies(true);
+    }
+    let acquiring = {
+        let (c, k) = (client.clone(), k.clone());
+        tokio::spawn(async move { c.acquire(&k).await.map(|g| g.token()) })
+    };
+    sleep(Duration::from_millis(150)).await;
+    acquiring.abort();
+    // The clean-up by lease id goes unanswered too, and gives up after 200 ms.
+    sleep(Duration::from_millis(400)).await;
+    let lost: u64 = proxies.iter().map(Proxy::dropped_reply_bytes).sum();
+    for p in &proxies {
+        p.set_drop_replies(false);
+        p.reset_all();
+    }
+    let healed = Instant::now();
+    // A create reply carries the path and a stat (over 100 bytes); pings' replies are 20.
+    if lost < 100 {
+        return Err(format!(
+            "only {lost} reply bytes dropped: the create's reply was not among them"
+        ));
+    }
+    let next = LockClient::new(backend(connect).await?)
+        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
+    let g = next
+        .acquire(&k)
+        .await
+        .map_err(|e| format!("the given-up acquire's node kept the key: {e}"))?;
+    let free_after = healed.elapsed();
+    g.release().await.map_err(e2s)?;
+    // Freed by the delete, not by closing the session (which would end the other lock).
+    let status = held_again(&same_session).await;
+    if status != LockStatus::Held || free_after >= ZK_SESSION {
+        return Err(format!(
+            "the key free after {} ms; the same session's other lock is {status:?}",
+            free_after.as_millis()
+        ));
+    }
+    same_session.release().await.map_err(e2s)?;
+    Ok(format!(
+        "{lost} reply bytes dropped; the key free {} ms after the connection came back; the session's other lock still held",
         free_after.as_millis()
     ))
 }

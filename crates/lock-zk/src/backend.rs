@@ -156,26 +156,40 @@ pub struct ZkBackend {
     inner: Arc<Inner>,
 }
 
-/// Deletes a lock node if the acquire that created it does not finish (cancelled, timed
-/// out, failed).
+/// Deletes an acquire's lock node if the acquire does not finish (cancelled, timed out,
+/// failed). Armed before the create is sent: until the create is answered, the node is
+/// looked for by its lease.
 struct NodeGuard {
     session: Arc<Session>,
-    path: Option<String>,
+    node: Option<Node>,
     op: Duration,
 }
 
+/// A lock node: its path, or, while its create is unanswered, the key's parent and the
+/// prefix of this lease's node names (a lease has at most one node: see `create_node`).
+#[derive(Clone)]
+enum Node {
+    Path(String),
+    OfLease { parent: String, prefix: String },
+}
+
 impl NodeGuard {
-    fn disarm(mut self) -> Option<String> {
-        self.path.take()
+    /// The created node's path, from now on.
+    fn created(&mut self, path: &str) {
+        self.node = Some(Node::Path(path.to_owned()));
+    }
+
+    fn disarm(mut self) {
+        self.node = None;
     }
 }
 
 impl Drop for NodeGuard {
     fn drop(&mut self) {
-        if let (Some(path), Ok(client)) = (self.path.take(), self.session.client()) {
+        if let (Some(node), Ok(client)) = (self.node.take(), self.session.client()) {
             drop(delete_node(
                 client,
-                path,
+                node,
                 self.op,
                 Some(self.session.clone()),
             ));
@@ -187,14 +201,14 @@ impl Drop for NodeGuard {
 /// operation timeout.
 type FirstDelete = oneshot::Receiver<Result<Result<(), zk::Error>, Elapsed>>;
 
-/// Deletes lock node `path` in a task of its own, which goes on when its caller stops
+/// Deletes lock node `node` in a task of its own, which goes on when its caller stops
 /// waiting: a node this process let go would otherwise stay on the live session, with
 /// nothing watching it, and block the key. With `retry` (the node's session), a delete that
 /// fails is tried again for a session timeout; if it still fails the session is closed,
 /// which removes the node (and ends the session's other locks, which their guards report).
 fn delete_node(
     client: zk::Client,
-    path: String,
+    mut node: Node,
     op: Duration,
     retry: Option<Arc<Session>>,
 ) -> FirstDelete {
@@ -204,7 +218,7 @@ fn delete_node(
         return first;
     };
     rt.spawn(async move {
-        let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+        let deleted = delete_once(&client, &mut node, op).await;
         // A session given up meanwhile must not be kept open by this clone.
         drop(client);
         let done = matches!(deleted, Ok(Ok(()) | Err(zk::Error::NoNode)));
@@ -220,7 +234,7 @@ fn delete_node(
             let Ok(client) = session.client() else {
                 return;
             };
-            let deleted = tokio::time::timeout(op, client.delete(&path, None)).await;
+            let deleted = delete_once(&client, &mut node, op).await;
             if let Ok(Ok(()) | Err(zk::Error::NoNode)) = deleted {
                 return;
             }
@@ -228,6 +242,39 @@ fn delete_node(
         session.kill();
     });
     first
+}
+
+/// One try at deleting `node`, within `op`; a node known only by its lease is looked up
+/// first (none found, or the lookup refused other than by a failed connection: nothing
+/// known to delete).
+async fn delete_once(
+    client: &zk::Client,
+    node: &mut Node,
+    op: Duration,
+) -> Result<Result<(), zk::Error>, Elapsed> {
+    tokio::time::timeout(op, async {
+        if let Node::OfLease { parent, prefix } = node.clone() {
+            // Through the leader: a lagging server may not show the create yet.
+            let children = match client.sync(&parent).await {
+                Ok(()) => client.list_children(&parent).await,
+                Err(e) => Err(e),
+            };
+            let found = match children {
+                Ok(names) => names.into_iter().find(|n| n.starts_with(&prefix)),
+                Err(e) if transient(&e) => return Err(e),
+                Err(_) => None,
+            };
+            let Some(name) = found else {
+                return Ok(());
+            };
+            *node = Node::Path(format!("{parent}/{name}"));
+        }
+        match node {
+            Node::Path(path) => client.delete(path, None).await,
+            Node::OfLease { .. } => Ok(()),
+        }
+    })
+    .await
 }
 
 impl ZkBackend {
@@ -572,6 +619,14 @@ impl ZkBackend {
                 return Err(LockError::contended(&req.key));
             }
         }
+        let mut guard = NodeGuard {
+            session: session.clone(),
+            node: Some(Node::OfLease {
+                parent: parent.clone(),
+                prefix: node_prefix(req.lease_id.as_str()),
+            }),
+            op: self.inner.cfg.op_timeout,
+        };
         // A session given up meanwhile must not be kept open by this create's client clone.
         let create_sent = Instant::now();
         let (path, czxid) = tokio::select! {
@@ -582,11 +637,7 @@ impl ZkBackend {
                 "the session was given up while creating the lock node",
             )),
         };
-        let guard = NodeGuard {
-            session: session.clone(),
-            path: Some(path.clone()),
-            op: self.inner.cfg.op_timeout,
-        };
+        guard.created(&path);
         let name = path.rsplit('/').next().unwrap_or_default().to_owned();
         // While waiting, a slow or lost answer does not cost the node its place: it stays in
         // the queue as long as the session lives, so ask again (a dead session ends the wait).
@@ -635,7 +686,7 @@ impl ZkBackend {
                 ));
             };
             if pos == 0 {
-                let path = guard.disarm().unwrap_or(path);
+                guard.disarm();
                 let token = u64::try_from(czxid)
                     .map_err(|_| LockError::Protocol(format!("negative czxid {czxid}")))?;
                 return Ok(self.hold(
@@ -649,7 +700,7 @@ impl ZkBackend {
             let Some(deadline) = wait else {
                 // A try that found a queue after all.
                 let answer = LockError::contended(&req.key);
-                return Err(self.leave_queue(&client, guard, answer).await);
+                return Err(self.leave_queue(&client, guard, &path, answer).await);
             };
             // Watch only the predecessor (no herd); FIFO by sequence.
             let pred = format!("{parent}/{}", queue[pos - 1].1);
@@ -697,7 +748,7 @@ impl ZkBackend {
                 }
                 () = timeout => {
                     let answer = LockError::timeout(&req.key, started.elapsed());
-                    return Err(self.leave_queue(&client, guard, answer).await);
+                    return Err(self.leave_queue(&client, guard, &path, answer).await);
                 }
             }
         }
@@ -711,10 +762,10 @@ impl ZkBackend {
         &self,
         client: &zk::Client,
         guard: NodeGuard,
+        path: &str,
         answer: LockError,
     ) -> LockError {
-        let path = guard.path.clone().unwrap_or_default();
-        let failed = match self.timed("delete", client.delete(&path, None)).await {
+        let failed = match self.timed("delete", client.delete(path, None)).await {
             Ok(Ok(()) | Err(zk::Error::NoNode)) => {
                 guard.disarm();
                 return answer;
@@ -976,7 +1027,7 @@ impl LockBackend for ZkBackend {
             return Ok(ReleaseOutcome::NotHeld);
         };
         let op = self.inner.cfg.op_timeout;
-        let first = delete_node(client, path, op, held_on);
+        let first = delete_node(client, Node::Path(path), op, held_on);
         match first.await {
             Ok(Ok(Ok(()))) => Ok(ReleaseOutcome::Released),
             Ok(Ok(Err(zk::Error::NoNode))) => Ok(ReleaseOutcome::NotHeld),
