@@ -329,6 +329,46 @@ async fn held_again(g: &lock_core::LockGuard) -> LockStatus {
     }
 }
 
+/// Ends the cut connections (the reset taken while still cut, so nothing held in them is
+/// delivered), then heals the cut; returns when.
+async fn reset_then_heal(proxies: &[Proxy]) -> Instant {
+    for p in proxies {
+        p.reset_all();
+    }
+    sleep(Duration::from_millis(200)).await;
+    for p in proxies {
+        p.set_cut(false);
+    }
+    Instant::now()
+}
+
+/// After the connection of `same_session`'s client came back at `healed`: another client
+/// is granted `k` within a session timeout, and `same_session` is confirmed `Held` again,
+/// so the key was freed by a delete, not by closing the session (which would end that
+/// lock). Releases both; returns how long the key took to come free.
+async fn freed_by_a_delete(
+    connect: &str,
+    k: &str,
+    healed: Instant,
+    same_session: lock_core::LockGuard,
+    stuck: &str,
+) -> Res<Duration> {
+    let next = LockClient::new(backend(connect).await?)
+        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
+    let g = next.acquire(k).await.map_err(|e| format!("{stuck}: {e}"))?;
+    let free_after = healed.elapsed();
+    g.release().await.map_err(e2s)?;
+    let status = held_again(&same_session).await;
+    if status != LockStatus::Held || free_after >= ZK_SESSION {
+        return Err(format!(
+            "the key free after {} ms; the same session's other lock is {status:?}",
+            free_after.as_millis()
+        ));
+    }
+    same_session.release().await.map_err(e2s)?;
+    Ok(free_after)
+}
+
 /// A release whose caller stops waiting (its operation timeout, shorter than the
 /// backend's) while the connection is cut, the delete then lost with the connection: the
 /// node must still go once the client reconnects, on the same session, or it would block
@@ -349,33 +389,10 @@ async fn abandoned_release(connect: &str) -> Res<String> {
             "the release answered {released:?} through a cut connection"
         ));
     }
-    // The delete waits in the cut connection, which ends (the reset taken while still
-    // cut) before delivering it.
-    for p in &proxies {
-        p.reset_all();
-    }
-    sleep(Duration::from_millis(200)).await;
-    for p in &proxies {
-        p.set_cut(false);
-    }
-    let healed = Instant::now();
-    let other = LockClient::new(backend(connect).await?)
-        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
-    let g2 = other
-        .acquire(&k)
-        .await
-        .map_err(|e| format!("the key stayed held after the connection came back: {e}"))?;
-    let free_after = healed.elapsed();
-    g2.release().await.map_err(e2s)?;
-    // Freed by the delete, not by closing the session (which would end the other lock).
-    let status = held_again(&other_key).await;
-    if status != LockStatus::Held || free_after >= ZK_SESSION {
-        return Err(format!(
-            "the key free after {} ms; the same session's other lock is {status:?}",
-            free_after.as_millis()
-        ));
-    }
-    other_key.release().await.map_err(e2s)?;
+    // The delete waits in the cut connection, which ends before delivering it.
+    let healed = reset_then_heal(&proxies).await;
+    let stuck = "the key stayed held after the connection came back";
+    let free_after = freed_by_a_delete(connect, &k, healed, other_key, stuck).await?;
     Ok(format!(
         "the key free {} ms after the connection came back (session {} ms); the session's other lock still held",
         free_after.as_millis(),
@@ -414,35 +431,13 @@ async fn abandoned_wait(connect: &str) -> Res<String> {
         p.set_cut(true);
     }
     waiting.abort();
-    // The delete and the clean-up wait in the cut connection, which ends (reset while
-    // still cut) before delivering them.
+    // The delete and the clean-up wait in the cut connection, which ends before
+    // delivering them.
     sleep(Duration::from_millis(400)).await;
-    for p in &proxies {
-        p.reset_all();
-    }
-    sleep(Duration::from_millis(200)).await;
-    for p in &proxies {
-        p.set_cut(false);
-    }
-    let healed = Instant::now();
+    let healed = reset_then_heal(&proxies).await;
     g.release().await.map_err(e2s)?;
-    let next = LockClient::new(backend(connect).await?)
-        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
-    let g2 = next
-        .acquire(&k)
-        .await
-        .map_err(|e| format!("the given-up waiter's node kept the key: {e}"))?;
-    let free_after = healed.elapsed();
-    g2.release().await.map_err(e2s)?;
-    // Freed by the delete, not by closing the session (which would end the other lock).
-    let status = held_again(&same_session).await;
-    if status != LockStatus::Held || free_after >= ZK_SESSION {
-        return Err(format!(
-            "the key free after {} ms; the same session's other lock is {status:?}",
-            free_after.as_millis()
-        ));
-    }
-    same_session.release().await.map_err(e2s)?;
+    let stuck = "the given-up waiter's node kept the key";
+    let free_after = freed_by_a_delete(connect, &k, healed, same_session, stuck).await?;
     Ok(format!(
         "the key free {} ms after the connection came back; the session's other lock still held",
         free_after.as_millis()
@@ -477,37 +472,30 @@ async fn abandoned_create(connect: &str) -> Res<String> {
     acquiring.abort();
     // The clean-up by lease id goes unanswered too, and gives up after 200 ms.
     sleep(Duration::from_millis(400)).await;
-    let lost: u64 = proxies.iter().map(Proxy::dropped_reply_bytes).sum();
+    // The create was carried out: its node is there.
+    let parent = backend(connect)
+        .await?
+        .key_path(&LockKey::new(&*k).map_err(e2s)?);
+    let nodes = observer_client(connect)
+        .await?
+        .list_children(&parent)
+        .await
+        .map_err(e2s)?;
+    if nodes.len() != 1 {
+        return Err(format!(
+            "nodes under the key before the reconnect: {nodes:?}"
+        ));
+    }
     for p in &proxies {
         p.set_drop_replies(false);
         p.reset_all();
     }
     let healed = Instant::now();
-    // A create reply carries the path and a stat (over 100 bytes); pings' replies are 20.
-    if lost < 100 {
-        return Err(format!(
-            "only {lost} reply bytes dropped: the create's reply was not among them"
-        ));
-    }
-    let next = LockClient::new(backend(connect).await?)
-        .with_options(opts().wait(WaitPolicy::Timeout(ZK_SESSION * 2)));
-    let g = next
-        .acquire(&k)
-        .await
-        .map_err(|e| format!("the given-up acquire's node kept the key: {e}"))?;
-    let free_after = healed.elapsed();
-    g.release().await.map_err(e2s)?;
-    // Freed by the delete, not by closing the session (which would end the other lock).
-    let status = held_again(&same_session).await;
-    if status != LockStatus::Held || free_after >= ZK_SESSION {
-        return Err(format!(
-            "the key free after {} ms; the same session's other lock is {status:?}",
-            free_after.as_millis()
-        ));
-    }
-    same_session.release().await.map_err(e2s)?;
+    let stuck = "the given-up acquire's node kept the key";
+    let free_after = freed_by_a_delete(connect, &k, healed, same_session, stuck).await?;
     Ok(format!(
-        "{lost} reply bytes dropped; the key free {} ms after the connection came back; the session's other lock still held",
+        "node {} left by the create; the key free {} ms after the connection came back; the session's other lock still held",
+        nodes[0],
         free_after.as_millis()
     ))
 }

@@ -259,15 +259,29 @@ async fn delete_once(
                 Ok(()) => client.list_children(&parent).await,
                 Err(e) => Err(e),
             };
-            let found = match children {
-                Ok(names) => names.into_iter().find(|n| n.starts_with(&prefix)),
+            let names = match children {
+                Ok(names) => names,
                 Err(e) if transient(&e) => return Err(e),
-                Err(_) => None,
+                Err(_) => return Ok(()),
             };
-            let Some(name) = found else {
+            // Only this session's node: a retry of the acquire on a newer session has a node
+            // of the same lease.
+            let mut found = None;
+            for name in names.into_iter().filter(|n| n.starts_with(&prefix)) {
+                let path = format!("{parent}/{name}");
+                match client.check_stat(&path).await {
+                    Ok(Some(stat)) if stat.ephemeral_owner == client.session_id().0 => {
+                        found = Some(path);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(path) = found else {
                 return Ok(());
             };
-            *node = Node::Path(format!("{parent}/{name}"));
+            *node = Node::Path(path);
         }
         match node {
             Node::Path(path) => client.delete(path, None).await,
@@ -443,40 +457,22 @@ impl ZkBackend {
         }
     }
 
-    /// Finds the lock node of `lease` under `parent`, after a `sync`: the server this client
-    /// reconnected to may not have applied a create whose answer was lost.
-    async fn find_node(
-        &self,
-        client: &zk::Client,
-        parent: &str,
-        lease: &str,
-    ) -> Result<Option<String>, LockError> {
-        match self.timed("sync", client.sync(parent)).await? {
-            Ok(()) | Err(zk::Error::NoNode) => {}
-            Err(e) => return Err(map_err(e)),
-        }
-        let prefix = node_prefix(lease);
-        Ok(self.queue(client, parent).await?.and_then(|q| {
-            q.into_iter()
-                .find(|(_, n)| n.starts_with(&prefix))
-                .map(|(_, n)| format!("{parent}/{n}"))
-        }))
-    }
-
-    /// This request's node, if a create whose answer was lost made it: its path and czxid.
-    /// Only a node of this session counts: one the lease left on a session given up goes
-    /// with that session.
+    /// The node of `lease` under `parent` on this client's session, if there is one (a
+    /// create whose answer was lost may have made it): its path and czxid. After a `sync`:
+    /// the server this client reconnected to may not have applied the create yet. Only a
+    /// node of this session counts: one the lease left on a session given up goes with that
+    /// session.
     async fn find_own_node(
         &self,
         client: &zk::Client,
         parent: &str,
-        req: &AcquireRequest,
+        lease: &LeaseId,
     ) -> Result<Option<(String, i64)>, LockError> {
         match self.timed("sync", client.sync(parent)).await? {
             Ok(()) | Err(zk::Error::NoNode) => {}
             Err(e) => return Err(map_err(e)),
         }
-        let prefix = node_prefix(req.lease_id.as_str());
+        let prefix = node_prefix(lease.as_str());
         let queue = self.queue(client, parent).await?.unwrap_or_default();
         for (_, name) in queue.iter().filter(|(_, n)| n.starts_with(&prefix)) {
             let full = format!("{parent}/{name}");
@@ -512,7 +508,7 @@ impl ZkBackend {
         let mut unknown = false;
         for _ in 0..8 {
             if unknown {
-                match self.find_own_node(client, &parent, req).await {
+                match self.find_own_node(client, &parent, &req.lease_id).await {
                     Ok(Some(found)) => return Ok(found),
                     Ok(None) => {}
                     Err(e) if e.is_retryable() => {
@@ -1015,10 +1011,10 @@ impl LockBackend for ZkBackend {
                 let client = self.session().await?.client()?;
                 let parent = self.key_path(&lease.key);
                 match self
-                    .find_node(&client, &parent, lease.lease_id.as_str())
+                    .find_own_node(&client, &parent, &lease.lease_id)
                     .await?
                 {
-                    Some(p) => (client, Some(p), None),
+                    Some((p, _)) => (client, Some(p), None),
                     None => return Ok(ReleaseOutcome::NotHeld),
                 }
             }
