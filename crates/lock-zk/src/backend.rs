@@ -275,7 +275,8 @@ async fn delete_once(
                         break;
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(e),
+                    Err(e) if transient(&e) => return Err(e),
+                    Err(_) => {}
                 }
             }
             let Some(path) = found else {
