@@ -349,6 +349,14 @@ pub async fn run(url: &str, server: Option<Postgres>) -> Vec<CaseResult> {
         )
         .await,
     );
+    out.push(
+        check(
+            "pg",
+            "a_schema_that_is_not_a_lock_schema_is_refused_and_left_untouched",
+            foreign_schema(url),
+        )
+        .await,
+    );
     match server {
         Some(mut s) => {
             let r = check("pg", "restart_while_held_reports_loss_tokens_grow", async {
@@ -1593,4 +1601,85 @@ async fn other_schema_version(url: &str) -> Res<String> {
         return Err(format!("the schema's version was changed to {left}"));
     }
     Ok("refused, naming version 99; left untouched".into())
+}
+
+/// The relations and functions in `schema`, by name and kind.
+async fn schema_objects(admin: &tokio_postgres::Client, schema: &str) -> Res<Vec<String>> {
+    let rows = admin
+        .query(
+            "WITH n AS (SELECT oid FROM pg_namespace WHERE nspname = $1) \
+             SELECT relname || ' ' || relkind::text FROM pg_class, n WHERE relnamespace = n.oid \
+             UNION ALL SELECT proname::text || ' f' FROM pg_proc, n WHERE pronamespace = n.oid \
+             ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .map_err(e2s)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A schema that holds the application's own tables is refused with an error that names
+/// it, and nothing is created in it: one with a migration tool's `schema_version` table
+/// (a text version), one with a `lease` table and no `schema_version`, with and without
+/// auto_migrate. An empty schema made beforehand (by an administrator) is taken.
+async fn foreign_schema(url: &str) -> Res<String> {
+    use lock_core::LockBackend as _;
+    let admin = admin(url).await?;
+    let n = rand::random::<u32>();
+    let (tool, own, empty) = (
+        format!("tool_{n}"),
+        format!("own_{n}"),
+        format!("empty_{n}"),
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {tool}; \
+             CREATE TABLE {tool}.schema_version (installed_rank int PRIMARY KEY, version varchar(50)); \
+             INSERT INTO {tool}.schema_version VALUES (1, '1.0.3'); \
+             CREATE SCHEMA {own}; \
+             CREATE TABLE {own}.lease (id serial PRIMARY KEY, tenant text); \
+             CREATE SCHEMA {empty};"
+        ))
+        .await
+        .map_err(e2s)?;
+    let mut seen = Vec::new();
+    let mut failures = Vec::new();
+    for (schema, auto) in [(&tool, true), (&tool, false), (&own, true), (&own, false)] {
+        let before = schema_objects(&admin, schema).await?;
+        let cfg = pg_config(url).schema(schema.clone()).auto_migrate(auto);
+        // In a task of its own: a panic is reported as one.
+        let res = tokio::spawn(async move {
+            let locks = PgLocks::connect_with(cfg).await?;
+            locks
+                .lease_rows()
+                .inspect(&lock_core::LockKey::new("k")?)
+                .await
+                .map(drop)
+        })
+        .await;
+        let after = schema_objects(&admin, schema).await?;
+        match res {
+            Ok(Err(LockError::InvalidConfig(m))) if m.contains(schema.as_str()) => seen.push(m),
+            other => failures.push(format!(
+                "{schema} (auto_migrate {auto}) gave {other:?}, not an error naming it"
+            )),
+        }
+        if after != before {
+            failures.push(format!("{schema} changed: {before:?} -> {after:?}"));
+        }
+    }
+    let taken = PgLocks::connect_with(pg_config(url).schema(empty.clone())).await;
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA {tool} CASCADE; DROP SCHEMA {own} CASCADE; DROP SCHEMA {empty} CASCADE"
+        ))
+        .await
+        .map_err(e2s)?;
+    if let Err(e) = taken {
+        failures.push(format!("the empty schema was refused: {e}"));
+    }
+    if !failures.is_empty() {
+        return Err(failures.join("; "));
+    }
+    Ok(format!("refused, untouched: {}", seen.join(" | ")))
 }

@@ -169,7 +169,14 @@ impl Shared {
                     self.migrate().await
                 } else {
                     let conn = self.conn(None).await?;
-                    check_version(&self.sql, &conn).await
+                    if check_schema(&self.sql, &self.cfg.schema, &conn).await? {
+                        return Ok(());
+                    }
+                    Err(LockError::InvalidConfig(format!(
+                        "the lock schema {} is missing (call PgLocks::migrate or enable \
+                         auto_migrate)",
+                        self.cfg.schema
+                    )))
                 }
             })
             .await
@@ -193,17 +200,7 @@ impl Shared {
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&id])
                 .await
                 .map_err(map_err)?;
-            let exists: Option<String> = tx
-                .query_one(
-                    "SELECT to_regclass($1)::text",
-                    &[&format!("{}.schema_version", self.cfg.schema)],
-                )
-                .await
-                .map_err(map_err)?
-                .get(0);
-            if exists.is_some() {
-                check_version(&self.sql, tx.client()).await?;
-            }
+            check_schema(&self.sql, &self.cfg.schema, tx.client()).await?;
             tx.batch_execute(&self.sql.schema_ddl)
                 .await
                 .map_err(map_err)?;
@@ -274,19 +271,52 @@ impl Shared {
     }
 }
 
-/// Refuses a schema of another version than this client's.
-async fn check_version(sql: &Sql, conn: &tokio_postgres::Client) -> Result<(), LockError> {
-    let version: i32 = conn
-        .query_one(&sql.schema_version, &[])
+/// Whether `schema` holds this client's lock schema (`false`: not yet, and nothing else
+/// either). Refuses a lock schema of another version, and a schema that holds objects of
+/// its own (the application's tables, a migration tool's `schema_version`): the lock's
+/// tables and functions must not be created among them.
+async fn check_schema(
+    sql: &Sql,
+    schema: &str,
+    conn: &tokio_postgres::Client,
+) -> Result<bool, LockError> {
+    let row = conn
+        .query_one(&sql.schema_shape, &[])
         .await
-        .map_err(map_err)?
-        .get(0);
+        .map_err(map_err)?;
+    let columns: Option<String> = row.try_get(0).map_err(map_err)?;
+    let occupied: bool = row.try_get(1).map_err(map_err)?;
+    match columns.as_deref() {
+        Some("one boolean, version integer") => {}
+        None if !occupied => return Ok(false),
+        _ => {
+            return Err(LockError::InvalidConfig(format!(
+                "schema {schema} holds tables or functions that are not a lock schema's (no \
+                 schema_version record of this library): give the lock a schema of its own \
+                 (PgConfig::schema)"
+            )))
+        }
+    }
+    let rows = conn
+        .query(&sql.schema_version, &[])
+        .await
+        .map_err(map_err)?;
+    let version = match rows.as_slice() {
+        [row] => row.try_get::<_, i32>(0).map_err(map_err)?,
+        _ => {
+            return Err(LockError::InvalidConfig(format!(
+                "{schema}.schema_version holds {} rows, not one",
+                rows.len()
+            )))
+        }
+    };
     if version != SCHEMA_VERSION {
         return Err(LockError::InvalidConfig(format!(
-            "the lock schema is version {version}; this lock-pg uses version {SCHEMA_VERSION}"
+            "the lock schema {schema} is version {version}; this lock-pg uses version \
+             {SCHEMA_VERSION}"
         )));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Refuses a token sequence whose values are not handed out in order: one that caches

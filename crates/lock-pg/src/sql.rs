@@ -55,6 +55,7 @@ const DURABLE: &str = "set_config('synchronous_commit', \
 pub(crate) struct Sql {
     pub(crate) schema_ddl: String,
     pub(crate) schema_version: String,
+    pub(crate) schema_shape: String,
     pub(crate) crash_guard: String,
     pub(crate) crash_guard_call: String,
     pub(crate) sequence_check: String,
@@ -232,6 +233,18 @@ $fn$;
         Self {
             schema_ddl,
             schema_version: format!("SELECT version FROM {s}.schema_version"),
+            // The columns of `schema_version`, if the table exists, and whether the schema
+            // holds anything at all.
+            schema_shape: format!(
+                "SELECT (SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), \
+                            ', ' ORDER BY attnum) \
+                         FROM pg_attribute WHERE attrelid = to_regclass('{s}.schema_version') \
+                           AND attnum > 0 AND NOT attisdropped), \
+                        EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = n.oid) \
+                        OR EXISTS (SELECT 1 FROM pg_proc WHERE pronamespace = n.oid) \
+                        OR EXISTS (SELECT 1 FROM pg_type WHERE typnamespace = n.oid) \
+                 FROM (SELECT 0) one LEFT JOIN pg_namespace n ON n.nspname = '{s}'"
+            ),
             // A transaction of its own, committed synchronously before any draw (see the
             // schema); read committed, so that a guard that waited for another sees its
             // marker. Also run on every new pooled connection, when the schema exists.
