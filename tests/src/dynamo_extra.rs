@@ -28,7 +28,7 @@ fn e2s(e: impl std::fmt::Display) -> String {
 }
 
 /// The names of the checks below.
-pub const CHECKS: [&str; 7] = [
+pub const CHECKS: [&str; 9] = [
     "takeover_only_after_the_version_is_unchanged_for_a_whole_lease",
     "a_heartbeat_answered_too_late_keeps_the_lock",
     "a_heartbeating_holder_is_never_taken_over",
@@ -36,6 +36,8 @@ pub const CHECKS: [&str; 7] = [
     "release_keeps_the_counter",
     "missing_table_or_wrong_key_schema_is_refused_and_nothing_written",
     "emulator_restart_loses_the_table_and_its_counter",
+    "an_item_another_lock_tool_wrote_is_refused_and_left_as_it_was",
+    "a_table_whose_ttl_would_delete_lock_items_is_refused",
 ];
 
 /// Runs every DynamoDB check against `url`; `target` names the provider ("dynamo-moto"
@@ -48,6 +50,8 @@ pub async fn run(url: &str, target: &str, local: bool) -> Vec<CaseResult> {
         check(target, CHECKS[3], late_write_refused(url)).await,
         check(target, CHECKS[4], keeps_counter(url)).await,
         check(target, CHECKS[5], bad_tables(url)).await,
+        check(target, CHECKS[7], foreign_item(url)).await,
+        check(target, CHECKS[8], ttl_table(url)).await,
     ];
     out.push(if local {
         check(target, CHECKS[6], emulator_restart()).await
@@ -373,6 +377,86 @@ async fn bad_tables(url: &str) -> Res<String> {
         return Err(format!("{items} items written to the wrong table"));
     }
     Ok(format!("missing: {missing}; wrong schema: {schema}"))
+}
+
+/// An item of the key written by another lock tool (the AWS DynamoDB Lock Client's
+/// attributes, which has no `owner`): a try and a waiting acquire get a configuration error
+/// at once, inspect too, and the item is left as it was.
+async fn foreign_item(url: &str) -> Res<String> {
+    let t = table();
+    let b = backend(url, &t).await?;
+    let k = key("foreign");
+    b.client()
+        .put_item()
+        .table_name(&t)
+        .item("key", AttributeValue::S(k.clone()))
+        .item("ownerName", AttributeValue::S("host-a".into()))
+        .item("leaseDuration", AttributeValue::S("20000".into()))
+        .item("recordVersionNumber", AttributeValue::S("0b7e-4b1c".into()))
+        .send()
+        .await
+        .map_err(e2s)?;
+    let before = read_item(&b, &t, "key", &k).await?;
+    let c = LockClient::new(b.clone());
+    let mut seen = Vec::new();
+    for wait in [
+        WaitPolicy::NoWait,
+        WaitPolicy::Timeout(Duration::from_secs(5)),
+    ] {
+        let started = Instant::now();
+        let opts = LockOptions::default().wait(wait);
+        match c.acquire_with(&k, &opts).await {
+            Err(e @ LockError::InvalidConfig(_)) if started.elapsed() < Duration::from_secs(3) => {
+                seen.push(e.to_string())
+            }
+            other => {
+                return Err(format!(
+                    "{wait:?} gave {:?} after {:?}",
+                    other.map(|g| g.token()),
+                    started.elapsed()
+                ))
+            }
+        }
+    }
+    match c.inspect(&k).await {
+        Err(LockError::InvalidConfig(_)) => {}
+        other => return Err(format!("inspect gave {other:?}")),
+    }
+    let after = read_item(&b, &t, "key", &k).await?;
+    if after != before {
+        return Err(format!("the item changed: {before:?} -> {after:?}"));
+    }
+    Ok(seen.join(" | "))
+}
+
+/// A table whose time-to-live attribute is one of the lock item's: refused at connect
+/// (TTL would delete released items, and their token counters with them).
+async fn ttl_table(url: &str) -> Res<String> {
+    use lock_dynamo::aws_sdk_dynamodb::types::TimeToLiveSpecification;
+    let t = table();
+    let b = backend(url, &t).await?;
+    b.client()
+        .update_time_to_live()
+        .table_name(&t)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name("token")
+                .enabled(true)
+                .build()
+                .map_err(e2s)?,
+        )
+        .send()
+        .await
+        .map_err(e2s)?;
+    match DynamoBackend::connect_with(dynamo_config(url, &t)).await {
+        Err(e @ LockError::InvalidConfig(_)) if e.to_string().contains("token") => {
+            Ok(e.to_string())
+        }
+        other => Err(format!(
+            "a table with TTL on \"token\" gave {:?}",
+            other.map(|_| ())
+        )),
+    }
 }
 
 /// The emulator keeps nothing across a restart: the table is gone (a clear error to the

@@ -18,6 +18,7 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription, TableStatus,
+    TimeToLiveStatus,
 };
 use aws_sdk_dynamodb::Client;
 use lock_core::{
@@ -247,7 +248,8 @@ impl DynamoBackend {
                 mine: Mutex::new(HashMap::new()),
             }),
         };
-        me.check_table().await?;
+        // On the heap: the SDK's request futures are large, and callers nest this one.
+        Box::pin(me.check_table()).await?;
         Ok(me)
     }
 
@@ -341,7 +343,54 @@ impl DynamoBackend {
                 cfg.table, cfg.partition_key
             )));
         }
-        Ok(())
+        self.check_ttl().await
+    }
+
+    /// Refuses a table that deletes items by a time-to-live on one of the lock item's
+    /// attributes: a released item would go, and its token counter with it.
+    async fn check_ttl(&self) -> Result<(), LockError> {
+        let cfg = &self.inner.cfg;
+        let ttl = self
+            .bounded("describe time to live", async {
+                let out = self
+                    .inner
+                    .client
+                    .describe_time_to_live()
+                    .table_name(&cfg.table)
+                    .send()
+                    .await
+                    .map_err(map_err)?;
+                Ok(out.time_to_live_description)
+            })
+            .await;
+        let ttl = match ttl {
+            Ok(ttl) => ttl,
+            // An older policy without the permission: the table is used, with a warning.
+            Err(LockError::InvalidConfig(m)) if m.starts_with("DynamoDB refused access") => {
+                tracing::warn!(table = %cfg.table, "cannot check the table's time to live (grant dynamodb:DescribeTimeToLive): a TTL on a lock attribute would restart token counters");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let on = ttl.as_ref().and_then(|d| {
+            let status = d.time_to_live_status()?;
+            let enabled = matches!(
+                status,
+                TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling
+            );
+            enabled.then(|| d.attribute_name()).flatten()
+        });
+        match on {
+            Some(attr) if ATTRIBUTES.contains(&attr) || attr == cfg.partition_key => {
+                Err(LockError::InvalidConfig(format!(
+                    "table {:?} deletes items by time to live on {attr:?}, an attribute of the \
+                     lock items: released items, and their token counters, would be deleted; \
+                     turn it off or use another table",
+                    cfg.table
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn create_table(&self) -> Result<(), LockError> {
@@ -497,6 +546,20 @@ impl DynamoBackend {
         Some(entry.clone())
     }
 
+    /// Refuses an item that is not a lock item of this crate (every one carries its token
+    /// counter from its first grant on): another tool wrote it.
+    fn check_lock_item(&self, key: &str, item: &Item) -> Result<(), LockError> {
+        if n(item, TOKEN).is_some() {
+            return Ok(());
+        }
+        Err(LockError::InvalidConfig(format!(
+            "the item of {key:?} in table {:?} is not a lock item of lock-dynamo (no number \
+             {TOKEN:?}): another tool wrote it (the AWS DynamoDB Lock Client?); give \
+             lock-dynamo a table of its own. Nothing was written",
+            self.inner.cfg.table
+        )))
+    }
+
     /// A version this client has seen unchanged for the whole lease its holder declared.
     fn expired_version(&self, key: &str) -> Option<String> {
         self.seen()
@@ -591,9 +654,14 @@ impl LockBackend for DynamoBackend {
         let takeover = self.expired_version(key);
         let earlier = self.versions(&req.lease_id);
         let version = rvn();
-        let mut cond = "attribute_not_exists(#o)".to_owned();
+        // Free means: no item, or a lock item (it carries its token counter) with no owner.
+        // An item another tool wrote is never taken.
+        let mut cond =
+            "(attribute_not_exists(#o) AND (attribute_not_exists(#k) OR attribute_exists(#t)))"
+                .to_owned();
         let mut call = self
             .update(key)
+            .expression_attribute_names("#k", &self.inner.cfg.partition_key)
             .update_expression(
                 "SET #o = :me, #v = :rvn, #l = :lease, #m = :meta, \
                  #t = if_not_exists(#t, :zero) + :one",
@@ -635,6 +703,9 @@ impl LockBackend for DynamoBackend {
                     Some(item) => Some(item),
                     None => self.get(key).await?,
                 };
+                if let Some(item) = &held {
+                    self.check_lock_item(key, item)?;
+                }
                 if let Some(item) = held.filter(|i| s(i, OWNER).is_some()) {
                     self.observe(key, &item);
                 }
@@ -818,6 +889,7 @@ impl LockBackend for DynamoBackend {
         let Some(item) = self.get(key.as_str()).await? else {
             return Ok(None);
         };
+        self.check_lock_item(key.as_str(), &item)?;
         let Some(owner) = s(&item, OWNER) else {
             return Ok(None);
         };
