@@ -114,6 +114,11 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
         ("redis-extra", "fenced_set_refuses_stale_token", || {
             Box::pin(fenced_set())
         }),
+        (
+            "redis-extra",
+            "a_fenced_resource_named_empty_or_among_the_lock_keys_is_refused",
+            || Box::pin(fenced_resource_names()),
+        ),
         ("redlock", "paused_node_does_not_extend_validity", || {
             Box::pin(redlock_paused_node())
         }),
@@ -720,6 +725,61 @@ async fn fenced_set() -> Result<String, String> {
         "stale token {} refused below {highest}",
         old.token()
     ))
+}
+
+/// A fenced resource named "" or inside the lock's own key space (a lock key, one of its
+/// helper keys, a node marker) is refused by every fenced call, nothing is written, and the
+/// lock it would have named still works.
+async fn fenced_resource_names() -> Result<String, String> {
+    let (_server, b) = server_and_backend().await?;
+    let c = LockClient::new(b.clone()).with_options(opts());
+    let g = c.acquire("stock").await.map_err(|e| e.to_string())?;
+    let t = g.token();
+    g.release().await.map_err(|e| e.to_string())?;
+    let mut conn = b.connection();
+    let keys_before: Vec<String> = lock_redis::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    for name in [
+        "",
+        "lock:{stock}",
+        "lock:{stock}:fence",
+        "lock:{stock}:q",
+        "lock:#node",
+    ] {
+        let answers = [
+            b.fenced_set(name, t, "1").await.map(|_| ()),
+            b.fenced_update(name, t, |_| "1".into()).await.map(|_| ()),
+            b.fenced_get(name).await.map(|_| ()),
+        ];
+        for a in answers {
+            match a {
+                Err(LockError::InvalidKey { .. }) => {}
+                other => return Err(format!("resource {name:?} gave {other:?}")),
+            }
+        }
+        seen.push(format!("{name:?}"));
+    }
+    let mut keys_after: Vec<String> = lock_redis::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut keys_before = keys_before;
+    keys_before.sort();
+    keys_after.sort();
+    if keys_after != keys_before {
+        return Err(format!("keys {keys_before:?} became {keys_after:?}"));
+    }
+    let g = c.acquire("stock").await.map_err(|e| e.to_string())?;
+    if g.token() <= t {
+        return Err(format!("token {} after {t}", g.token()));
+    }
+    g.release().await.map_err(|e| e.to_string())?;
+    Ok(format!("refused: {}", seen.join(", ")))
 }
 
 async fn redlock_paused_node() -> Result<String, String> {

@@ -334,8 +334,26 @@ impl RedisBackend {
             .map_err(map_err)
     }
 
+    /// Refuses a fenced resource named "" or inside the lock's own key space (a lock key,
+    /// its helper keys, a node marker): a hash written there would break the lock.
+    fn check_resource(&self, resource: &str) -> Result<(), LockError> {
+        let ns = &self.inner.cfg.namespace;
+        let reason = if resource.is_empty() {
+            "a fenced resource needs a name".to_owned()
+        } else if resource.starts_with(&format!("{ns}{{")) || resource == marker_key(ns) {
+            format!("names under {ns:?} followed by {{ are the lock's own keys")
+        } else {
+            return Ok(());
+        };
+        Err(LockError::InvalidKey {
+            key: resource.chars().take(64).collect(),
+            reason,
+        })
+    }
+
     /// The value of the fenced resource `resource` and the token that wrote it.
     pub async fn fenced_get(&self, resource: &str) -> Result<Option<FencedValue>, LockError> {
+        self.check_resource(resource)?;
         let mut conn = self.inner.conn.clone();
         let (value, token): (Option<String>, Option<String>) = redis::cmd("HMGET")
             .arg(resource)
@@ -385,6 +403,7 @@ impl RedisBackend {
         token: FencingToken,
         value: &str,
     ) -> Result<FencedWrite, LockError> {
+        self.check_resource(resource)?;
         match self.fenced_write(resource, token, value, None).await? {
             Written::Applied => self.written().await,
             Written::Refused(highest) => Ok(FencedWrite::Refused { highest }),
@@ -421,6 +440,7 @@ impl RedisBackend {
     where
         F: FnMut(Option<&str>) -> String,
     {
+        self.check_resource(resource)?;
         for _ in 0..MAX_UPDATE_TRIES {
             let cur = self.fenced_get(resource).await?;
             if let Some(c) = cur.as_ref().filter(|c| c.token > token) {
