@@ -365,20 +365,24 @@ impl DynamoBackend {
             .await;
         let ttl = match ttl {
             Ok(ttl) => ttl,
-            // An older policy without the permission: the table is used, with a warning.
-            Err(LockError::InvalidConfig(m)) if m.starts_with("DynamoDB refused access") => {
-                tracing::warn!(table = %cfg.table, "cannot check the table's time to live (grant dynamodb:DescribeTimeToLive): a TTL on a lock attribute would restart token counters");
+            // A policy without the permission, or a store without the call: the table is
+            // used, with a warning.
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(table = %cfg.table, error = %e, "cannot check the table's time to live (grant dynamodb:DescribeTimeToLive): a TTL on a lock attribute would restart token counters");
                 return Ok(());
             }
             Err(e) => return Err(e),
         };
         let on = ttl.as_ref().and_then(|d| {
             let status = d.time_to_live_status()?;
-            let enabled = matches!(
+            // Items are still deleted while it is being turned off.
+            let deleting = matches!(
                 status,
-                TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling
+                TimeToLiveStatus::Enabled
+                    | TimeToLiveStatus::Enabling
+                    | TimeToLiveStatus::Disabling
             );
-            enabled.then(|| d.attribute_name()).flatten()
+            deleting.then(|| d.attribute_name()).flatten()
         });
         match on {
             Some(attr) if ATTRIBUTES.contains(&attr) || attr == cfg.partition_key => {
