@@ -617,6 +617,30 @@ async fn bad_input_rejected_and_writes_nothing(c: Ctx) -> Result<String, String>
             }
         }
     }
+    // Called directly, the backend checks the lease itself (the client's checks are skipped).
+    let backend = a.backend().clone();
+    let lock_key = lock_core::LockKey::new(key.clone()).ctx("key")?;
+    for (ttl, what) in [(Duration::ZERO, "zero"), (Duration::MAX, "endless")] {
+        let req = lock_core::AcquireRequest::new(
+            lock_key.clone(),
+            ttl,
+            lock_core::HolderMeta::default(),
+            lock_core::Backoff::default(),
+        );
+        let tried = backend.try_acquire(&req).await;
+        let waited = backend
+            .acquire(&req, Some(Instant::now() + Duration::from_secs(2)))
+            .await;
+        for (how, res) in [("try_acquire", tried), ("acquire", waited)] {
+            if !matches!(res, Err(LockError::InvalidOptions(_))) {
+                return Err(format!(
+                    "{how} with a {what} lease, called on the backend: expected \
+                     InvalidOptions, got {:?}",
+                    res.map(|g| g.token)
+                ));
+            }
+        }
+    }
     ensure!(
         a.inspect(&key).await.ctx("inspect")?.is_none(),
         "a rejected request wrote a lock"
@@ -625,6 +649,21 @@ async fn bad_input_rejected_and_writes_nothing(c: Ctx) -> Result<String, String>
         .try_acquire(&key)
         .await
         .ctx("valid acquire after bad ones")?;
+    if c.caps.lease == LeaseKind::Ttl {
+        let lease = lock_core::LeaseRef::new(g.key().clone(), g.lease_id().clone());
+        for (ttl, what) in [(Duration::ZERO, "zero"), (Duration::MAX, "endless")] {
+            let res = backend.renew(&lease, ttl).await;
+            ensure!(
+                matches!(res, Err(LockError::InvalidOptions(_))),
+                "renew to a {what} lease, called on the backend: expected InvalidOptions, got {res:?}"
+            );
+        }
+        let res = backend.renew(&lease, a.options().lease).await;
+        ensure!(
+            res.is_ok(),
+            "a valid renewal after the refused ones: {res:?}"
+        );
+    }
     g.release().await.ctx("release")?;
     Ok(String::new())
 }

@@ -331,7 +331,9 @@ pub trait LockBackend: Send + Sync + fmt::Debug + 'static {
     /// One attempt to acquire: stores the request's [`LeaseId`], holder metadata and a lease
     /// of `ttl`, and issues a [`FencingToken`] strictly greater than every earlier one for
     /// the key in the same atomic step as the grant. [`LockError::Contended`] if another
-    /// lease holds the key.
+    /// lease holds the key. A `ttl` outside [`check_lease`](crate::options::check_lease)'s
+    /// range gets [`LockError::InvalidOptions`] before anything is sent (here, in
+    /// [`LockBackend::acquire`] and in [`LockBackend::renew`]): callers may bypass the client.
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError>;
 
     /// Acquires, waiting until `deadline` (`None`: forever). The default polls

@@ -249,6 +249,7 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        crate::options::check_lease("lease", req.ttl)?;
         self.check_connected()?;
         let answer = self.attempt(req, false);
         self.reply(answer.map_err(|_| LockError::contended(&req.key)))
@@ -259,6 +260,7 @@ impl LockBackend for MemoryBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        crate::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         loop {
             self.check_connected()?;
@@ -287,6 +289,7 @@ impl LockBackend for MemoryBackend {
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        crate::options::check_lease("lease", ttl)?;
         self.check_connected()?;
         if self.flags.renewals_paused.load(Ordering::SeqCst) {
             return Err(LockError::backend(

@@ -649,6 +649,7 @@ impl LockBackend for DynamoBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let key = req.key.as_str();
         let sent = Instant::now();
         // Free (never held, or released), held under a version this client saw unchanged
@@ -738,6 +739,7 @@ impl LockBackend for DynamoBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         let mut attempt = 0u32;
         let mut failing_since: Option<Instant> = None;
@@ -795,6 +797,7 @@ impl LockBackend for DynamoBackend {
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        lock_core::options::check_lease("lease", ttl)?;
         let sent = Instant::now();
         let id = &lease.lease_id;
         let known = self.versions(id);

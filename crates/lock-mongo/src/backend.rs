@@ -348,6 +348,7 @@ impl LockBackend for MongoBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         match self.attempt(req).await? {
             Attempt::Granted(g) => Ok(g),
             Attempt::Held => Err(LockError::contended(&req.key)),
@@ -359,6 +360,7 @@ impl LockBackend for MongoBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         let _turn = self.inner.turns.turn(&req.key, started, deadline).await?;
         self.ensure_stream().await;
@@ -392,6 +394,7 @@ impl LockBackend for MongoBackend {
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        lock_core::options::check_lease("lease", ttl)?;
         let sent = Instant::now();
         let res = tokio::time::timeout(
             self.op(),

@@ -243,6 +243,7 @@ impl LockBackend for PgLeaseBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         match self.attempt(req).await? {
             Attempt::Granted(g) => Ok(g),
             Attempt::Held(_) => Err(LockError::contended(&req.key)),
@@ -254,6 +255,7 @@ impl LockBackend for PgLeaseBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         let _turn = self.shared.queues.turn(&req.key, started, deadline).await?;
         let released = self.shared.released(&req.key).await;
@@ -310,6 +312,7 @@ impl LockBackend for PgLeaseBackend {
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        lock_core::options::check_lease("lease", ttl)?;
         let sent = Instant::now();
         let n = self
             .query(

@@ -315,6 +315,7 @@ impl LockBackend for PgSessionBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         self.attempt(req, None).await
     }
 
@@ -323,6 +324,7 @@ impl LockBackend for PgSessionBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         self.attempt(req, Some(deadline)).await
     }
 

@@ -412,6 +412,7 @@ impl RedlockBackend {
     }
 
     fn check_lease(&self, ttl: Duration) -> Result<(), LockError> {
+        lock_core::options::check_lease("lease", ttl)?;
         if ttl > self.max_lease {
             return Err(LockError::InvalidOptions(format!(
                 "lease {ttl:?} is longer than this Redlock's max_lease {:?}",

@@ -643,6 +643,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let sent = Instant::now();
         let a = self.attempt(req, false).await?;
         if a.outcome != Outcome::Granted {
@@ -657,6 +658,7 @@ impl LockBackend for RedisBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         let a = self.attempt(req, true).await?;
         if a.outcome == Outcome::Granted {
@@ -669,6 +671,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn renew(&self, lease: &LeaseRef, ttl: Duration) -> Result<Instant, LockError> {
+        lock_core::options::check_lease("lease", ttl)?;
         let sent = Instant::now();
         let mut conn = self.inner.conn.clone();
         let ok: i64 = self

@@ -967,6 +967,7 @@ impl LockBackend for ZkBackend {
     }
 
     async fn try_acquire(&self, req: &AcquireRequest) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         self.attempt(req, None).await
     }
 
@@ -975,6 +976,7 @@ impl LockBackend for ZkBackend {
         req: &AcquireRequest,
         deadline: Option<Instant>,
     ) -> Result<Grant, LockError> {
+        lock_core::options::check_lease("lease", req.ttl)?;
         self.attempt(req, Some(deadline)).await
     }
 
