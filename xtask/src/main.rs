@@ -396,9 +396,10 @@ fn ci() -> bool {
         )
 }
 
-/// Each backend crate built and unit-tested on its own (its features resolved for it
-/// alone, not unified with the workspace's), with no default features and with each of
-/// its features.
+/// Each backend crate checked and linted on its own (its features resolved for it alone,
+/// not unified with the workspace's), with no default features and with each of its
+/// features. Its unit tests ran in the workspace's run; they are the same here but for the
+/// ones of a feature left out.
 fn features_alone() -> bool {
     const BACKENDS: [(&str, &[&str]); 6] = [
         ("lock-core", &["testing"]),
@@ -414,9 +415,10 @@ fn features_alone() -> bool {
             .all(|feature| {
                 let mut cmd = cargo();
                 cmd.args([
-                    "test",
+                    "clippy",
                     "--quiet",
                     "--lib",
+                    "--tests",
                     "-p",
                     krate,
                     "--no-default-features",
@@ -424,6 +426,7 @@ fn features_alone() -> bool {
                 if let Some(f) = feature {
                     cmd.args(["--features", f]);
                 }
+                cmd.args(["--", "-D", "warnings"]);
                 step(
                     &format!(
                         "{krate}: no default features{}",
