@@ -119,6 +119,11 @@ fn checks() -> Vec<(&'static str, &'static str, CheckFn)> {
             "a_fenced_resource_named_empty_or_among_the_lock_keys_is_refused",
             || Box::pin(fenced_resource_names()),
         ),
+        (
+            "redis-extra",
+            "a_lock_key_holding_a_value_of_another_writer_is_refused",
+            || Box::pin(foreign_value_at_a_lock_key()),
+        ),
         ("redlock", "paused_node_does_not_extend_validity", || {
             Box::pin(redlock_paused_node())
         }),
@@ -305,11 +310,18 @@ async fn batched_exact() -> Result<String, String> {
     use std::sync::{Arc, Mutex};
     let (server, b) = server_and_backend().await?;
     let mut conn = b.connection();
-    // A key of the wrong type where a lock would be.
+    // A key of the wrong type where a lock would be, with an expiry as a lock key has (one
+    // without is refused before the script touches it): the script fails on its type.
     let _: i64 = lock_redis::redis::cmd("HSET")
         .arg("lock:{clobbered}")
         .arg("x")
         .arg("1")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _: i64 = lock_redis::redis::cmd("PEXPIRE")
+        .arg("lock:{clobbered}")
+        .arg(600_000)
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
@@ -780,6 +792,66 @@ async fn fenced_resource_names() -> Result<String, String> {
     }
     g.release().await.map_err(|e| e.to_string())?;
     Ok(format!("refused: {}", seen.join(", ")))
+}
+
+/// A lock key that holds a value this library did not write (no expiry: another tool's,
+/// under the same namespace): a try and a waiting acquire get a configuration error at
+/// once instead of waiting for ever, inspect too, without the value in any message, and
+/// the value and the key's helper keys are left as they were.
+async fn foreign_value_at_a_lock_key() -> Result<String, String> {
+    let (_server, b) = server_and_backend().await?;
+    let mut conn = b.connection();
+    let secret = "app-value-7f3a";
+    let _: () = lock_redis::redis::cmd("SET")
+        .arg("lock:{job}")
+        .arg(secret)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = LockClient::new(b.clone()).with_options(opts());
+    let mut seen = Vec::new();
+    for wait in [
+        WaitPolicy::NoWait,
+        WaitPolicy::Timeout(Duration::from_secs(5)),
+    ] {
+        let started = Instant::now();
+        let res = c
+            .acquire_with("job", &opts().wait(wait))
+            .await
+            .map(|g| g.token());
+        match res {
+            Err(LockError::InvalidConfig(m))
+                if started.elapsed() < Duration::from_secs(3) && !m.contains(secret) =>
+            {
+                seen.push(m)
+            }
+            other => {
+                return Err(format!(
+                    "{wait:?} gave {other:?} after {:?}",
+                    started.elapsed()
+                ))
+            }
+        }
+    }
+    match c.inspect("job").await {
+        Err(LockError::InvalidConfig(m)) if !m.contains(secret) => {}
+        other => return Err(format!("inspect gave {other:?}")),
+    }
+    let mut keys: Vec<String> = lock_redis::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    keys.sort();
+    let value: Option<String> = lock_redis::redis::cmd("GET")
+        .arg("lock:{job}")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    if value.as_deref() != Some(secret) || keys.iter().any(|k| k.starts_with("lock:{job}:")) {
+        return Err(format!("left behind: value {value:?}, keys {keys:?}"));
+    }
+    Ok(seen.join(" | "))
 }
 
 async fn redlock_paused_node() -> Result<String, String> {

@@ -356,9 +356,19 @@ fn short(got: usize, want: usize) -> LockError {
     ))
 }
 
+/// The error for lock key `key` holding a value this library did not write (one without
+/// an expiry); the value stays out of the message.
+pub(crate) fn foreign_value(key: &str) -> LockError {
+    LockError::InvalidConfig(format!(
+        "the lock key {key:?} holds a value this library did not write (it has no expiry): \
+         keep other writers out of the namespace, or choose another (RedisConfig::namespace); \
+         nothing was written"
+    ))
+}
+
 /// Splits the script's flat reply into the marker's longest sit-out (ms) and one reply per
-/// op: `status, token, pttl` for an acquire, `released` for a release, `-1, message` for an
-/// op's own error.
+/// op: `status, token, pttl` for an acquire (status 4: the key holds another writer's
+/// value), `released` for a release, `-1, message` for an op's own error.
 fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> {
     let mut items = reply.into_iter();
     let longest = int(items.next(), 0, ops.len())?;
@@ -379,7 +389,7 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
             Kind::Try | Kind::Wait => {
                 let outcome = match first {
                     1 | 3 => Outcome::Granted,
-                    0 => Outcome::Refused,
+                    0 | 4 => Outcome::Refused,
                     2 => Outcome::SitsOut,
                     n => return Err(LockError::Protocol(format!("acquire status {n}"))),
                 };
@@ -391,6 +401,10 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
                 }
                 .ok_or_else(|| LockError::Protocol("acquire reply without a token".into()))?;
                 let pttl = int(items.next(), out.len(), ops.len())?;
+                if first == 4 {
+                    out.push(Err(foreign_value(&op.key)));
+                    continue;
+                }
                 Answer::Attempt(Attempt {
                     outcome,
                     token,

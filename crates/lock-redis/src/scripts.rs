@@ -193,10 +193,12 @@ local function refuse(q, k, lease, ttl, meta, wait)
   if wait then enqueue(q, k, lease) end
   return 0, '0', redis.call('PTTL', k)
 end
--- The uncontended path: `EXISTS` of the queue when fair, the token record, `SET NX`.
+-- The uncontended path: `PTTL`, `EXISTS` of the queue when fair, the token record, `SET NX`.
 local function acquire(k, lease, ttl, meta, wait)
   if sitting > 0 then return 2, '0', sitting end
   if clock_err then error(clock_err) end
+  -- A lock key always expires: one that does not holds another writer's value.
+  if redis.call('PTTL', k) == -1 then return 4, '0', -1 end
   local q = k .. ':q'
   -- Whether this lease may sit in the queue (only a waiting acquire enqueues).
   local queued = wait

@@ -710,10 +710,15 @@ impl LockBackend for RedisBackend {
         if reply.is_empty() {
             return Ok(None);
         }
-        let bad = || LockError::Protocol(format!("inspect returned {reply:?}"));
+        let lock_key = self.lock_key(key);
+        // The value stays out of the message: it may be another writer's data.
+        let bad = || LockError::Protocol(format!("inspect of {lock_key:?} read an unknown value"));
         let [Value::BulkString(v), Value::Int(pttl), Value::Int(live)] = &reply[..] else {
             return Err(bad());
         };
+        if *pttl == -1 {
+            return Err(crate::batch::foreign_value(&lock_key));
+        }
         // `lease:token:meta`; the meta may itself hold colons.
         let v = std::str::from_utf8(v).map_err(|_| bad())?;
         let mut parts = v.splitn(3, ':');
