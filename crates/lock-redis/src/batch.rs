@@ -99,6 +99,8 @@ pub(crate) enum Outcome {
     Refused,
     /// A Redlock node whose lock data began less than the longest lease ago.
     SitsOut,
+    /// The lock key holds a value this library did not write (one without an expiry).
+    Foreign,
 }
 
 /// An op's reply.
@@ -367,8 +369,8 @@ pub(crate) fn foreign_value(key: &str) -> LockError {
 }
 
 /// Splits the script's flat reply into the marker's longest sit-out (ms) and one reply per
-/// op: `status, token, pttl` for an acquire (status 4: the key holds another writer's
-/// value), `released` for a release, `-1, message` for an op's own error.
+/// op: `status, token, pttl` for an acquire, `released` for a release, `-1, message` for an
+/// op's own error.
 fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> {
     let mut items = reply.into_iter();
     let longest = int(items.next(), 0, ops.len())?;
@@ -389,8 +391,9 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
             Kind::Try | Kind::Wait => {
                 let outcome = match first {
                     1 | 3 => Outcome::Granted,
-                    0 | 4 => Outcome::Refused,
+                    0 => Outcome::Refused,
                     2 => Outcome::SitsOut,
+                    4 => Outcome::Foreign,
                     n => return Err(LockError::Protocol(format!("acquire status {n}"))),
                 };
                 let token = match items.next() {
@@ -401,10 +404,6 @@ fn split(reply: Vec<Value>, ops: &[Op]) -> Result<(i64, Vec<Reply>), LockError> 
                 }
                 .ok_or_else(|| LockError::Protocol("acquire reply without a token".into()))?;
                 let pttl = int(items.next(), out.len(), ops.len())?;
-                if first == 4 {
-                    out.push(Err(foreign_value(&op.key)));
-                    continue;
-                }
                 Answer::Attempt(Attempt {
                     outcome,
                     token,

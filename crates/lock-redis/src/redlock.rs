@@ -354,6 +354,11 @@ impl RedlockBackend {
                     Outcome::Granted => granted.push((node, a.token)),
                     Outcome::Refused => refused += 1,
                     Outcome::SitsOut => sitting += 1,
+                    // Held, as far as this node can tell: the other nodes decide.
+                    Outcome::Foreign => {
+                        tracing::warn!(node = node.index + 1, key = %req.key, "the lock key holds a value this library did not write");
+                        refused += 1;
+                    }
                 },
                 Err(e) => errors.push(e),
             }

@@ -164,6 +164,11 @@ impl RedisBackend {
         lock_key(&self.inner.cfg.namespace, key.as_str())
     }
 
+    /// The error for `key`'s lock key holding another writer's value.
+    fn foreign(&self, key: &LockKey) -> LockError {
+        crate::batch::foreign_value(&self.lock_key(key))
+    }
+
     pub(crate) async fn attempt(
         &self,
         req: &AcquireRequest,
@@ -309,6 +314,11 @@ impl RedisBackend {
                 }
                 self.acknowledge(req).await?;
                 return Ok(self.grant(&a, sent, req.ttl));
+            }
+            if a.outcome == Outcome::Foreign {
+                // Out of the queue first: the key may be usable again later.
+                self.release(&req.lease()).await?;
+                return Err(self.foreign(&req.key));
             }
             pttl = a.pttl;
         }
@@ -646,8 +656,10 @@ impl LockBackend for RedisBackend {
         lock_core::options::check_lease("lease", req.ttl)?;
         let sent = Instant::now();
         let a = self.attempt(req, false).await?;
-        if a.outcome != Outcome::Granted {
-            return Err(LockError::contended(&req.key));
+        match a.outcome {
+            Outcome::Granted => {}
+            Outcome::Foreign => return Err(self.foreign(&req.key)),
+            _ => return Err(LockError::contended(&req.key)),
         }
         self.acknowledge(req).await?;
         Ok(self.grant(&a, sent, req.ttl))
@@ -661,9 +673,13 @@ impl LockBackend for RedisBackend {
         lock_core::options::check_lease("lease", req.ttl)?;
         let started = Instant::now();
         let a = self.attempt(req, true).await?;
-        if a.outcome == Outcome::Granted {
-            self.acknowledge(req).await?;
-            return Ok(self.grant(&a, started, req.ttl));
+        match a.outcome {
+            Outcome::Granted => {
+                self.acknowledge(req).await?;
+                return Ok(self.grant(&a, started, req.ttl));
+            }
+            Outcome::Foreign => return Err(self.foreign(&req.key)),
+            _ => {}
         }
         // The waiting loop is a future of its own, allocated only when the key is held:
         // the uncontended acquire's future stays small.
@@ -717,7 +733,7 @@ impl LockBackend for RedisBackend {
             return Err(bad());
         };
         if *pttl == -1 {
-            return Err(crate::batch::foreign_value(&lock_key));
+            return Err(self.foreign(key));
         }
         // `lease:token:meta`; the meta may itself hold colons.
         let v = std::str::from_utf8(v).map_err(|_| bad())?;
@@ -725,7 +741,7 @@ impl LockBackend for RedisBackend {
         let (Some(id), Some(tok), meta) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
         };
-        let lease_id = LeaseId::parse(id)?;
+        let lease_id = LeaseId::parse(id).map_err(|_| bad())?;
         let token = tok.parse::<u64>().ok().filter(|t| *t > 0).ok_or_else(bad)?;
         Ok(Some(
             LockInfo::new(
