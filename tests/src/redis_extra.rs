@@ -785,6 +785,20 @@ async fn fenced_set() -> Result<String, String> {
     ))
 }
 
+/// The keys matching `pattern`, sorted.
+async fn keys(
+    conn: &mut lock_redis::redis::aio::ConnectionManager,
+    pattern: &str,
+) -> Result<Vec<String>, String> {
+    let mut keys: Vec<String> = lock_redis::redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    keys.sort();
+    Ok(keys)
+}
+
 /// A fenced resource named "" or inside the lock's own key space (a lock key, one of its
 /// helper keys, a node marker) is refused by every fenced call, nothing is written, and the
 /// lock it would have named still works.
@@ -795,11 +809,7 @@ async fn fenced_resource_names() -> Result<String, String> {
     let t = g.token();
     g.release().await.map_err(|e| e.to_string())?;
     let mut conn = b.connection();
-    let keys_before: Vec<String> = lock_redis::redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let keys_before = keys(&mut conn, "*").await?;
     let mut seen = Vec::new();
     for name in [
         "",
@@ -821,14 +831,7 @@ async fn fenced_resource_names() -> Result<String, String> {
         }
         seen.push(format!("{name:?}"));
     }
-    let mut keys_after: Vec<String> = lock_redis::redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut keys_before = keys_before;
-    keys_before.sort();
-    keys_after.sort();
+    let keys_after = keys(&mut conn, "*").await?;
     if keys_after != keys_before {
         return Err(format!("keys {keys_before:?} became {keys_after:?}"));
     }
@@ -883,19 +886,14 @@ async fn foreign_value_at_a_lock_key() -> Result<String, String> {
         Err(LockError::InvalidConfig(m)) if !m.contains(secret) => {}
         other => return Err(format!("inspect gave {other:?}")),
     }
-    let mut keys: Vec<String> = lock_redis::redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    keys.sort();
+    let all = keys(&mut conn, "*").await?;
     let value: Option<String> = lock_redis::redis::cmd("GET")
         .arg("lock:{job}")
         .query_async(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
-    if value.as_deref() != Some(secret) || keys.iter().any(|k| k.starts_with("lock:{job}:")) {
-        return Err(format!("left behind: value {value:?}, keys {keys:?}"));
+    if value.as_deref() != Some(secret) || all.iter().any(|k| k.starts_with("lock:{job}:")) {
+        return Err(format!("left behind: value {value:?}, keys {all:?}"));
     }
     // A waiter queued behind a holder whose key is then overwritten without an expiry: it
     // gets the error at its next look, and leaves the queue.
@@ -914,11 +912,7 @@ async fn foreign_value_at_a_lock_key() -> Result<String, String> {
         .map_err(|_| "the queued waiter did not return within 5 s")?
         .map_err(|e| e.to_string())?;
     drop(holder);
-    let mut left: Vec<String> = lock_redis::redis::cmd("KEYS")
-        .arg("lock:{queued}:*")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut left = keys(&mut conn, "lock:{queued}:*").await?;
     left.retain(|k| k.contains(":q") || k.contains(":w:"));
     match res {
         Err(LockError::InvalidConfig(m)) if !m.contains(secret) && left.is_empty() => {}

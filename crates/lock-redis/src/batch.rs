@@ -358,16 +358,6 @@ fn short(got: usize, want: usize) -> LockError {
     ))
 }
 
-/// The error for lock key `key` holding a value this library did not write (one without
-/// an expiry); the value stays out of the message.
-pub(crate) fn foreign_value(key: &str) -> LockError {
-    LockError::InvalidConfig(format!(
-        "the lock key {key:?} holds a value this library did not write (it has no expiry): \
-         keep other writers out of the namespace, or choose another (RedisConfig::namespace); \
-         nothing was written"
-    ))
-}
-
 /// Splits the script's flat reply into the marker's longest sit-out (ms) and one reply per
 /// op: `status, token, pttl` for an acquire, `released` for a release, `-1, message` for an
 /// op's own error.

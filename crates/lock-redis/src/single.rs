@@ -164,9 +164,15 @@ impl RedisBackend {
         lock_key(&self.inner.cfg.namespace, key.as_str())
     }
 
-    /// The error for `key`'s lock key holding another writer's value.
+    /// The error for `key`'s lock key holding another writer's value (one without an
+    /// expiry); the value stays out of the message.
     fn foreign(&self, key: &LockKey) -> LockError {
-        crate::batch::foreign_value(&self.lock_key(key))
+        LockError::InvalidConfig(format!(
+            "the lock key {:?} holds a value this library did not write (it has no expiry): \
+             keep other writers out of the namespace, or choose another \
+             (RedisConfig::namespace); nothing was written",
+            self.lock_key(key)
+        ))
     }
 
     pub(crate) async fn attempt(
